@@ -1,0 +1,74 @@
+"""The storage-tier interface: a keyed, byte-bounded store of encoded KV blobs.
+
+Modelled on LMCache's storage backends: a tier knows nothing about codecs or policy,
+only blobs, their sizes and its own capacity. The policy decides *what* goes where;
+a tier only refuses what does not fit, and reports a damaged entry as a miss.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..codecs import EncodedKV
+
+
+class TierError(RuntimeError):
+    """A tier could not do what was asked (I/O failure, full device); nothing was lost."""
+
+
+class TierFullError(TierError):
+    """The blob does not fit in the tier's remaining capacity."""
+
+
+@dataclass
+class TierUsage:
+    used_bytes: int
+    capacity_bytes: int
+    entries: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+
+class StorageTier(ABC):
+    """A store of :class:`EncodedKV` by string key."""
+
+    #: Short name used in settings, metrics and status (``host``, ``disk``).
+    name: str
+
+    @abstractmethod
+    def put(self, key: str, enc: EncodedKV) -> None:
+        """Store ``enc`` under ``key`` (replacing any entry of that key).
+
+        Raises :class:`TierFullError` when it does not fit and :class:`TierError` on an
+        I/O failure; in both cases the tier is unchanged.
+        """
+
+    @abstractmethod
+    def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
+        """A copy of the entry on ``device``, or None if absent or damaged (damaged
+        entries are removed)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the entry; False if there was none."""
+
+    @abstractmethod
+    def contains(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def usage(self) -> TierUsage: ...
+
+    def clear(self) -> None:
+        for key in self.keys():
+            self.delete(key)
+
+    def __contains__(self, key: str) -> bool:
+        return self.contains(key)

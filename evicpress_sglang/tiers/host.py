@@ -1,0 +1,149 @@
+"""Host-memory tier: blobs in one pinned arena.
+
+Pinning is what makes host->GPU copies run at full PCIe speed (53 GB/s measured on
+the reference H100 host, against 8 GB/s pageable), but ``cudaHostAlloc`` costs
+milliseconds per call, far too slow to do per entry. So the tier pins one arena of
+its whole capacity up front and hands out byte ranges of it with a first-fit free
+list that merges neighbours on release.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..codecs import EncodedKV, KVShape
+from .base import StorageTier, TierFullError, TierUsage
+
+ALIGN = 256  # keeps every blob start aligned for any dtype view and for DMA
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class ArenaAllocator:
+    """First-fit allocation of byte ranges in ``[0, capacity)``; not thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []  # sorted (offset, size)
+
+    def alloc(self, nbytes: int) -> int | None:
+        size = _round_up(max(nbytes, 1))
+        for i, (off, free) in enumerate(self._free):
+            if free >= size:
+                if free == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + size, free - size)
+                return off
+        return None
+
+    def free(self, offset: int, nbytes: int) -> None:
+        size = _round_up(max(nbytes, 1))
+        i = bisect.bisect_left(self._free, (offset, 0))
+        self._free.insert(i, (offset, size))
+        # merge with the right neighbour, then the left one
+        if i + 1 < len(self._free) and offset + size == self._free[i + 1][0]:
+            self._free[i] = (offset, size + self._free[i + 1][1])
+            del self._free[i + 1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
+            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
+            del self._free[i]
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(s for _, s in self._free)
+
+    @property
+    def largest_free(self) -> int:
+        return max((s for _, s in self._free), default=0)
+
+
+@dataclass
+class _Entry:
+    codec: str
+    shape: KVShape
+    offset: int
+    nbytes: int
+
+
+class HostTier(StorageTier):
+    """A byte-bounded store of blobs in (pinned, where CUDA exists) host memory."""
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, pin: bool | None = None) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"host tier capacity must be >= 0, got {capacity_bytes}")
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.capacity = capacity_bytes
+        self._arena = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._alloc = ArenaAllocator(capacity_bytes)
+        self._entries: dict[str, _Entry] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pinned(self) -> bool:
+        return self._arena.is_pinned()
+
+    def put(self, key: str, enc: EncodedKV) -> None:
+        with self._lock:
+            # Allocate before releasing any entry of the same key, so a failed
+            # replacement leaves the old blob in place.
+            offset = self._alloc.alloc(enc.nbytes)
+            if offset is None:
+                raise TierFullError(
+                    f"host tier: {enc.nbytes} bytes do not fit ({self._used}/{self.capacity} used, "
+                    f"largest free range {self._alloc.largest_free})"
+                )
+            old = self._entries.get(key)
+            if old is not None:
+                self._release(key, old)
+            n = enc.nbytes
+            # One copy per entry; from a GPU this is a single DMA into pinned memory.
+            self._arena[offset : offset + n].copy_(enc.payload.reshape(-1))
+            self._entries[key] = _Entry(enc.codec, enc.shape, offset, n)
+            self._used += n
+
+    def _release(self, key: str, entry: _Entry) -> None:
+        del self._entries[key]
+        self._alloc.free(entry.offset, entry.nbytes)
+        self._used -= entry.nbytes
+
+    def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            view = self._arena[e.offset : e.offset + e.nbytes]
+            # A copy, so the caller keeps valid bytes even if the entry is deleted next.
+            payload = view.to(device, copy=True, non_blocking=self.pinned and torch.device(device).type == "cuda")
+        if payload.is_cuda:
+            torch.cuda.current_stream(payload.device).synchronize()
+        return EncodedKV(e.codec, e.shape, payload)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            self._release(key, e)
+            return True
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(self._used, self.capacity, len(self._entries))
