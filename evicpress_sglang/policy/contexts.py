@@ -1,0 +1,154 @@
+"""The table of cached contexts the policy decides for, kept as numpy columns.
+
+One row per context (a cached prefix; in SGLang a radix-tree node). Rows are
+allocated from a free list and grown geometrically, so inserting, hitting and
+removing a context are O(1) and a full re-plan reads contiguous arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..codecs import KVShape
+from .configs import Config, Tier
+from .cost import CostModel
+
+#: Quality assumed for a codec before the profiler has measured it on a context:
+#: deliberately pessimistic, so unprofiled contexts are compressed only when it pays.
+PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0.75}
+
+
+def prior_quality(codec: str | None) -> float:
+    if codec is None:
+        return 1.0
+    base = codec.split("+")[0]
+    return PRIOR_QUALITY.get(base, 0.5)
+
+
+class ContextTable:
+    """Per-context state: size per configuration, quality, frequency, placement."""
+
+    def __init__(self, configs: list[Config], layout: KVShape, cost: CostModel, half_life_s: float = 600.0) -> None:
+        self.configs = configs
+        self.tier_of = np.array([c.tier for c in configs], dtype=np.int64)
+        self.gpu_config = next(i for i, c in enumerate(configs) if c.tier == Tier.GPU)
+        self.layout = layout  # layers/heads/head_dim/dtype of the model; tokens ignored
+        self.cost = cost
+        self.half_life_s = half_life_s
+        cap = 16
+        self.keys: list[object] = [None] * cap
+        self.row_of: dict[object, int] = {}
+        self._free: list[int] = list(range(cap - 1, -1, -1))
+        c = len(configs)
+        self.alive = np.zeros(cap, dtype=bool)
+        self.tokens = np.zeros(cap, dtype=np.int64)
+        self.parent = np.full(cap, -1, dtype=np.int64)
+        self.freq = np.zeros(cap)  # decayed hit count at `last_time`
+        self.last_time = np.zeros(cap)
+        self.assign = np.zeros(cap, dtype=np.int64)
+        self.present_quality = np.ones(cap)  # quality of the KV as it is now (1.0 = exact)
+        self.sizes = np.zeros((cap, c))
+        self.quality = np.ones((cap, c))
+        self.profiled = np.zeros(cap, dtype=bool)
+
+    # -- rows -------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        old = self.alive.size
+        for name in ("alive", "tokens", "parent", "freq", "last_time", "assign", "present_quality", "profiled",
+                     "sizes", "quality"):
+            arr = getattr(self, name)
+            fill = -1 if name == "parent" else (1 if name in ("present_quality", "quality") else 0)
+            extra = np.full((old,) + arr.shape[1:], fill, dtype=arr.dtype)
+            setattr(self, name, np.concatenate([arr, extra]))
+        self.keys.extend([None] * old)
+        self._free.extend(range(2 * old - 1, old - 1, -1))
+
+    def insert(self, key: object, tokens: int, now: float, parent: object | None = None) -> int:
+        """A context newly cached on the GPU (exact KV); counts as one hit."""
+        if key in self.row_of:
+            raise KeyError(f"context {key!r} is already in the table")
+        if not self._free:
+            self._grow()
+        r = self._free.pop()
+        self.keys[r] = key
+        self.row_of[key] = r
+        self.alive[r] = True
+        self.tokens[r] = tokens
+        self.parent[r] = self.row_of[parent] if parent is not None else -1
+        self.freq[r] = 1.0
+        self.last_time[r] = now
+        self.assign[r] = self.gpu_config
+        self.present_quality[r] = 1.0
+        self.profiled[r] = False
+        shape = self.layout.with_tokens(tokens)
+        raw = shape.raw_nbytes
+        for j, cfg in enumerate(self.configs):
+            if cfg.tier == Tier.DROP:
+                self.sizes[r, j] = 0.0
+            elif cfg.tier == Tier.GPU:
+                self.sizes[r, j] = raw
+            else:
+                self.sizes[r, j] = self.cost.stored_nbytes(cfg.codec, shape)
+            self.quality[r, j] = prior_quality(cfg.codec)
+        return r
+
+    def remove(self, key: object) -> None:
+        r = self.row_of.pop(key)
+        self.alive[r] = False
+        self.keys[r] = None
+        self.parent[self.parent == r] = -1
+        self._free.append(r)
+
+    def hit(self, key: object, now: float) -> None:
+        """A request used this context: decay its counter to now and add one."""
+        r = self.row_of[key]
+        self.freq[r] = self.freq[r] * self._decay(now - self.last_time[r]) + 1.0
+        self.last_time[r] = now
+
+    def set_quality(self, key: object, codec: str, quality: float) -> None:
+        """A measured quality for one codec of one context (from the profiler)."""
+        r = self.row_of[key]
+        for j, cfg in enumerate(self.configs):
+            if cfg.codec == codec:
+                self.quality[r, j] = quality
+        self.profiled[r] = True
+
+    def _decay(self, dt):
+        return np.exp(-math.log(2) / self.half_life_s * np.maximum(dt, 0.0))
+
+    # -- views ------------------------------------------------------------------
+
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(self.alive)
+
+    def frequency(self, rows: np.ndarray, now: float) -> np.ndarray:
+        return self.freq[rows] * self._decay(now - self.last_time[rows])
+
+    def config_quality(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, C]: quality a context would have in each configuration.
+
+        Re-encoding KV that is already lossy cannot make it better, so lossy options are
+        capped by the present quality; the GPU option *is* the present KV; dropping and
+        recomputing restores exact KV.
+        """
+        q = np.minimum(self.quality[rows], self.present_quality[rows][:, None])
+        q[:, self.tier_of == Tier.DROP] = 1.0
+        return q
+
+    def load_seconds(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
+        c = self.cost
+        tokens = self.tokens[rows].astype(np.float64)[:, None]
+        raw = tokens * (self.layout.with_tokens(1).raw_nbytes)
+        out = np.empty((rows.size, len(self.configs)))
+        for j, cfg in enumerate(self.configs):
+            if cfg.tier in (Tier.GPU, Tier.DROP):
+                per_token = c.gpu_s_per_token if cfg.tier == Tier.GPU else c.prefill_s_per_token
+                out[:, j] = per_token * tokens[:, 0]
+            else:
+                bw, lat = (c.host_bw, c.host_latency) if cfg.tier == Tier.HOST else (c.disk_bw, c.disk_latency)
+                out[:, j] = lat + self.sizes[rows, j] / bw + c.decode_seconds(cfg.codec, 1) * raw[:, 0]
+        return out

@@ -1,0 +1,135 @@
+"""How long loading a context takes in each configuration, from measured rates.
+
+TTFT contribution of a hit on a context of ``n`` tokens, per configuration::
+
+    GPU:        gpu_s_per_token * n
+    host/disk:  latency_tier + stored_bytes / bandwidth_tier + raw_bytes / decode_rate[codec]
+    dropped:    prefill_s_per_token * n
+
+which is the paper's ``A_tier * tokens * size_fraction + B_tier``. Every rate is a
+measurement: :func:`calibrate` times tier copies and codec decodes on this machine,
+and the SGLang backend refines ``prefill_s_per_token`` from the server's own prefills
+(:meth:`CostModel.observe_prefill`). The defaults are the reference H100 figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..codecs import KVShape, get_codec
+from .configs import Config, Tier
+
+GB = 1e9
+
+
+@dataclass
+class CostModel:
+    host_bw: float = 53 * GB  # pinned host -> GPU, bytes/s
+    disk_bw: float = 1.2 * GB  # disk -> host, bytes/s
+    host_latency: float = 1e-4  # s per load
+    disk_latency: float = 1e-3
+    prefill_s_per_token: float = 27e-6  # 8B-class model on an H100 (786 TFLOP/s estimate)
+    gpu_s_per_token: float = 0.0  # a GPU hit costs no load
+    #: decode throughput per codec, bytes of *uncompressed* KV per second
+    decode_rate: dict[str, float] = field(default_factory=dict)
+    #: how much smaller zstd makes each base codec's payload (>= 1)
+    zstd_gain: dict[str, float] = field(default_factory=dict)
+    default_decode_rate: float = 200 * GB  # GPU dequantization is memory-bound
+    default_zstd_gain: float = 1.05  # conservative until measured
+    #: weight of a new prefill observation in the running estimate
+    prefill_ema: float = 0.1
+
+    def stored_nbytes(self, codec: str, shape: KVShape) -> int:
+        """Bytes a context occupies under ``codec``: exact, or estimated for zstd."""
+        c = get_codec(codec)
+        if c.fixed_rate:
+            return c.nbytes(shape)
+        base = codec.removesuffix("+zstd")
+        return int(c.nbytes(shape) / self.zstd_gain.get(base, self.default_zstd_gain))
+
+    def decode_seconds(self, codec: str, raw_nbytes: int) -> float:
+        if codec == "bf16":
+            return 0.0
+        return raw_nbytes / self.decode_rate.get(codec, self.default_decode_rate)
+
+    def load_seconds(self, config: Config, tokens: int, stored_nbytes: int, raw_nbytes: int) -> float:
+        if config.tier == Tier.GPU:
+            return self.gpu_s_per_token * tokens
+        if config.tier == Tier.DROP:
+            return self.prefill_s_per_token * tokens
+        bw, lat = (self.host_bw, self.host_latency) if config.tier == Tier.HOST else (self.disk_bw, self.disk_latency)
+        return lat + stored_nbytes / bw + self.decode_seconds(config.codec, raw_nbytes)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        """Fold one measured prefill (uncached tokens, wall seconds) into the estimate."""
+        if tokens > 0 and seconds > 0:
+            self.prefill_s_per_token += self.prefill_ema * (seconds / tokens - self.prefill_s_per_token)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        return cls(**json.loads(text))
+
+
+def _rate(nbytes: int, fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def calibrate(
+    codecs: list[str], shape: KVShape, device: str | None = None, disk_dir: str | None = None, base: CostModel | None = None
+) -> CostModel:
+    """Measure decode rates and zstd gains on KV-like data, and host/disk bandwidth here.
+
+    ``shape`` should be a realistic context (e.g. 8 layers x 4096 tokens of the served
+    model); the KV is synthetic but shaped like the model's, which is what rates depend on.
+    """
+    import os
+    import tempfile
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = base or CostModel()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = (torch.randn(shape.tensor_shape, generator=g) * 2).to(device=device, dtype=shape.dtype)
+    v = torch.randn(shape.tensor_shape, generator=g).to(device=device, dtype=shape.dtype)
+    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+    for name in codecs:
+        codec = get_codec(name)
+        enc = codec.encode(k, v)
+        model.decode_rate[name] = _rate(shape.raw_nbytes, lambda: codec.decode(enc, out_k, out_v))
+        if not codec.fixed_rate:
+            model.zstd_gain[name.removesuffix("+zstd")] = max(1.0, codec.nbytes(shape) / enc.nbytes)
+    if device == "cuda":
+        host = torch.empty(shape.raw_nbytes, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty_like(host, device=device)
+        model.host_bw = _rate(host.numel(), lambda: dev.copy_(host, non_blocking=True))
+    if disk_dir:
+        blob = os.urandom(min(shape.raw_nbytes, 256 << 20))
+        with tempfile.NamedTemporaryFile(dir=disk_dir) as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+
+            def read() -> None:
+                # Drop the page cache for this file where the OS lets us, so we time the disk.
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                with open(f.name, "rb") as r:
+                    r.read()
+
+            model.disk_bw = _rate(len(blob), read)
+    return model

@@ -1,0 +1,301 @@
+"""Choosing one configuration per context under per-tier byte capacities.
+
+This is a multiple-choice knapsack over three capacities (GPU, host, disk). The
+EVICPRESS heuristic, implemented here vectorised over contexts:
+
+1. every context starts at its highest-utility configuration;
+2. while a tier is over capacity, apply the operation with the smallest utility loss
+   per byte freed *in that tier*: compress harder in the same tier, move to a slower
+   tier under any codec, or drop. A context's successive cheapest operations are the
+   vertices of the lower convex hull of its (bytes in tier, utility) points, so all of
+   them are computed at once and sorted, instead of rescanning after every step (the
+   paper's reference implementation) or keeping a heap of Python objects;
+3. cascade GPU -> host -> disk, since demotions fill the next tier;
+4. repair the prefix invariant (a context is never on a faster tier than its parent,
+   and is dropped if its parent is), then re-run 2-3 if the repair overfilled a tier;
+5. spend capacity that step 2 freed beyond need on the upgrades that gain most.
+
+:func:`solve_exact` enumerates every assignment of a small instance, for testing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .configs import STORED_TIERS, Tier
+
+
+@dataclass
+class Problem:
+    """Contexts x configurations, everything the solver needs and nothing else."""
+
+    tier_of: np.ndarray  # [C] int, tier of each configuration
+    sizes: np.ndarray  # [N, C] bytes the context takes in that configuration's tier
+    utility: np.ndarray  # [N, C]; -inf where a configuration is not allowed
+    capacity: np.ndarray  # [3] bytes for GPU, host, disk
+    parent: np.ndarray = field(default=None)  # [N] index of the parent context or -1
+    movable: np.ndarray = field(default=None)  # [N] False: must stay where `start` puts it
+
+    def __post_init__(self) -> None:
+        n = self.sizes.shape[0]
+        if self.parent is None:
+            self.parent = np.full(n, -1, dtype=np.int64)
+        if self.movable is None:
+            self.movable = np.ones(n, dtype=bool)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sizes, utility) transposed to [C, N]: the solver works one configuration at a
+        time on contiguous rows, which is several times faster than [N, C] matrices."""
+        if getattr(self, "_cols", None) is None:
+            self._cols = (np.ascontiguousarray(self.sizes.T), np.ascontiguousarray(self.utility.T))
+        return self._cols
+
+    @property
+    def n(self) -> int:
+        return self.sizes.shape[0]
+
+    def best(self) -> np.ndarray:
+        return np.argmax(self.utility, axis=1)
+
+    def usage(self, assign: np.ndarray) -> np.ndarray:
+        """Bytes used per stored tier by an assignment."""
+        used = np.bincount(self.tier_of[assign], weights=self.sizes[np.arange(self.n), assign], minlength=4)
+        return used[: len(STORED_TIERS)].astype(np.float64)
+
+    def total_utility(self, assign: np.ndarray) -> float:
+        return float(self.utility[np.arange(self.n), assign].sum())
+
+    def feasible(self, assign: np.ndarray) -> bool:
+        if np.any(self.usage(assign) > self.capacity + 1e-6):
+            return False
+        if not np.all(np.isfinite(self.utility[np.arange(self.n), assign])):
+            return False
+        return prefix_violations(self, assign).size == 0
+
+
+def prefix_violations(p: Problem, assign: np.ndarray) -> np.ndarray:
+    """Contexts placed on a faster tier than their parent."""
+    has_parent = p.parent >= 0
+    mine = p.tier_of[assign]
+    theirs = np.where(has_parent, p.tier_of[assign[np.maximum(p.parent, 0)]], -1)
+    return np.flatnonzero(has_parent & (mine < theirs))
+
+
+def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
+    """Every context's hull walk towards fewer bytes in ``tier``, column by column.
+
+    From its current configuration a context can go to a smaller configuration of the
+    same tier (few: one per codec) or leave the tier; leaving frees everything, and the
+    best way out is simply the highest-utility configuration of a slower tier, computed
+    once. Returns parallel arrays (row, to_config, efficiency, bytes_freed, step_number).
+    """
+    S, U = p.columns()
+    same = np.flatnonzero(p.tier_of == tier)
+    lower = np.flatnonzero(p.tier_of > tier)
+    low_u = np.full(rows.size, -np.inf)
+    low_c = np.full(rows.size, -1, dtype=np.int64)
+    for j in lower:
+        u = U[j, rows]
+        better = u > low_u
+        low_u = np.where(better, u, low_u)
+        low_c = np.where(better, j, low_c)
+    cur = start.copy()
+    idx = np.arange(rows.size)
+    out = []
+    for step in range(same.size + 1):
+        r = rows[idx]
+        s_cur, u_cur = S[cur, r], U[cur, r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            eff = np.where(low_c[idx] >= 0, (u_cur - low_u[idx]) / s_cur, np.inf)
+        to = low_c[idx].copy()
+        for j in same:
+            s_j, u_j = S[j, r], U[j, r]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                e_j = (u_cur - u_j) / (s_cur - s_j)
+            better = (s_j < s_cur) & np.isfinite(u_j) & (e_j < eff)
+            eff = np.where(better, e_j, eff)
+            to = np.where(better, j, to)
+        ok = np.isfinite(eff)
+        if not ok.any():
+            break
+        k = np.flatnonzero(ok)
+        freed = s_cur[k] - np.where(p.tier_of[to[k]] == tier, S[to[k], r[k]], 0.0)
+        out.append((r[k], to[k], eff[k], freed, np.full(k.size, step)))
+        stay = k[p.tier_of[to[k]] == tier]  # still in the tier: may shrink further
+        idx, cur = idx[stay], to[stay]
+        if idx.size == 0:
+            break
+    if not out:
+        empty = np.empty(0)
+        return empty.astype(np.int64), empty.astype(np.int64), empty, empty, empty
+    return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def _relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
+    """Apply the cheapest demotions (per byte) until ``tier`` fits, in place."""
+    on_tier = p.tier_of[assign] == tier
+    excess = p.sizes[np.arange(p.n), assign][on_tier].sum() - p.capacity[tier]
+    if excess <= 0:
+        return
+    rows = np.flatnonzero(on_tier & p.movable)
+    row, to, eff, freed, step = _demotion_steps(p, rows, assign[rows], tier)
+    # Steps come grouped by step number, and along one context's hull the cost per byte
+    # only grows, so a stable sort by cost keeps every context's steps in order.
+    order = np.argsort(eff, kind="stable")
+    cum = np.cumsum(freed[order])
+    take = order[: int(np.searchsorted(cum, excess - 1e-9)) + 1]
+    # A context's taken steps are a prefix of its walk: applying them in step order leaves
+    # it where its last one leads.
+    for s in range(int(step[take].max()) + 1):
+        k = take[step[take] == s]
+        assign[row[k]] = to[k]
+
+
+def _repair_prefixes(p: Problem, assign: np.ndarray) -> bool:
+    """Demote children placed above their parent to their best allowed configuration."""
+    changed = False
+    for _ in range(p.n):  # one pass per tree level at most
+        bad = prefix_violations(p, assign)
+        if bad.size == 0:
+            break
+        floor = p.tier_of[assign[p.parent[bad]]]
+        util = np.where(p.tier_of[None, :] >= floor[:, None], p.utility[bad], -np.inf)
+        assign[bad] = np.argmax(util, axis=1)
+        changed = True
+    return changed
+
+
+def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 3) -> None:
+    """Upgrade contexts into capacity left free, largest gain first, in vectorised rounds.
+
+    Only moves to the same or a faster tier, and never above the parent's tier, so the
+    prefix invariant holds (a parent's own upgrade only makes it faster). Within a round
+    each tier's free bytes are shared out by descending gain; bytes a context releases by
+    leaving a tier become usable in the next round (three rounds reach nearly all the gain).
+    """
+    S, U = p.columns()
+    free = np.append(p.capacity - p.usage(assign), np.inf)  # indexed by tier; DROP is unbounded
+    best_u = U.max(axis=0)
+    for _ in range(rounds):
+        rows = np.flatnonzero(p.movable & (U[assign, np.arange(p.n)] < best_u))
+        if rows.size == 0:
+            return
+        cur_c = assign[rows]
+        cur_t = p.tier_of[cur_c]
+        own = S[cur_c, rows]
+        u_cur = U[cur_c, rows]
+        parent_t = np.where(p.parent[rows] >= 0, p.tier_of[assign[np.maximum(p.parent[rows], 0)]], 0)
+        gain = np.full(rows.size, -np.inf)
+        choice = np.full(rows.size, -1, dtype=np.int64)
+        add = np.zeros(rows.size)
+        for j, t in enumerate(p.tier_of):
+            extra = S[j, rows] - np.where(cur_t == t, own, 0.0)
+            g = U[j, rows] - u_cur
+            better = (g > gain) & (g > 0) & (cur_t >= t) & (parent_t <= t) & (extra <= free[t] + 1e-9)
+            gain = np.where(better, g, gain)
+            choice = np.where(better, j, choice)
+            add = np.where(better, extra, add)
+        cand = np.flatnonzero(choice >= 0)
+        if cand.size == 0:
+            return
+        cand = cand[np.argsort(-gain[cand], kind="stable")]
+        to_t = p.tier_of[choice[cand]]
+        take = np.zeros(cand.size, dtype=bool)
+        for t in np.unique(to_t):
+            m = np.flatnonzero(to_t == t)
+            take[m] = np.cumsum(add[cand[m]]) <= free[t] + 1e-9
+        if not take.any():
+            return
+        k = cand[take]
+        r, c = rows[k], choice[k]
+        np.subtract.at(free, p.tier_of[c], add[k])
+        leaving = cur_t[k] != p.tier_of[c]
+        np.add.at(free, cur_t[k][leaving], own[k][leaving])
+        assign[r] = c
+
+
+def _cascade(p: Problem, assign: np.ndarray, relieve) -> None:
+    """Relieve every tier fastest first, repair prefixes, and again if the repair overfilled one."""
+    for _ in range(len(STORED_TIERS) + 2):
+        for tier in STORED_TIERS:
+            relieve(p, assign, tier)
+        if not _repair_prefixes(p, assign):
+            break
+
+
+def _start(p: Problem, start: np.ndarray | None) -> np.ndarray:
+    if start is None:
+        return p.best()
+    assign = start.copy()  # a movable context whose configuration is no longer allowed restarts at its best
+    lost = p.movable & ~np.isfinite(p.utility[np.arange(p.n), assign])
+    assign[lost] = p.best()[lost]
+    return assign
+
+
+def solve(p: Problem, start: np.ndarray | None = None) -> np.ndarray:
+    """The EVICPRESS heuristic; returns a configuration index per context.
+
+    ``start`` (default: every context at its best configuration) is where contexts are
+    now; contexts with ``movable`` False keep their start configuration.
+    """
+    assign = _start(p, start)
+    _cascade(p, assign, _relieve)
+    _fill_up(p, assign)
+    return assign
+
+
+def solve_ordered(p: Problem, start: np.ndarray, victim_order: np.ndarray, next_config: np.ndarray) -> np.ndarray:
+    """Baseline placement: evict in a fixed order (e.g. least recently used first), each
+    victim moving one step down a fixed chain (``next_config[c]``)."""
+
+    def relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
+        on_tier = p.tier_of[assign] == tier
+        excess = p.sizes[np.arange(p.n), assign][on_tier].sum() - p.capacity[tier]
+        if excess <= 0:
+            return
+        victims = victim_order[(on_tier & p.movable)[victim_order]]
+        cum = np.cumsum(p.sizes[victims, assign[victims]])
+        take = victims[: int(np.searchsorted(cum, excess - 1e-9)) + 1]
+        assign[take] = next_config[assign[take]]
+
+    assign = _start(p, start)
+    _cascade(p, assign, relieve)
+    return assign
+
+
+def depth(parent: np.ndarray) -> np.ndarray:
+    """Distance of each context from its root."""
+    d = np.zeros(parent.size, dtype=np.int64)
+    cur = parent.copy()
+    while np.any(cur >= 0):
+        up = cur >= 0
+        d += up
+        cur[up] = parent[cur[up]]
+    return d
+
+
+def solve_exact(p: Problem, max_combinations: int = 2_000_000) -> np.ndarray | None:
+    """The optimal assignment by enumeration (small instances only); None if infeasible."""
+    options = [np.flatnonzero(np.isfinite(p.utility[i])) for i in range(p.n)]
+    if np.prod([len(o) for o in options], dtype=np.float64) > max_combinations:
+        raise ValueError("instance too large to enumerate")
+    combos = np.array(list(itertools.product(*options)), dtype=np.int64).reshape(-1, p.n)
+    rows = np.arange(p.n)[None, :]
+    util = p.utility[rows, combos].sum(axis=1)
+    ok = np.ones(len(combos), dtype=bool)
+    tiers = p.tier_of[combos]
+    sizes = p.sizes[rows, combos]
+    for t in STORED_TIERS:
+        ok &= np.where(tiers == t, sizes, 0).sum(axis=1) <= p.capacity[t] + 1e-6
+    for i in np.flatnonzero(p.parent >= 0):
+        ok &= tiers[:, i] >= tiers[:, p.parent[i]]
+    if not ok.any():
+        return None
+    util[~ok] = -np.inf
+    return combos[int(np.argmax(util))]
+
+
+__all__ = ["Problem", "Tier", "depth", "prefix_violations", "solve", "solve_exact", "solve_ordered"]
