@@ -33,6 +33,47 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .sim import generate, save
+
+    trace = generate(args.workload, args.requests, seed=args.seed, n_docs=args.docs)
+    save(trace, args.out)
+    print(f"wrote {len(trace['requests'])} requests ({args.workload}) to {args.out}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from .policy import CostModel, Weights
+    from .sim import footprint_tokens, generate, load, simulate
+    from .sim.simulator import layout_of
+    from .units import format_bytes, parse_bytes
+
+    trace = load(args.trace) if args.trace else generate("docqa", 2000, seed=0)
+    footprint = footprint_tokens(trace) * layout_of(trace).with_tokens(1).raw_nbytes
+    gpu = parse_bytes(args.gpu_bytes, "--gpu-bytes") if args.gpu_bytes else footprint // 5
+    host = parse_bytes(args.host_bytes, "--host-bytes") if args.host_bytes else gpu
+    disk = parse_bytes(args.disk_bytes, "--disk-bytes") if args.disk_bytes else 2 * footprint
+    cost = CostModel.from_json(open(args.cost).read()) if args.cost else CostModel()
+    results = [
+        simulate(trace, name, (gpu, host, disk), cost=cost, weights=Weights(args.alpha, args.quality_floor))
+        for name in args.policy
+    ]
+    if args.json:
+        print(json.dumps({"footprint_bytes": footprint, "capacity": {"gpu": gpu, "host": host, "disk": disk},
+                          "results": [r.to_dict() for r in results]}, indent=1))
+        return 0
+    print(f"KV footprint {format_bytes(footprint)}; GPU {format_bytes(gpu)}, host {format_bytes(host)}, "
+          f"disk {format_bytes(disk)}; {len(trace['requests'])} requests")
+    print(f"{'policy':<16}{'TTFT mean':>10}{'p50':>8}{'p90':>8}{'p99':>8}{'quality':>9}   hit rate (gpu/host/disk/recomputed)")
+    for r in results:
+        h = r.token_hit_rate
+        print(f"{r.policy:<16}{r.ttft_mean:>10.4f}{r.ttft_p50:>8.4f}{r.ttft_p90:>8.4f}{r.ttft_p99:>8.4f}"
+              f"{r.quality_mean:>9.4f}   {h['gpu']:.2f}/{h['host']:.2f}/{h['disk']:.2f}/{h['recomputed']:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evicpress-sglang", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,12 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=cmd_codecs)
+
+    t = sub.add_parser("trace", help="generate a synthetic request trace for the simulator")
+    t.add_argument("--workload", default="docqa", choices=["docqa", "chat", "mixed"])
+    t.add_argument("--requests", type=int, default=2000)
+    t.add_argument("--docs", type=int, default=200, help="documents in docqa/mixed")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("simulate", help="replay a trace through the tier model under one or more policies")
+    s.add_argument("--trace", help="trace JSON (default: a generated docqa trace)")
+    s.add_argument("--policy", nargs="+", default=["evicpress"],
+                   help="evicpress, lru, lru-offload, static:<codec> (several to compare)")
+    s.add_argument("--gpu-bytes", help="GPU KV cache (default: footprint / 5)")
+    s.add_argument("--host-bytes", help="host tier (default: as GPU)")
+    s.add_argument("--disk-bytes", help="disk tier (default: 2x footprint)")
+    s.add_argument("--alpha", type=float, default=2.0, help="seconds of TTFT one unit of quality is worth")
+    s.add_argument("--quality-floor", type=float, default=0.9)
+    s.add_argument("--cost", help="cost model JSON (default: reference H100 figures)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad settings, names or files: one clear line, not a traceback
+        parser.exit(2, f"evicpress-sglang: error: {e}\n")
 
 
 if __name__ == "__main__":

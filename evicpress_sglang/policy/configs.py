@@ -36,7 +36,7 @@ class Config:
 
     @property
     def label(self) -> str:
-        return self.tier.label if self.codec is None else f"{self.tier.label}:{self.codec}"
+        return self.tier.label if self.tier in (Tier.GPU, Tier.DROP) else f"{self.tier.label}:{self.codec}"
 
 
 GPU = Config(Tier.GPU, "bf16")

@@ -26,6 +26,14 @@ from .configs import Config, Tier
 GB = 1e9
 
 
+def _base(codec: str) -> str:
+    return codec.split("+")[0]
+
+
+#: GPU dequantization throughput, bytes of *uncompressed* KV per second, until measured.
+DEFAULT_DECODE_RATE = {"fp8": 300 * GB, "int8": 300 * GB, "int4": 150 * GB, "int2": 150 * GB}
+
+
 @dataclass
 class CostModel:
     host_bw: float = 53 * GB  # pinned host -> GPU, bytes/s
@@ -34,11 +42,12 @@ class CostModel:
     disk_latency: float = 1e-3
     prefill_s_per_token: float = 27e-6  # 8B-class model on an H100 (786 TFLOP/s estimate)
     gpu_s_per_token: float = 0.0  # a GPU hit costs no load
-    #: decode throughput per codec, bytes of *uncompressed* KV per second
+    #: decode throughput per base codec, bytes of uncompressed KV per second
     decode_rate: dict[str, float] = field(default_factory=dict)
+    #: zstd decompression, bytes of output per second (one CPU core)
+    zstd_bps: float = 1.5 * GB
     #: how much smaller zstd makes each base codec's payload (>= 1)
     zstd_gain: dict[str, float] = field(default_factory=dict)
-    default_decode_rate: float = 200 * GB  # GPU dequantization is memory-bound
     default_zstd_gain: float = 1.05  # conservative until measured
     #: weight of a new prefill observation in the running estimate
     prefill_ema: float = 0.1
@@ -48,21 +57,24 @@ class CostModel:
         c = get_codec(codec)
         if c.fixed_rate:
             return c.nbytes(shape)
-        base = codec.removesuffix("+zstd")
-        return int(c.nbytes(shape) / self.zstd_gain.get(base, self.default_zstd_gain))
+        return int(c.nbytes(shape) / self.zstd_gain.get(_base(codec), self.default_zstd_gain))
 
-    def decode_seconds(self, codec: str, raw_nbytes: int) -> float:
-        if codec == "bf16":
-            return 0.0
-        return raw_nbytes / self.decode_rate.get(codec, self.default_decode_rate)
+    def decode_s_per_raw_byte(self, codec: str, layout: KVShape) -> float:
+        """Seconds of decoding per byte of uncompressed KV (GPU dequant + CPU zstd)."""
+        base = _base(codec)
+        s = 0.0 if base == "bf16" else 1.0 / self.decode_rate.get(base, DEFAULT_DECODE_RATE.get(base, 100 * GB))
+        if codec.endswith("+zstd"):
+            ref = layout.with_tokens(1024)
+            s += get_codec(base).nbytes(ref) / ref.raw_nbytes / self.zstd_bps
+        return s
 
-    def load_seconds(self, config: Config, tokens: int, stored_nbytes: int, raw_nbytes: int) -> float:
-        if config.tier == Tier.GPU:
-            return self.gpu_s_per_token * tokens
-        if config.tier == Tier.DROP:
-            return self.prefill_s_per_token * tokens
+    def load_seconds(self, config: Config, shape: KVShape, stored_nbytes: float) -> float:
+        """Seconds to make a context of ``shape`` usable on the GPU from ``config``."""
+        if config.tier in (Tier.GPU, Tier.DROP):
+            per_token = self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token
+            return per_token * shape.tokens
         bw, lat = (self.host_bw, self.host_latency) if config.tier == Tier.HOST else (self.disk_bw, self.disk_latency)
-        return lat + stored_nbytes / bw + self.decode_seconds(config.codec, raw_nbytes)
+        return lat + stored_nbytes / bw + self.decode_s_per_raw_byte(config.codec, shape) * shape.raw_nbytes
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Fold one measured prefill (uncached tokens, wall seconds) into the estimate."""
@@ -110,9 +122,17 @@ def calibrate(
     for name in codecs:
         codec = get_codec(name)
         enc = codec.encode(k, v)
-        model.decode_rate[name] = _rate(shape.raw_nbytes, lambda: codec.decode(enc, out_k, out_v))
-        if not codec.fixed_rate:
-            model.zstd_gain[name.removesuffix("+zstd")] = max(1.0, codec.nbytes(shape) / enc.nbytes)
+        if codec.fixed_rate:
+            if name != "bf16":
+                model.decode_rate[name] = _rate(shape.raw_nbytes, lambda: codec.decode(enc, out_k, out_v))
+            continue
+        # zstd: its own speed on the CPU (bytes out per second) and how much it saves
+        import zstandard
+
+        inner = codec.inner.encode(k, v).payload.cpu().numpy().tobytes()
+        packed = enc.payload.numpy().tobytes()
+        model.zstd_bps = _rate(len(inner), lambda: zstandard.ZstdDecompressor().decompress(packed))
+        model.zstd_gain[_base(name)] = max(1.0, len(inner) / len(packed))
     if device == "cuda":
         host = torch.empty(shape.raw_nbytes, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty_like(host, device=device)

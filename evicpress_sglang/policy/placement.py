@@ -142,6 +142,8 @@ def _relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
         return
     rows = np.flatnonzero(on_tier & p.movable)
     row, to, eff, freed, step = _demotion_steps(p, rows, assign[rows], tier)
+    if row.size == 0:  # nothing movable can shrink: the tier stays over (locked contexts)
+        return
     # Steps come grouped by step number, and along one context's hull the cost per byte
     # only grows, so a stable sort by cost keeps every context's steps in order.
     order = np.argsort(eff, kind="stable")
@@ -168,13 +170,13 @@ def _repair_prefixes(p: Problem, assign: np.ndarray) -> bool:
     return changed
 
 
-def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 3) -> None:
+def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
     """Upgrade contexts into capacity left free, largest gain first, in vectorised rounds.
 
     Only moves to the same or a faster tier, and never above the parent's tier, so the
     prefix invariant holds (a parent's own upgrade only makes it faster). Within a round
     each tier's free bytes are shared out by descending gain; bytes a context releases by
-    leaving a tier become usable in the next round (three rounds reach nearly all the gain).
+    leaving a tier become usable in the next round (two rounds reach nearly all the gain).
     """
     S, U = p.columns()
     free = np.append(p.capacity - p.usage(assign), np.inf)  # indexed by tier; DROP is unbounded
@@ -226,7 +228,17 @@ def _cascade(p: Problem, assign: np.ndarray, relieve) -> None:
             break
 
 
+def _lock_prefixes(p: Problem) -> None:
+    """A prefix of a context in use is in use too (SGLang locks the whole path)."""
+    up = p.parent[~p.movable]
+    while (up := up[up >= 0]).size:
+        up = up[p.movable[up]]
+        p.movable[up] = False
+        up = p.parent[up]
+
+
 def _start(p: Problem, start: np.ndarray | None) -> np.ndarray:
+    _lock_prefixes(p)
     if start is None:
         return p.best()
     assign = start.copy()  # a movable context whose configuration is no longer allowed restarts at its best

@@ -57,8 +57,16 @@ class Policy(ABC):
     def place(self, capacity: np.ndarray, now: float, movable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, configuration per row) fitting ``capacity`` ([GPU, host, disk] bytes).
 
-        ``movable`` ([rows] bool, default all) marks contexts that may change configuration.
+        ``movable`` ([table.rows()] bool, default all) marks contexts that may change
+        configuration. Only resident (not dropped) rows are returned.
         """
+
+    def _resident(self, movable: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows whose KV exists somewhere (and their movable flags). A dropped context has
+        no KV to place until a request recomputes it, so it takes no part in placement."""
+        rows = self.table.rows()
+        keep = self.table.tier_of[self.table.assign[rows]] != Tier.DROP
+        return rows[keep], (None if movable is None else movable[keep])
 
     def _problem(self, rows: np.ndarray, utility: np.ndarray, capacity, movable) -> Problem:
         t = self.table
@@ -87,7 +95,7 @@ class EvicPressPolicy(Policy):
         return np.where(q >= w.quality_floor - 1e-12, u, -np.inf)
 
     def place(self, capacity, now, movable=None):
-        rows = self.table.rows()
+        rows, movable = self._resident(movable)
         p = self._problem(rows, self.utility(rows, now), capacity, movable)
         return rows, solve(p, start=self.table.assign[rows])
 
@@ -114,7 +122,7 @@ class ChainPolicy(Policy):
 
     def place(self, capacity, now, movable=None):
         t = self.table
-        rows = t.rows()
+        rows, movable = self._resident(movable)
         utility = np.broadcast_to(self._rank, (rows.size, self._rank.size)).copy()
         p = self._problem(rows, utility, capacity, movable)
         # least recently used first; among equals (a prefix and its continuation), the deeper one
@@ -128,6 +136,16 @@ def policy_names() -> list[str]:
     return ["evicpress", "lru", "lru-offload", "static:<codec>"]
 
 
+def _offload_chain(table: ContextTable, name: str, codec: str) -> ChainPolicy:
+    """GPU -> host -> disk -> dropped, storing with one codec wherever it is enabled."""
+    labels = {c.label for c in table.configs}
+    stored = [f"{t}:{codec}" for t in ("host", "disk") if f"{t}:{codec}" in labels]
+    if not stored:
+        enabled = sorted({c.codec for c in table.configs if c.tier in (Tier.HOST, Tier.DISK)})
+        raise PolicyError(f"policy {name!r}: codec {codec!r} is enabled on no tier; enabled codecs: {enabled}")
+    return ChainPolicy(table, name, ["gpu", *stored, "drop"])
+
+
 def make_policy(name: str, table: ContextTable, weights: Weights | None = None) -> Policy:
     """The policy called ``name`` over ``table``; a :class:`PolicyError` lists valid names."""
     name = name.strip()
@@ -136,13 +154,7 @@ def make_policy(name: str, table: ContextTable, weights: Weights | None = None) 
     if name == "lru":
         return ChainPolicy(table, name, ["gpu", "drop"])
     if name == "lru-offload":
-        return ChainPolicy(table, name, ["gpu", "host:bf16", "disk:bf16", "drop"])
+        return _offload_chain(table, name, "bf16")
     if name.startswith("static:") and name != "static:":
-        codec = name.removeprefix("static:")
-        stored = {c.codec for c in table.configs if c.tier in (Tier.HOST, Tier.DISK)}
-        if codec not in stored:
-            raise PolicyError(f"policy {name!r}: codec {codec!r} is not enabled; enabled codecs: {sorted(stored)}")
-        labels = {c.label for c in table.configs}
-        chain = ["gpu"] + [f"{t}:{codec}" for t in ("host", "disk") if f"{t}:{codec}" in labels] + ["drop"]
-        return ChainPolicy(table, name, chain)
+        return _offload_chain(table, name, name.removeprefix("static:"))
     raise PolicyError(f"unknown policy {name!r}; valid: {', '.join(policy_names())}")

@@ -1,0 +1,157 @@
+"""Replays a request trace through the tier model under one policy.
+
+For every request: the prefix (its context and the contexts it extends) is loaded from
+wherever each part lives (or recomputed if dropped or new), the estimated TTFT is the
+sum of those load times plus the query's own prefill, and the served quality is the
+lowest quality along the prefix. Then the prefix is on the GPU, and the policy makes
+every tier fit again, with the prefix itself held in place (it is in use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..codecs import KVShape
+from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+
+DEFAULT_CODECS = ["bf16", "fp8", "int8", "int4", "int2"]
+DEFAULT_DISK_CODECS = ["bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd"]
+
+
+@dataclass
+class SimResult:
+    policy: str
+    requests: int
+    ttft_mean: float
+    ttft_p50: float
+    ttft_p90: float
+    ttft_p99: float
+    quality_mean: float
+    quality_min: float
+    #: fraction of reused prefix tokens served from each place (gpu, host, disk, recomputed)
+    token_hit_rate: dict[str, float] = field(default_factory=dict)
+    evictions: int = 0
+    bytes_loaded: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layout_of(trace: dict) -> KVShape:
+    m = trace.get("model", {})
+    return KVShape(m.get("layers", 32), 0, m.get("heads", 8), m.get("head_dim", 128), getattr(torch, m.get("dtype", "bfloat16")))
+
+
+def simulate(
+    trace: dict,
+    policy: str,
+    capacity: tuple[float, float, float],
+    cost: CostModel | None = None,
+    weights: Weights | None = None,
+    host_codecs: list[str] | None = None,
+    disk_codecs: list[str] | None = None,
+    check: bool = False,
+) -> SimResult:
+    """Replay ``trace`` under ``policy`` with tier capacities (GPU, host, disk) in bytes.
+
+    With ``check``, assert after every placement that no tier is over capacity (beyond
+    what the request in flight itself needs) and that no context sits above its parent.
+    """
+    cost = cost or CostModel()
+    layout = layout_of(trace)
+    configs = build_configs(host_codecs or DEFAULT_CODECS, disk_codecs or DEFAULT_DISK_CODECS)
+    table = ContextTable(configs, layout, cost)
+    pol = make_policy(policy, table, weights)
+    cap = np.asarray(capacity, dtype=np.float64)
+
+    ttfts, qualities = [], []
+    tokens_from = {"gpu": 0.0, "host": 0.0, "disk": 0.0, "recomputed": 0.0}
+    bytes_loaded = {"host": 0.0, "disk": 0.0}
+    evictions = 0
+    for req in trace["requests"]:
+        now = float(req["t"])
+        key = req["context"]
+        new = key not in table.row_of
+        if new:
+            parent = req.get("parent")
+            if parent is not None and parent not in table.row_of:
+                raise ValueError(f"request for {key!r} extends {parent!r}, which no earlier request created")
+            table.insert(key, int(req["tokens"]), now, parent)
+            for codec, q in (req.get("quality") or {}).items():
+                table.set_quality(key, codec, q)
+            table.assign[table.row_of[key]] = len(configs) - 1  # new: it will be computed, like a dropped one
+        path = []
+        r = table.row_of[key]
+        while r >= 0:
+            path.append(r)
+            r = table.parent[r]
+        path = np.array(path[::-1])
+
+        load = table.load_seconds(path)
+        quality = table.config_quality(path)
+        cfg = table.assign[path]
+        ttft = float(load[np.arange(path.size), cfg].sum()) + cost.prefill_s_per_token * int(req.get("query_tokens", 0))
+        q = float(quality[np.arange(path.size), cfg].min())
+        ttfts.append(ttft)
+        qualities.append(q)
+        reused = path[:-1] if new else path  # a context's first request is a prefill, not a reuse
+        for row, c in zip(reused, table.assign[reused]):
+            tier = table.configs[c].tier
+            label = "recomputed" if tier == Tier.DROP else tier.label
+            tokens_from[label] += table.tokens[row]
+            if tier in (Tier.HOST, Tier.DISK):
+                bytes_loaded[tier.label] += table.sizes[row, c]
+
+        # The prefix is on the GPU now, with the quality it was loaded at.
+        table.present_quality[path] = quality[np.arange(path.size), cfg]
+        table.assign[path] = table.gpu_config
+        for row in path:
+            table.hit(table.keys[row], now)
+        rows = table.rows()
+        if np.any(_usage(table, rows) > cap):
+            movable = ~np.isin(rows, path)
+            rows, new = pol.place(cap, now, movable)
+            changed = new != table.assign[rows]
+            evictions += int(changed.sum())
+            moved = rows[changed]
+            # Re-encoding caps quality at the codec's; dropping means recomputing exact KV later.
+            table.present_quality[moved] = np.minimum(
+                table.present_quality[moved], table.quality[moved, new[changed]]
+            )
+            table.assign[rows] = new
+            if check:
+                _check(table, cap, path)
+
+    t = np.array(ttfts)
+    reused = max(sum(tokens_from.values()), 1.0)
+    return SimResult(
+        policy=policy,
+        requests=len(ttfts),
+        ttft_mean=float(t.mean()),
+        ttft_p50=float(np.percentile(t, 50)),
+        ttft_p90=float(np.percentile(t, 90)),
+        ttft_p99=float(np.percentile(t, 99)),
+        quality_mean=float(np.mean(qualities)),
+        quality_min=float(np.min(qualities)),
+        token_hit_rate={k: float(v / reused) for k, v in tokens_from.items()},
+        evictions=evictions,
+        bytes_loaded={k: float(v) for k, v in bytes_loaded.items()},
+    )
+
+
+def _usage(table: ContextTable, rows: np.ndarray) -> np.ndarray:
+    used = np.bincount(table.tier_of[table.assign[rows]], weights=table.sizes[rows, table.assign[rows]], minlength=4)
+    return used[:3]
+
+
+def _check(table: ContextTable, cap: np.ndarray, in_use: np.ndarray) -> None:
+    rows = table.rows()
+    pinned = np.zeros(3)
+    pinned[0] = table.sizes[in_use, table.gpu_config].sum()
+    assert np.all(_usage(table, rows) <= np.maximum(cap, pinned) + 1e-6), (_usage(table, rows), cap)
+    tiers = table.tier_of[table.assign]
+    has_parent = rows[table.parent[rows] >= 0]
+    assert np.all(tiers[has_parent] >= tiers[table.parent[has_parent]]), "a context sits above its parent"

@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+import torch
+
+from evicpress_sglang.codecs import KVShape
+from evicpress_sglang.policy import (
+    ContextTable, CostModel, PolicyError, Problem, Tier, Weights, build_configs, make_policy, solve, solve_exact,
+)
+from evicpress_sglang.policy.cost import calibrate
+from evicpress_sglang.policy.placement import prefix_violations
+
+LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)  # 8B-class: 128 KiB per token
+CODECS = ["bf16", "int8", "int4", "int2"]
+DISK = ["bf16", "int4+zstd"]
+
+
+def _table(cost=None):
+    return ContextTable(build_configs(CODECS, DISK), LAYOUT, cost or CostModel())
+
+
+def _random_instance(rng, n, with_parents):
+    """A small instance built through the real table and utility, with random state."""
+    table = _table()
+    for i in range(n):
+        parent = None
+        if with_parents and i and rng.random() < 0.4:
+            parent = f"c{rng.integers(0, i)}"
+        table.insert(f"c{i}", int(rng.integers(256, 16384)), now=0.0, parent=parent)
+        for _ in range(int(rng.integers(0, 5))):
+            table.hit(f"c{i}", now=float(rng.uniform(0, 600)))
+        for codec in ("int8", "int4", "int2"):
+            table.set_quality(f"c{i}", codec, float(rng.uniform(0.6, 1.0)))
+    pol = make_policy("evicpress", table, Weights(alpha=float(rng.uniform(0.2, 5)), quality_floor=0.0))
+    rows = table.rows()
+    total = table.sizes[rows, table.gpu_config].sum()
+    cap = total * rng.uniform(0.05, 0.6, size=3)
+    return pol._problem(rows, pol.utility(rows, now=600.0), cap, None)
+
+
+@pytest.mark.parametrize("with_parents", [False, True])
+def test_heuristic_is_near_optimal_and_always_feasible(with_parents):
+    rng = np.random.default_rng(7)
+    gaps = []
+    for _ in range(150):
+        p = _random_instance(rng, 5, with_parents)
+        heur, best = solve(p), solve_exact(p)
+        assert p.feasible(heur)
+        gaps.append((p.total_utility(best) - p.total_utility(heur)) / abs(p.total_utility(best)))
+    assert min(gaps) > -1e-9  # never better than the optimum: the exact solver is right too
+    assert np.mean(gaps) < 0.02
+
+
+def test_locked_contexts_stay_and_prefixes_hold():
+    rng = np.random.default_rng(3)
+    p = _random_instance(rng, 40, with_parents=True)
+    start = p.best()
+    p.movable = rng.random(p.n) < 0.7
+    out = solve(p, start=start)
+    assert np.array_equal(out[~p.movable], start[~p.movable])
+    assert prefix_violations(p, out).size == 0
+
+
+def test_quality_floor_is_never_crossed():
+    table = _table()
+    for i in range(30):
+        table.insert(i, 4096, now=0.0)
+        table.set_quality(i, "int4", 0.5 if i % 2 else 0.99)
+        table.set_quality(i, "int2", 0.5)
+    pol = make_policy("evicpress", table, Weights(alpha=1.0, quality_floor=0.95))
+    cap = np.array([5, 10, 5]) * 4096 * LAYOUT.with_tokens(1).raw_nbytes
+    rows, assign = pol.place(cap, now=1.0)
+    q = table.config_quality(rows)[np.arange(rows.size), assign]
+    assert (q >= 0.95).all()
+    chosen = {table.configs[c].codec for c in assign}
+    assert "int2" not in chosen
+
+
+def test_utility_prefers_compression_when_it_is_cheap_in_quality():
+    """One context, host fits it only compressed: int8 (q .99) beats dropping it."""
+    table = _table()
+    table.insert("a", 8192, now=0.0)
+    for codec, q in (("int8", 0.995), ("int4", 0.9), ("int2", 0.7)):
+        table.set_quality("a", codec, q)
+    raw = table.sizes[0, table.gpu_config]
+    pol = make_policy("evicpress", table, Weights(alpha=2.0, quality_floor=0.0))
+    _, assign = pol.place(np.array([0, raw * 0.6, 0]), now=0.0)
+    assert table.configs[assign[0]].label == "host:int8"
+
+
+def test_frequency_decays_with_half_life():
+    table = ContextTable(build_configs(CODECS, DISK), LAYOUT, CostModel(), half_life_s=100.0)
+    table.insert("a", 100, now=0.0)
+    assert table.frequency(np.array([0]), now=100.0)[0] == pytest.approx(0.5)
+    table.hit("a", now=100.0)
+    assert table.frequency(np.array([0]), now=200.0)[0] == pytest.approx(0.75)
+
+
+def test_lru_family_evicts_least_recent_down_its_chain():
+    table = _table()
+    for i in range(4):
+        table.insert(i, 1000, now=float(i))
+    one = table.sizes[0, table.gpu_config]
+    labels = lambda pol, cap: [table.configs[c].label for c in pol.place(np.array(cap), now=10.0)[1]]
+    assert labels(make_policy("lru", table), [2 * one, 0, 0]) == ["drop", "drop", "gpu", "gpu"]
+    assert labels(make_policy("lru-offload", table), [2 * one, one, 10 * one]) == ["disk:bf16", "host:bf16", "gpu", "gpu"]
+    assert labels(make_policy("static:int4", table), [3 * one, one, 0]) == ["host:int4", "gpu", "gpu", "gpu"]
+
+
+def test_unknown_policy_and_bad_weights_are_clear_errors():
+    table = _table()
+    with pytest.raises(PolicyError, match="valid: evicpress, lru, lru-offload, static:<codec>"):
+        make_policy("fifo", table)
+    with pytest.raises(PolicyError, match="enabled codecs"):
+        make_policy("static:fp8", table)
+    with pytest.raises(PolicyError, match="quality_floor"):
+        make_policy("evicpress", table, Weights(quality_floor=1.5))
+    with pytest.raises(PolicyError, match="alpha"):
+        make_policy("evicpress", table, Weights(alpha=float("nan")))
+
+
+def test_cost_model_learns_prefill_and_calibrates_here(tmp_path):
+    cost = CostModel(prefill_s_per_token=1e-5)
+    for _ in range(100):
+        cost.observe_prefill(1000, 0.05)  # 50 us/token measured
+    assert cost.prefill_s_per_token == pytest.approx(5e-5, rel=0.01)
+    cal = calibrate(["int4", "int4+zstd"], KVShape(2, 256, 2, 64, torch.bfloat16), device="cpu", disk_dir=str(tmp_path))
+    assert cal.decode_rate["int4"] > 0 and cal.zstd_bps > 0 and cal.disk_bw > 0
+    assert cal.zstd_gain["int4"] >= 1.0
+    assert CostModel.from_json(cal.to_json()) == cal
+
+
+def test_load_time_model_orders_tiers_sensibly():
+    table = _table()
+    table.insert("a", 16384, now=0.0)
+    load = dict(zip((c.label for c in table.configs), table.load_seconds(np.array([0]))[0]))
+    assert load["gpu"] == 0
+    assert load["host:bf16"] == pytest.approx(16384 * 131072 / 53e9 + 1e-4)
+    assert load["host:int4"] < load["host:bf16"] < load["drop"] < load["disk:bf16"]
+    assert load["drop"] == pytest.approx(16384 * 27e-6)
