@@ -83,17 +83,37 @@ class ContextTable:
         self.assign[r] = self.gpu_config
         self.present_quality[r] = 1.0
         self.profiled[r] = False
+        self.quality[r] = [prior_quality(cfg.codec) for cfg in self.configs]
+        self._set_tokens(r, tokens)
+        return r
+
+    def _set_tokens(self, r: int, tokens: int) -> None:
+        self.tokens[r] = tokens
         shape = self.layout.with_tokens(tokens)
-        raw = shape.raw_nbytes
         for j, cfg in enumerate(self.configs):
             if cfg.tier == Tier.DROP:
                 self.sizes[r, j] = 0.0
             elif cfg.tier == Tier.GPU:
-                self.sizes[r, j] = raw
+                self.sizes[r, j] = shape.raw_nbytes
             else:
                 self.sizes[r, j] = self.cost.stored_nbytes(cfg.codec, shape)
-            self.quality[r, j] = prior_quality(cfg.codec)
-        return r
+
+    def split(self, child: object, prefix: object, prefix_tokens: int) -> None:
+        """``child`` is cut in two: its first ``prefix_tokens`` become context ``prefix``,
+        the new parent of ``child``, with the same history, quality and placement."""
+        c = self.row_of[child]
+        parent = self.keys[self.parent[c]] if self.parent[c] >= 0 else None
+        r = self.insert(prefix, prefix_tokens, float(self.last_time[c]), parent)
+        for col in (self.freq, self.last_time, self.assign, self.present_quality, self.profiled, self.quality):
+            col[r] = col[c]
+        self.parent[c] = r
+        self._set_tokens(c, int(self.tokens[c]) - prefix_tokens)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.row_of
+
+    def __len__(self) -> int:
+        return len(self.row_of)
 
     def remove(self, key: object) -> None:
         r = self.row_of.pop(key)

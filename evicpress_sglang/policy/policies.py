@@ -73,6 +73,9 @@ class Policy(ABC):
         local = np.full(t.alive.size, -1, dtype=np.int64)
         local[rows] = np.arange(rows.size)
         parent = np.where(t.parent[rows] >= 0, local[np.maximum(t.parent[rows], 0)], -1)
+        # Eviction only moves KV down: going up would mean loading it, which happens when
+        # a request uses it, not when space is made.
+        utility = np.where(t.tier_of[None, :] >= t.tier_of[t.assign[rows]][:, None], utility, -np.inf)
         return Problem(t.tier_of, t.sizes[rows], utility, np.asarray(capacity, dtype=np.float64), parent, movable)
 
 

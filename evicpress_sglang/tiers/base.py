@@ -41,8 +41,9 @@ class StorageTier(ABC):
     name: str
 
     @abstractmethod
-    def put(self, key: str, enc: EncodedKV) -> None:
-        """Store ``enc`` under ``key`` (replacing any entry of that key).
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
+        """Store ``enc`` under ``key`` (replacing any entry of that key); a persistent
+        tier keeps ``meta`` with it.
 
         Raises :class:`TierFullError` when it does not fit and :class:`TierError` on an
         I/O failure; in both cases the tier is unchanged.

@@ -46,6 +46,7 @@ class CorruptEntry(ValueError):
 class _Entry:
     path: Path
     size: int  # file size, what counts against capacity
+    meta: dict | None = None  # the caller's own description of the blob, kept in the header
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -59,7 +60,7 @@ def _dtype_from(name: str) -> torch.dtype:
     return dtype
 
 
-def _encode_header(key: str, enc: EncodedKV) -> bytes:
+def _encode_header(key: str, enc: EncodedKV, meta: dict | None) -> bytes:
     s = enc.shape
     return json.dumps(
         {
@@ -68,6 +69,7 @@ def _encode_header(key: str, enc: EncodedKV) -> bytes:
             "shape": [s.layers, s.tokens, s.heads, s.head_dim],
             "dtype": _dtype_name(s.dtype),
             "nbytes": enc.nbytes,
+            "meta": meta,
         }
     ).encode()
 
@@ -136,13 +138,14 @@ class DiskTier(StorageTier):
                 log.warning("disk tier: dropping unreadable entry %s (%s)", p.name, e)
                 p.unlink(missing_ok=True)
                 continue
-            self._entries[header["key"]] = _Entry(p, size)
+            self._entries[header["key"]] = _Entry(p, size, header.get("meta"))
             self._used += size
 
     # -- StorageTier -----------------------------------------------------------
 
-    def put(self, key: str, enc: EncodedKV) -> None:
-        header = _encode_header(key, enc)
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
+        """Store ``enc``; ``meta`` (JSON-able) is kept with it and survives restarts."""
+        header = _encode_header(key, enc, meta)
         size = _expected_size(len(header), enc.nbytes)
         with self._lock:
             old = self._entries.get(key)
@@ -173,8 +176,14 @@ class DiskTier(StorageTier):
             old = self._entries.get(key)
             if old is not None:
                 self._used -= old.size
-            self._entries[key] = _Entry(path, size)
+            self._entries[key] = _Entry(path, size, meta)
             self._used += size
+
+    def meta(self, key: str) -> dict | None:
+        """What the caller stored with ``key`` (from the index: no file read)."""
+        with self._lock:
+            e = self._entries.get(key)
+            return e.meta if e else None
 
     def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
         with self._lock:

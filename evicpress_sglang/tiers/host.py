@@ -92,7 +92,7 @@ class HostTier(StorageTier):
     def pinned(self) -> bool:
         return self._arena.is_pinned()
 
-    def put(self, key: str, enc: EncodedKV) -> None:
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
         with self._lock:
             # Allocate before releasing any entry of the same key, so a failed
             # replacement leaves the old blob in place.

@@ -1,0 +1,1 @@
+"""The SGLang side: the ``evicpress`` radix-cache backend."""

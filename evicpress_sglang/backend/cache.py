@@ -1,0 +1,601 @@
+"""``EvicPressRadixCache``: SGLang's radix cache with compressed tiers below the GPU.
+
+The tree is SGLang's. What changes is eviction and what an evicted node becomes:
+
+* **evict** asks the policy for a configuration of every resident context (radix node)
+  that fits the GPU pool minus what SGLang needs, then carries out the demotions
+  deepest first: encode the node's KV with the chosen codec, put the blob in host
+  memory or on disk, free its pool slots, and keep the node as a *placeholder*
+  (``value is None`` plus a :class:`Stored` record); or drop it as stock SGLang does.
+* **match_prefix** walks through placeholders too and reports the tokens they hold
+  as ``host_hit_length``; SGLang then calls **init_load_back**, which reads and
+  decodes each placeholder on the path, top-down, into freshly allocated slots.
+* **insert** revives a placeholder that a request has just recomputed (its blob is
+  dropped, the fresh exact KV kept).
+
+Invariant: a placeholder's children are placeholders (a context is never on a faster
+tier than its prefix), so a match is always a run of GPU nodes followed by a run of
+placeholders. A tier failure or a damaged blob is a miss: the placeholder and
+everything below it are removed and the request recomputes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from array import array
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    InitLoadBackParams,
+    MatchPrefixParams,
+    MatchResult,
+)
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+from ..codecs import CodecError, get_codec
+from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+from ..settings import Settings, SettingsError, validate_policy_name
+from ..tiers import DiskTier, HostTier, StorageTier, TierError
+from . import kv_io
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stored:
+    """Where a placeholder's KV is: a blob in a tier, encoded with a codec."""
+
+    tier: Tier
+    codec: str
+    blob: str  # key in the tier
+    offset: int = 0  # tokens at the start of the blob that belong to an ancestor (after a split)
+
+
+def _placeholder(node: TreeNode) -> bool:
+    return getattr(node, "evp", None) is not None
+
+
+class EvicPressRadixCache(RadixCache):
+    def __init__(self, params: CacheInitParams, settings: Settings, cost: CostModel | None = None) -> None:
+        self._ready = False
+        super().__init__(params)
+        self.kvpool = self.token_to_kv_pool_allocator.get_kvcache()
+        self.layout = kv_io.pool_layout(self.kvpool)
+        self.token_bytes = self.layout.with_tokens(1).raw_nbytes
+        self.settings = settings
+        self.cost = cost or CostModel()
+        self.stats = Stats()
+        self.tiers: dict[Tier, StorageTier] = {Tier.HOST: HostTier(settings.host_bytes)}
+        if settings.disk_dir:
+            self.tiers[Tier.DISK] = DiskTier(settings.disk_dir, settings.disk_bytes)
+        disk_codecs = settings.disk_codecs if settings.disk_dir else []
+        self.table = ContextTable(build_configs(settings.host_codecs, disk_codecs), self.layout, self.cost,
+                                  settings.half_life_s)
+        self.nodes: dict[int, TreeNode] = {}
+        self._counted_rids: dict[str, None] = {}
+        self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
+        self.policy = None
+        self.set_policy(settings.policy, settings.weights)
+        self._ready = True
+        self._restore_from_disk()
+
+    # -- policy -------------------------------------------------------------------
+
+    def set_policy(self, name: str, weights: Weights | None = None) -> None:
+        """Switch policy (or ``off``: stock SGLang eviction) for the next decisions."""
+        weights = weights or self.settings.weights
+        weights.validate()
+        validate_policy_name(name, self.settings)
+        with self.lock:
+            self.policy = None if name == "off" else make_policy(name, self.table, weights)
+            self.settings.policy = name
+            self.settings.alpha, self.settings.quality_floor = weights.alpha, weights.quality_floor
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        if not getattr(self, "_ready", False):
+            return
+        for tier in self.tiers.values():  # /flush_cache clears every tier
+            tier.clear()
+        self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
+        self.nodes.clear()
+        self.set_policy(self.settings.policy)
+
+    def _register(self, node: TreeNode) -> None:
+        """Make sure every node on the path to ``node`` has a table row (top-down)."""
+        path = []
+        while node is not self.root_node and node.id not in self.table:
+            path.append(node)
+            node = node.parent
+        for n in reversed(path):
+            parent = None if n.parent is self.root_node else n.parent.id
+            self.table.insert(n.id, len(n.key), time.monotonic(), parent)
+            self.nodes[n.id] = n
+
+    def _set_config(self, node: TreeNode, config: int) -> None:
+        self.table.assign[self.table.row_of[node.id]] = config
+
+    def _config_index(self, tier: Tier, codec: str) -> int:
+        return next(i for i, c in enumerate(self.table.configs) if c.tier == tier and c.codec == codec)
+
+    def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        new_node = super()._split_node(key, child, split_len)
+        if child.id in self.table:
+            self.table.split(child.id, new_node.id, split_len)
+            self.nodes[new_node.id] = new_node
+        return new_node
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        self._drop_placeholders_below(node)
+        super()._delete_leaf(node)
+        self._forget(node)
+
+    def _forget(self, node: TreeNode) -> None:
+        if node.id in self.table:
+            self.table.remove(node.id)
+        self.nodes.pop(node.id, None)
+
+    def _drop_placeholders_below(self, node: TreeNode) -> None:
+        for child in list(node.children.values()):
+            if _placeholder(child):
+                self._drop_placeholder(child)
+
+    def _drop_placeholder(self, node: TreeNode) -> None:
+        """Remove a placeholder, its blob and everything below it from the tree."""
+        self._drop_placeholders_below(node)
+        stored: Stored = node.evp
+        self.tiers[stored.tier].delete(stored.blob)
+        node.parent.children.pop(node.key.child_key(self.page_size), None)
+        node.evp = None
+        self._forget(node)
+        self._update_leaf_status(node.parent)
+
+    # -- match ---------------------------------------------------------------------
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        with self.lock:
+            result = super().match_prefix(params)
+            key = params.key
+            if self.disable or len(key) == 0:
+                return result
+            node = result.last_device_node
+            matched = len(result.device_indices)
+            key = key.page_aligned(self.page_size)[matched:]
+            host_hit, best = 0, node
+            while len(key) > 0:
+                child = node.children.get(key.child_key(self.page_size))
+                if child is None or not _placeholder(child):
+                    break
+                n = child.key.match(key, page_size=self.page_size)
+                host_hit += n
+                best = child
+                if n < len(child.key):
+                    break
+                node, key = child, key[n:]
+            self._count_hit(params.req, result.last_device_node, best)
+            if host_hit == 0:
+                return result
+            return result._replace(best_match_node=best, host_hit_length=host_hit)
+
+    def _match_prefix_helper(self, node: TreeNode, key: RadixKey):
+        """SGLang's walk over GPU nodes, stopping at the first placeholder (whose KV is not
+        in the pool); :meth:`match_prefix` continues from there."""
+        access_time = time.monotonic()
+        node.last_access_time = access_time
+        value = []
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or _placeholder(child):
+                break
+            child.last_access_time = access_time
+            prefix_len = child.key.match(key, page_size=self.page_size)
+            if prefix_len < len(child.key):
+                node = self._split_node(child.key, child, prefix_len)
+                value.append(node.value)
+                break
+            value.append(child.value)
+            node, key = child, key[prefix_len:]
+        return value, node
+
+    def _count_hit(self, req, last_device: TreeNode, deepest: TreeNode) -> None:
+        """One hit per request for every context on its matched path (the scheduler may
+        match a waiting request many times)."""
+        if req is None or req.rid in self._counted_rids:
+            return
+        self._counted_rids[req.rid] = None
+        if len(self._counted_rids) > 100_000:
+            self._counted_rids.pop(next(iter(self._counted_rids)))
+        now = time.monotonic()
+        node = deepest
+        while node is not self.root_node:
+            if node.id in self.table:
+                self.table.hit(node.id, now)
+            node = node.parent
+
+    # -- load back -----------------------------------------------------------------
+
+    def init_load_back(self, params: InitLoadBackParams):
+        with self.lock:
+            chain = []
+            node = params.best_match_node
+            while node is not self.root_node and _placeholder(node):
+                chain.append(node)
+                node = node.parent
+            chain.reverse()
+            loaded: list[torch.Tensor] = []
+            held: list[TreeNode] = []
+            last = node  # the deepest GPU node
+            wanted = params.host_hit_length
+            try:
+                for p in chain:
+                    slots = self._load(p)
+                    if slots is None:
+                        break
+                    self.inc_lock_ref(p)  # keep it while later loads may evict
+                    held.append(p)
+                    loaded.append(slots)
+                    last = p
+                got = sum(len(s) for s in loaded)
+                if got > wanted:  # the last node was matched only in part: split it
+                    keep = len(last.key) - (got - wanted)
+                    last = self._split_node(last.key, last, keep)
+                    loaded[-1] = last.value
+            finally:
+                for p in held:
+                    self.dec_lock_ref(p)
+            if not loaded:
+                return torch.empty((0,), dtype=torch.int64, device=self.device), last
+            return torch.cat(loaded)[:wanted], last
+
+    def _load(self, node: TreeNode) -> Optional[torch.Tensor]:
+        """Decode one placeholder into new pool slots; None (and the placeholder gone) on a miss."""
+        stored: Stored = node.evp
+        n = len(node.key)
+        t0 = time.perf_counter()
+        enc = self.tiers[stored.tier].get(stored.blob, device=self.device)
+        if enc is None:
+            self.stats.miss(stored.tier.label, "missing or damaged blob")
+            self._drop_placeholder(node)
+            return None
+        try:
+            k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
+            v = torch.empty_like(k)
+            get_codec(stored.codec).decode(enc, k, v)
+        except CodecError as e:
+            self.stats.miss(stored.tier.label, str(e))
+            self._drop_placeholder(node)
+            return None
+        if self.token_to_kv_pool_allocator.available_size() < n:
+            self._evict_with(n, protect=node)
+        slots = self.token_to_kv_pool_allocator.alloc(n)
+        if slots is None:
+            return None  # no room even after eviction: the request recomputes the rest
+        kv_io.scatter(self.kvpool, slots, k[:, stored.offset : stored.offset + n], v[:, stored.offset : stored.offset + n])
+        self.tiers[stored.tier].delete(stored.blob)
+        node.value = slots.to(torch.int64)
+        node.evp = None
+        self.evictable_size_ += n
+        self._set_config(node, self.table.gpu_config)
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+        self.stats.loaded(stored.tier.label, stored.codec, n, enc.nbytes, time.perf_counter() - t0)
+        return node.value
+
+    # -- insert --------------------------------------------------------------------
+
+    def insert(self, params):
+        with self.lock:
+            result = super().insert(params)
+            if result.last_device_node is not None:
+                self._register(result.last_device_node)
+            return result
+
+    def _insert_helper(self, node: TreeNode, key: RadixKey, value, priority: int = 0, chunked: bool = False):
+        """Before SGLang's insert walks the tree, revive the placeholders on the key's path
+        with the KV the request has just computed (exact, so better than the blob)."""
+        walk, rest, offset = node, key, 0
+        while len(rest) > 0:
+            child = walk.children.get(rest.child_key(self.page_size))
+            if child is None:
+                break
+            n = child.key.match(rest, page_size=self.page_size)
+            if _placeholder(child):
+                if n < len(child.key):  # only part of it was recomputed: it is a miss
+                    self._drop_placeholder(child)
+                    break
+                self._revive(child, value[offset : offset + n])
+            walk, rest, offset = child, rest[n:], offset + n
+            if n < len(child.key):
+                break
+        prefix_len, last = super()._insert_helper(node, key, value, priority, chunked)
+        return prefix_len, last
+
+    def _revive(self, node: TreeNode, value: torch.Tensor) -> None:
+        stored: Stored = node.evp
+        self.tiers[stored.tier].delete(stored.blob)
+        node.evp = None
+        node.value = value.clone()
+        self.evictable_size_ += len(node.key)
+        if node.id in self.table:
+            self._set_config(node, self.table.gpu_config)
+            self.table.present_quality[self.table.row_of[node.id]] = 1.0
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+
+    # -- evict ---------------------------------------------------------------------
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        with self.lock:
+            return self._evict_with(params.num_tokens)
+
+    def _evict_with(self, num_tokens: int, protect: TreeNode | None = None) -> EvictResult:
+        if self.disable or num_tokens <= 0:
+            return EvictResult()
+        start = time.perf_counter()
+        freed = 0
+        if self.policy is not None and len(self.table):
+            freed = self._evict_by_policy(num_tokens, protect)
+        if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
+            freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
+        self.stats.evict_seconds += time.perf_counter() - start
+        return EvictResult(num_tokens_evicted=freed)
+
+    def _evict_by_policy(self, num_tokens: int, protect: TreeNode | None) -> int:
+        t = self.table
+        rows = t.rows()
+        movable = np.array([self.nodes[t.keys[r]].lock_ref == 0 for r in rows], dtype=bool)
+        if protect is not None and protect.id in t:
+            movable[np.searchsorted(rows, t.row_of[protect.id])] = False
+        gpu_tokens = self.evictable_size_ + self.protected_size_
+        cap = np.array([
+            max(gpu_tokens - num_tokens, 0) * self.token_bytes,
+            self.tiers[Tier.HOST].usage().capacity_bytes,
+            self.tiers[Tier.DISK].usage().capacity_bytes if Tier.DISK in self.tiers else 0,
+        ], dtype=np.float64)
+        placed, new = self.policy.place(cap, time.monotonic(), movable)
+        old = t.assign[placed]
+        moves = [(int(r), int(c)) for r, c, o in zip(placed, new, old) if c != o and self._is_demotion(r, o, c)]
+        depth = {r: self._depth(self.nodes[t.keys[r]]) for r, _ in moves}
+        # Slowest destination first, so a tier is emptied before it is filled; within one
+        # destination, children before parents (a node leaves the GPU only as a leaf).
+        order = sorted(moves, key=lambda m: (-int(t.tier_of[m[1]]), -depth[m[0]]))
+        freed = 0
+        for r, c in order:
+            node = self.nodes.get(t.keys[r]) if t.keys[r] is not None else None
+            if node is not None:
+                freed += self._move(node, c)
+        return freed
+
+    def _is_demotion(self, row: int, old: int, new: int) -> bool:
+        """Only moves down are carried out at eviction time (a move up would need a load):
+        to a slower tier, or to a smaller codec in the same stored tier."""
+        t_old, t_new = self.table.tier_of[old], self.table.tier_of[new]
+        if t_new != t_old:
+            return t_new > t_old
+        return t_new != Tier.GPU and self.table.sizes[row, new] < self.table.sizes[row, old]
+
+    def _depth(self, node: TreeNode) -> int:
+        d = 0
+        while node is not self.root_node:
+            node, d = node.parent, d + 1
+        return d
+
+    def _move(self, node: TreeNode, config: int) -> int:
+        """Carry out one demotion; returns GPU tokens freed."""
+        target = self.table.configs[config]
+        if any(not _placeholder(c) for c in node.children.values()) and not node.evicted:
+            return 0  # a child still on the GPU: not a leaf (the policy's repair should prevent it)
+        if target.tier == Tier.DROP:
+            return self._drop(node)
+        if node.evicted:  # placeholder -> slower tier or harder codec
+            return self._restore_and_store(node, target, config)
+        return self._store(node, target, config)
+
+    def _drop(self, node: TreeNode) -> int:
+        if _placeholder(node):
+            self._drop_placeholder(node)
+            self.stats.dropped += 1
+            return 0
+        if node.lock_ref > 0:
+            return 0
+        n = len(node.value)
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self._delete_leaf(node)
+        self._record_remove_event(node)
+        self.stats.dropped += 1
+        return n
+
+    def _store(self, node: TreeNode, target, config: int) -> int:
+        if node.lock_ref > 0:
+            return 0
+        k, v = kv_io.gather(self.kvpool, node.value)
+        stored = Stored(target.tier, target.codec, uuid.uuid4().hex)
+        if not self._put(stored, node, k, v):
+            return self._drop(node)
+        n = len(node.value)
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        node.value = None
+        node.evp = stored
+        self.evictable_size_ -= n
+        self._after_store(node, config)
+        return n
+
+    def _restore_and_store(self, node: TreeNode, target, config: int) -> int:
+        stored: Stored = node.evp
+        enc = self.tiers[stored.tier].get(stored.blob, device=self.device)
+        if enc is None:
+            self._drop_placeholder(node)
+            return 0
+        k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
+        v = torch.empty_like(k)
+        try:
+            get_codec(stored.codec).decode(enc, k, v)
+        except CodecError:
+            self._drop_placeholder(node)
+            return 0
+        n = len(node.key)
+        new = Stored(target.tier, target.codec, uuid.uuid4().hex)
+        k, v = k[:, stored.offset : stored.offset + n], v[:, stored.offset : stored.offset + n]
+        if not self._put(new, node, k.contiguous(), v.contiguous()):
+            self._drop_placeholder(node)
+            return 0
+        self.tiers[stored.tier].delete(stored.blob)
+        node.evp = new
+        self._after_store(node, config)
+        return 0
+
+    def _put(self, stored: Stored, node: TreeNode, k: torch.Tensor, v: torch.Tensor) -> bool:
+        t0 = time.perf_counter()
+        enc = get_codec(stored.codec).encode(k, v)
+        meta = None
+        if stored.tier == Tier.DISK:  # enough to re-attach the blob to a new tree after a restart
+            meta = {"tokens": list(self._path_tokens(node)), "own": len(node.key), "extra_key": node.key.extra_key,
+                    "codec": stored.codec}
+        try:
+            self.tiers[stored.tier].put(stored.blob, enc, meta)
+        except TierError as e:
+            log.warning("evicpress: %s tier refused %d tokens (%s); dropping them instead", stored.tier.label,
+                        len(node.key), e)
+            self.stats.tier_errors += 1
+            return False
+        self.stats.stored(stored.tier.label, stored.codec, len(node.key), k.numel() * 2 * k.element_size(),
+                          enc.nbytes, time.perf_counter() - t0)
+        return True
+
+    def _after_store(self, node: TreeNode, config: int) -> None:
+        r = self.table.row_of[node.id]
+        self.table.present_quality[r] = min(self.table.present_quality[r], self.table.quality[r, config])
+        self.table.assign[r] = config
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+
+    def _path_tokens(self, node: TreeNode) -> array:
+        parts = []
+        while node is not self.root_node:
+            parts.append(node.key.token_ids)
+            node = node.parent
+        out = array("q")
+        for p in reversed(parts):
+            out.extend(p)
+        return out
+
+    # -- restart -------------------------------------------------------------------
+
+    def _restore_from_disk(self) -> None:
+        """Re-attach disk blobs written before a restart as placeholders (prefix order);
+        a blob whose prefix is not on disk too cannot be used and is deleted."""
+        disk = self.tiers.get(Tier.DISK)
+        if disk is None:
+            return
+        entries = []
+        for blob in disk.keys():
+            meta = disk.meta(blob)
+            if not meta or meta.get("codec") not in {c.codec for c in self.table.configs if c.tier == Tier.DISK}:
+                disk.delete(blob)
+                continue
+            entries.append((len(meta["tokens"]), blob, meta))
+        restored = 0
+        for _, blob, meta in sorted(entries, key=lambda e: e[0]):
+            tokens = array("q", meta["tokens"])
+            own = int(meta["own"])
+            key = RadixKey(tokens, meta.get("extra_key"))
+            parent = self._find_exact(key[: len(tokens) - own])
+            child_key = key[len(tokens) - own :]
+            if parent is None or own <= 0 or child_key.child_key(self.page_size) in parent.children:
+                disk.delete(blob)
+                continue
+            node = TreeNode()
+            node.parent, node.key, node.value = parent, child_key, None
+            node.evp = Stored(Tier.DISK, meta["codec"], blob)
+            parent.children[child_key.child_key(self.page_size)] = node
+            self._register(node)
+            self._set_config(node, self._config_index(Tier.DISK, meta["codec"]))
+            restored += 1
+        if restored:
+            log.info("evicpress: re-attached %d disk entries from %s", restored, disk.root)
+
+    def _find_exact(self, key: RadixKey) -> TreeNode | None:
+        """The node whose path is exactly ``key`` (root for an empty key)."""
+        node = self.root_node
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or len(child.key) > len(key) or child.key.match(key, self.page_size) != len(child.key):
+                return None
+            node, key = child, key[len(child.key):]
+        return node
+
+    # -- SGLang helpers that walk values -----------------------------------------------
+
+    def all_values_flatten(self) -> torch.Tensor:
+        values = []
+        stack = [self.root_node]
+        while stack:
+            for child in stack.pop().children.values():
+                if not child.evicted:
+                    values.append(child.value)
+                    stack.append(child)
+        return torch.cat(values) if values else torch.empty(0, dtype=torch.int64, device=self.device)
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self.lock:
+            tiers = {"gpu": {"used_bytes": (self.evictable_size_ + self.protected_size_) * self.token_bytes,
+                             "tokens": self.evictable_size_ + self.protected_size_}}
+            for tier, store in self.tiers.items():
+                u = store.usage()
+                tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
+                                     "entries": u.entries}
+            return {
+                "policy": self.settings.policy,
+                "weights": {"alpha": self.settings.alpha, "quality_floor": self.settings.quality_floor},
+                "tiers": tiers,
+                "contexts": len(self.table),
+                "stats": self.stats.to_dict(),
+                "placements": self._top_placements(self.settings.status_top),
+                "cost_model": {"prefill_s_per_token": self.cost.prefill_s_per_token, "host_bw": self.cost.host_bw,
+                               "disk_bw": self.cost.disk_bw},
+            }
+
+    def _top_placements(self, n: int) -> list[dict]:
+        t = self.table
+        rows = t.rows()
+        if rows.size == 0 or n == 0:
+            return []
+        now = time.monotonic()
+        freq = t.frequency(rows, now)
+        top = np.argsort(-freq)[:n]
+        order = rows[top]
+        util = None
+        if self.policy is not None and hasattr(self.policy, "utility"):
+            util = self.policy.utility(order, now)
+        out = []
+        for i, r in enumerate(order):
+            cfg = t.configs[t.assign[r]]
+            out.append({"node": int(t.keys[r]), "tokens": int(t.tokens[r]), "config": cfg.label,
+                        "frequency": float(freq[top[i]]),
+                        "quality": float(t.present_quality[r]),
+                        "utility": None if util is None else float(util[i, t.assign[r]])})
+        return out
+
+
+def build(ctx, settings: Settings | None = None) -> EvicPressRadixCache:
+    """The factory SGLang's ``--radix-cache-backend evicpress`` calls."""
+    from ..settings import load_settings
+
+    settings = settings or load_settings()
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
+        raise SettingsError("evicpress: needs a plain full-attention model without --enable-hierarchical-cache")
+    return EvicPressRadixCache(ctx.params, settings)

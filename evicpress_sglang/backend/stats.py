@@ -1,0 +1,59 @@
+"""Counters the cache keeps for ``/evicpress/status`` and Prometheus."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+#: Upper bounds (seconds) of the load-back latency histogram buckets.
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
+
+
+@dataclass
+class Stats:
+    hits: dict = field(default_factory=lambda: defaultdict(int))  # "tier:codec" -> loads
+    hit_tokens: dict = field(default_factory=lambda: defaultdict(int))  # tier -> tokens loaded back
+    misses: dict = field(default_factory=lambda: defaultdict(int))  # tier -> blobs lost (damaged/missing)
+    stores: dict = field(default_factory=lambda: defaultdict(int))  # "tier:codec" -> blobs written
+    raw_bytes_stored: int = 0
+    stored_bytes: int = 0
+    bytes_loaded: dict = field(default_factory=lambda: defaultdict(int))  # tier -> bytes read
+    dropped: int = 0
+    tier_errors: int = 0
+    evict_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    load_hist: list = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
+    load_seconds_sum: float = 0.0
+    last_miss: str | None = None
+
+    def stored(self, tier: str, codec: str, tokens: int, raw_bytes: int, nbytes: int, seconds: float) -> None:
+        self.stores[f"{tier}:{codec}"] += 1
+        self.raw_bytes_stored += raw_bytes
+        self.stored_bytes += nbytes
+        self.encode_seconds += seconds
+
+    def loaded(self, tier: str, codec: str, tokens: int, nbytes: int, seconds: float) -> None:
+        self.hits[f"{tier}:{codec}"] += 1
+        self.hit_tokens[tier] += tokens
+        self.bytes_loaded[tier] += nbytes
+        self.load_seconds_sum += seconds
+        self.load_hist[next(i for i, b in enumerate(LOAD_BUCKETS) if seconds <= b)] += 1
+
+    def miss(self, tier: str, why: str) -> None:
+        self.misses[tier] += 1
+        self.last_miss = why
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes_stored / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "hits": dict(self.hits), "hit_tokens": dict(self.hit_tokens), "misses": dict(self.misses),
+            "stores": dict(self.stores), "compression_ratio": self.compression_ratio,
+            "bytes_loaded": dict(self.bytes_loaded), "dropped": self.dropped, "tier_errors": self.tier_errors,
+            "evict_seconds": self.evict_seconds, "encode_seconds": self.encode_seconds,
+            "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),
+                             "sum_seconds": self.load_seconds_sum},
+            "last_miss": self.last_miss,
+        }

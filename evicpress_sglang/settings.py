@@ -1,0 +1,135 @@
+"""EVICPRESS settings for a server, from one place: the ``EVICPRESS_CONFIG`` variable.
+
+``EVICPRESS_CONFIG`` holds JSON, or the path of a JSON file, e.g.::
+
+    EVICPRESS_CONFIG='{"host_bytes": "8GiB", "disk_dir": "/nvme/evicpress", "disk_bytes": "200GiB"}'
+
+An environment variable reaches every SGLang process (the scheduler runs in a child
+process and receives only SGLang's own arguments), so it is the one way settings travel.
+``evicpress-sglang serve --evicpress-host-bytes 8GiB ...`` writes it for you. Every value
+is checked when the cache is built: a bad one stops the server at start-up with a message
+naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .codecs import CodecError, get_codec
+from .policy import PolicyError, Weights
+from .units import parse_bytes
+
+ENV = "EVICPRESS_CONFIG"
+POLICY_NAMES = ("evicpress", "lru", "lru-offload", "off")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass
+class Settings:
+    policy: str = "evicpress"  # evicpress | lru | lru-offload | static:<codec> | off
+    alpha: float = 2.0  # seconds of TTFT one unit of quality is worth
+    quality_floor: float = 0.9
+    half_life_s: float = 600.0  # of the decayed hit counter
+    host_bytes: int = 4 * 2**30
+    disk_dir: str | None = None  # no disk tier when unset
+    disk_bytes: int = 0
+    host_codecs: list[str] = field(default_factory=lambda: ["bf16", "fp8", "int8", "int4", "int2"])
+    disk_codecs: list[str] = field(default_factory=lambda: ["bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd"])
+    admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
+    status_top: int = 20  # contexts listed in /evicpress/status
+
+    @property
+    def weights(self) -> Weights:
+        return Weights(self.alpha, self.quality_floor)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["admin_key"] = "***" if self.admin_key else None
+        return d
+
+
+def _coerce(name: str, value, default):
+    if name in ("host_bytes", "disk_bytes"):
+        return parse_bytes(value, name)
+    if name in ("alpha", "quality_floor", "half_life_s"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{name}: expected a number, got {value!r}") from None
+    if name == "status_top":
+        if not isinstance(value, int) or value < 0:
+            raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")
+        return value
+    if name in ("host_codecs", "disk_codecs"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"{name}: expected a list of codec names, got {value!r}")
+        return value
+    if value is not None and not isinstance(value, str):
+        raise SettingsError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def validate_policy_name(name: str, settings: "Settings") -> None:
+    if name in POLICY_NAMES:
+        return
+    if name.startswith("static:"):
+        codec = name.removeprefix("static:")
+        if codec in settings.host_codecs or codec in (settings.disk_codecs if settings.disk_dir else []):
+            return
+        raise SettingsError(f"policy {name!r}: codec {codec!r} is not among the enabled host/disk codecs")
+    raise SettingsError(f"policy: unknown policy {name!r}; valid: evicpress, lru, lru-offload, static:<codec>, off")
+
+
+def from_mapping(raw: dict) -> Settings:
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{ENV} must hold a JSON object, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(Settings)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown}; valid: {sorted(known)}")
+    s = Settings()
+    for name, value in raw.items():
+        setattr(s, name, _coerce(name, value, getattr(s, name)))
+    try:
+        s.weights.validate()
+    except PolicyError as e:
+        raise SettingsError(str(e)) from None
+    if s.half_life_s <= 0:
+        raise SettingsError(f"half_life_s: must be > 0, got {s.half_life_s}")
+    for name in ("host_codecs", "disk_codecs"):
+        for codec in getattr(s, name):
+            try:
+                get_codec(codec)
+            except CodecError as e:
+                raise SettingsError(f"{name}: {e}") from None
+    if "bf16" not in s.host_codecs:
+        raise SettingsError("host_codecs: must include 'bf16' (the uncompressed offload that lru-offload uses)")
+    if s.disk_dir and s.disk_bytes <= 0:
+        raise SettingsError("disk_bytes: must be > 0 when disk_dir is set")
+    validate_policy_name(s.policy, s)
+    return s
+
+
+def load_settings(environ: dict | None = None) -> Settings:
+    """Settings from ``EVICPRESS_CONFIG`` (JSON text or a file path); defaults if unset."""
+    text = (environ if environ is not None else os.environ).get(ENV, "").strip()
+    if not text:
+        return Settings()
+    if not text.startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise SettingsError(f"{ENV}: {text!r} is neither JSON nor a readable file")
+        text = path.read_text()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"{ENV}: invalid JSON ({e})") from None
+    return from_mapping(raw)

@@ -1,0 +1,108 @@
+"""Drive an SGLang radix cache the way the scheduler does, on CPU, with real SGLang pools.
+
+Each ``serve`` call is one request: match its prefix, load back what is in lower tiers,
+allocate and "compute" the rest (KV is a deterministic function of the token and its
+position, so any reuse can be checked), cache it when finished, release its locks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from dataclasses import dataclass, field
+
+import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+LAYERS, HEADS, DIM = 4, 2, 64
+_rids = itertools.count()
+
+
+def make_params(pool_tokens: int, page_size: int = 1) -> CacheInitParams:
+    pool = MHATokenToKVPool(size=pool_tokens, page_size=page_size, dtype=torch.bfloat16, head_num=HEADS,
+                            head_dim=DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+    if page_size == 1:
+        alloc = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
+    else:
+        alloc = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, "cpu", pool, need_sort=False)
+    rtp = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    return CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=alloc,
+                           page_size=page_size)
+
+
+def expected_kv(tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV a model would compute: [layers, n, heads, dim], smooth like real KV."""
+    t = torch.tensor(tokens, dtype=torch.float32)[None, :, None, None]
+    pos = torch.arange(len(tokens), dtype=torch.float32)[None, :, None, None]
+    layer = torch.arange(LAYERS, dtype=torch.float32)[:, None, None, None]
+    head = torch.arange(HEADS, dtype=torch.float32)[None, None, :, None]
+    d = torch.arange(DIM, dtype=torch.float32)[None, None, None, :]
+    k = torch.sin(0.37 * t + 0.11 * d + 0.5 * layer + head) * (1 + 0.01 * pos % 3)
+    v = torch.cos(0.23 * t - 0.07 * d + 0.3 * layer - head)
+    return k.bfloat16(), v.bfloat16()
+
+
+@dataclass
+class FakeReq:
+    origin_input_ids: array
+    rid: str = field(default_factory=lambda: f"r{next(_rids)}")
+    output_ids: array = field(default_factory=lambda: array("q"))
+    extra_key: str | None = None
+    req_pool_idx: int = 0
+    cache_protected_len: int = 0
+    last_node: object = None
+    priority: int = 0
+    kv_committed_len: int = 0
+
+
+@dataclass
+class Served:
+    reused: int  # tokens taken from the cache (GPU + loaded back)
+    loaded: int  # of which loaded back from host/disk
+    k: torch.Tensor  # the KV the request ran with
+    v: torch.Tensor
+
+
+def serve(cache, tokens: list[int], extra_key: str | None = None) -> Served:
+    req = FakeReq(array("q", tokens), extra_key=extra_key)
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
+    prefix, last = m.device_indices, m.last_device_node
+    loaded = 0
+    if m.host_hit_length > 0:
+        cache.inc_lock_ref(last)
+        new, new_last = cache.init_load_back(InitLoadBackParams(best_match_node=m.best_match_node,
+                                                                host_hit_length=m.host_hit_length, req=req))
+        cache.dec_lock_ref(last)
+        prefix, last, loaded = torch.cat([prefix, new]), new_last, len(new)
+    cache.inc_lock_ref(last)
+    req.last_node = last
+    need = len(tokens) - len(prefix)
+    alloc = cache.token_to_kv_pool_allocator
+    if need > alloc.available_size():
+        cache.evict(EvictParams(num_tokens=need - alloc.available_size()))
+    slots = alloc.alloc(need) if need else torch.empty(0, dtype=torch.int64)
+    assert slots is not None, "pool exhausted"
+    pool = alloc.get_kvcache()
+    k, v = expected_kv(tokens)
+    for layer in range(LAYERS):  # "compute" the new tokens
+        pool.k_buffer[layer][slots] = k[layer, len(prefix):]
+        pool.v_buffer[layer][slots] = v[layer, len(prefix):]
+    indices = torch.cat([prefix, slots]).to(torch.int64)
+    used_k = torch.stack([pool.k_buffer[layer][indices] for layer in range(LAYERS)])
+    used_v = torch.stack([pool.v_buffer[layer][indices] for layer in range(LAYERS)])
+    cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(tokens)] = indices.to(torch.int32)
+    req.cache_protected_len = len(prefix)
+    req.kv_committed_len = len(tokens)
+    cache.cache_finished_req(req, kv_len_to_handle=len(tokens))
+    return Served(len(prefix), loaded, used_k, used_v)
+
+
+def free_slots_accounted(cache) -> bool:
+    """SGLang's idle check: every pool slot is free or held by the tree."""
+    alloc = cache.token_to_kv_pool_allocator
+    return alloc.available_size() + cache.evictable_size() + cache.protected_size() == alloc.size

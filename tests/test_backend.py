@@ -1,0 +1,188 @@
+"""The evicpress radix cache driven like SGLang's scheduler, with real SGLang pools on CPU."""
+
+import numpy as np
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.policy import Tier
+from evicpress_sglang.settings import Settings, SettingsError
+from harness import expected_kv, free_slots_accounted, make_params, serve
+
+TOKEN_BYTES = 2 * 4 * 2 * 64 * 2  # K+V, 4 layers, 2 heads, head_dim 64, bf16
+
+
+def _cache(tmp_path, pool=256, page_size=1, **kw):
+    s = Settings(**({"host_bytes": 120 * TOKEN_BYTES, "disk_dir": str(tmp_path / "disk"), "disk_bytes": 10**8,
+                     "host_codecs": ["bf16", "int8", "int4"], "disk_codecs": ["bf16+zstd", "int4+zstd"]} | kw))
+    return EvicPressRadixCache(make_params(pool, page_size), s)
+
+
+def _docs(n, length=100):
+    return [list(range(1000 * i, 1000 * i + length)) for i in range(n)]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _consistent(cache):
+    """Placeholders and the policy's table agree; every pool slot is accounted for."""
+    t = cache.table
+    for nid, node in cache.nodes.items():
+        cfg = t.configs[t.assign[t.row_of[nid]]]
+        assert (getattr(node, "evp", None) is not None) == (cfg.tier != Tier.GPU), (nid, cfg.label)
+        if getattr(node, "evp", None) is not None:
+            assert all(getattr(c, "evp", None) is not None for c in node.children.values())
+    assert free_slots_accounted(cache)
+
+
+def test_lossless_offload_loads_back_bit_exact(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"])
+    docs = _docs(5)
+    for i, doc in enumerate(docs):
+        serve(cache, doc + [1, 2, i])
+        _consistent(cache)
+    stores = cache.stats.stores
+    assert stores["host:bf16"] > 0 and stores["disk:bf16"] > 0  # overflowed into both tiers
+    for i, doc in enumerate(docs):
+        r = serve(cache, doc + [9, i])
+        assert r.reused >= 100
+        k, v = expected_kv(doc + [9, i])
+        assert torch.equal(r.k, k) and torch.equal(r.v, v)
+        _consistent(cache)
+    assert sum(cache.stats.hits.values()) >= 4
+
+
+def test_static_codec_stores_with_that_codec_within_its_bound(tmp_path):
+    cache = _cache(tmp_path, policy="static:int4")
+    docs = _docs(4)
+    for doc in docs:
+        serve(cache, doc + [1])
+    assert set(cache.stats.stores) <= {"host:int4"} and cache.stats.stores["host:int4"] >= 2
+    assert cache.stats.compression_ratio > 2.5
+    for doc in docs:
+        r = serve(cache, doc + [2])
+        k, v = expected_kv(doc + [2])
+        assert _rel(r.k, k) < 0.1 and _rel(r.v, v) < 0.1  # int4's bound
+        _consistent(cache)
+
+
+def test_evicpress_policy_serves_correct_kv_under_pressure(tmp_path):
+    cache = _cache(tmp_path, alpha=0.5, quality_floor=0.0)
+    docs = _docs(8, length=60)
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        i = int(rng.zipf(1.5)) % len(docs)
+        r = serve(cache, docs[i] + [step])
+        k, _ = expected_kv(docs[i] + [step])
+        assert _rel(r.k, k) < 0.3
+        _consistent(cache)
+    s = cache.status()
+    assert s["stats"]["stores"] and sum(s["stats"]["hits"].values()) > 0
+    assert s["tiers"]["host"]["used_bytes"] <= s["tiers"]["host"]["capacity_bytes"]
+    assert s["placements"] and {"config", "utility", "frequency"} <= set(s["placements"][0])
+
+
+def test_nodes_in_use_are_never_evicted(tmp_path):
+    cache = _cache(tmp_path)
+    serve(cache, _docs(1)[0])
+    node = next(iter(cache.root_node.children.values()))
+    before = node.value.clone()
+    cache.inc_lock_ref(node)  # a running request holds it
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert torch.equal(node.value, before) and getattr(node, "evp", None) is None
+    cache.dec_lock_ref(node)
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert node.value is None  # now it may go
+    _consistent(cache)
+
+
+def test_paged_pool(tmp_path):
+    cache = _cache(tmp_path, page_size=4, policy="lru-offload", disk_codecs=["bf16"])
+    docs = _docs(5, length=96)
+    for doc in docs:
+        serve(cache, doc + [1, 2, 3, 4])
+    for doc in docs:
+        r = serve(cache, doc + [5, 6, 7, 8])
+        assert r.reused >= 96
+        k, _ = expected_kv(doc + [5, 6, 7, 8])
+        assert torch.equal(r.k, k)
+        _consistent(cache)
+
+
+def test_flush_clears_every_tier(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"])
+    for doc in _docs(5):
+        serve(cache, doc)
+    assert cache.tiers[Tier.HOST].usage().entries and cache.tiers[Tier.DISK].usage().entries
+    cache.reset()
+    assert all(t.usage().entries == 0 for t in cache.tiers.values()) and len(cache.table) == 0
+    assert not list((tmp_path / "disk").glob("*.kv"))
+
+
+def test_damaged_disk_blob_is_a_miss_and_the_request_recomputes(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", host_bytes=0, disk_codecs=["bf16"])
+    docs = _docs(4)
+    for doc in docs:
+        serve(cache, doc)
+    files = sorted((tmp_path / "disk").glob("*.kv"))
+    assert files
+    for f in files:  # flip a byte in every blob
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(data)
+    for doc in docs:
+        r = serve(cache, doc + [3])
+        k, v = expected_kv(doc + [3])
+        assert torch.equal(r.k, k) and torch.equal(r.v, v)  # never wrong KV
+        _consistent(cache)
+    assert sum(cache.stats.misses.values()) >= 1
+
+
+def test_disk_entries_survive_a_restart(tmp_path):
+    cache = _cache(tmp_path, policy="static:bf16+zstd", host_bytes=0, disk_codecs=["bf16+zstd"])
+    docs = _docs(4)
+    for doc in docs:
+        serve(cache, doc)
+    on_disk = cache.tiers[Tier.DISK].usage().entries
+    assert on_disk >= 2
+    restarted = _cache(tmp_path, policy="static:bf16+zstd", host_bytes=0, disk_codecs=["bf16+zstd"])
+    reused = 0
+    for doc in docs:
+        r = serve(restarted, doc + [4])
+        k, v = expected_kv(doc + [4])
+        assert torch.equal(r.k, k) and torch.equal(r.v, v)
+        reused += r.loaded
+        _consistent(restarted)
+    assert reused >= 2 * 100
+
+
+def test_policy_switch_at_runtime_and_off_is_stock(tmp_path):
+    cache = _cache(tmp_path, policy="off")
+    for doc in _docs(4):
+        serve(cache, doc)
+    assert not cache.stats.stores and cache.stats.dropped == 0  # stock eviction: dropped silently
+    cache.set_policy("lru-offload")
+    for doc in _docs(4):
+        serve(cache, [7] + doc)
+    assert cache.stats.stores["host:bf16"] > 0
+    with pytest.raises(SettingsError, match="unknown policy"):
+        cache.set_policy("fifo")
+    assert cache.settings.policy == "lru-offload"
+    _consistent(cache)
+
+
+def test_host_tier_failure_degrades_to_drop(tmp_path, monkeypatch):
+    cache = _cache(tmp_path, policy="lru-offload", disk_dir=None)
+    from evicpress_sglang.tiers import TierError
+
+    def broken(*a, **k):
+        raise TierError("simulated failure")
+
+    monkeypatch.setattr(cache.tiers[Tier.HOST], "put", broken)
+    for doc in _docs(4):
+        serve(cache, doc)
+    assert cache.stats.tier_errors > 0 and cache.stats.dropped > 0
+    _consistent(cache)
