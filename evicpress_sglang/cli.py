@@ -74,6 +74,60 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FLAGS = {  # --evicpress-X -> settings key
+    "policy": "policy", "alpha": "alpha", "quality-floor": "quality_floor", "host-bytes": "host_bytes",
+    "disk-dir": "disk_dir", "disk-bytes": "disk_bytes", "host-codecs": "host_codecs",
+    "disk-codecs": "disk_codecs", "admin-key": "admin_key", "half-life-s": "half_life_s",
+}
+
+
+def serve_command(argv: list[str], environ: dict) -> tuple[list[str], dict]:
+    """The SGLang launch command and environment for ``evicpress-sglang serve ARGS``.
+
+    ``--evicpress-*`` flags become ``EVICPRESS_CONFIG`` (validated now, so a bad value
+    stops here with the setting's name); everything else goes to SGLang unchanged.
+    """
+    import json
+
+    from .settings import ENV, from_mapping
+
+    p = argparse.ArgumentParser(prog="evicpress-sglang serve", add_help=False)
+    for flag in SERVE_FLAGS:
+        p.add_argument(f"--evicpress-{flag}")
+    ours, rest = p.parse_known_args(argv)
+    raw = json.loads(environ.get(ENV) or "{}") if (environ.get(ENV) or "").strip().startswith("{") else {}
+    raw |= {SERVE_FLAGS[f]: v for f, v in ((f, getattr(ours, "evicpress_" + f.replace("-", "_"))) for f in SERVE_FLAGS)
+            if v is not None}
+    for key in ("alpha", "quality_floor", "half_life_s"):
+        if key in raw:
+            try:
+                raw[key] = float(raw[key])
+            except ValueError:
+                raise ValueError(f"--evicpress-{key.replace('_', '-')}: expected a number, got {raw[key]!r}") from None
+    from_mapping(raw)  # raises SettingsError naming the setting
+    if "--model-path" not in rest and not any(a.startswith("--model-path=") for a in rest):
+        from .model import prepare_model
+
+        rest = ["--model-path", str(prepare_model())] + rest
+    if "--radix-cache-backend" not in rest:
+        rest += ["--radix-cache-backend", "evicpress"]
+    env = dict(environ) | {ENV: json.dumps(raw)}
+    return [sys.executable, "-m", "sglang.launch_server", *rest], env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    if not torch.cuda.is_available():
+        print("evicpress-sglang serve: no CUDA GPU here; SGLang needs one to serve.\n"
+              "Without a GPU you can study the policies: evicpress-sglang simulate --policy lru lru-offload "
+              "static:int4 evicpress", file=sys.stderr)
+        return 2
+    cmd, env = serve_command(args.sglang_args, dict(os.environ))
+    print("+", " ".join(cmd), file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evicpress-sglang", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=cmd_codecs)
+
+    sv = sub.add_parser("serve", help="launch SGLang with the evicpress cache (default model: bundled SmolLM2)",
+                        description="Everything except --evicpress-* flags is passed to sglang.launch_server. "
+                        "Flags: " + ", ".join(f"--evicpress-{f}" for f in SERVE_FLAGS))
+    sv.add_argument("sglang_args", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("trace", help="generate a synthetic request trace for the simulator")
     t.add_argument("--workload", default="docqa", choices=["docqa", "chat", "mixed"])
@@ -116,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "serve":  # everything not ours belongs to SGLang
+        args.sglang_args = unknown + args.sglang_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except ValueError as e:  # bad settings, names or files: one clear line, not a traceback

@@ -54,9 +54,12 @@ class Settings:
         return d
 
 
-def _coerce(name: str, value, default):
+def _coerce(name: str, value):
     if name in ("host_bytes", "disk_bytes"):
-        return parse_bytes(value, name)
+        try:
+            return parse_bytes(value, name)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     if name in ("alpha", "quality_floor", "half_life_s"):
         try:
             return float(value)
@@ -97,7 +100,7 @@ def from_mapping(raw: dict) -> Settings:
         raise SettingsError(f"unknown setting(s) {unknown}; valid: {sorted(known)}")
     s = Settings()
     for name, value in raw.items():
-        setattr(s, name, _coerce(name, value, getattr(s, name)))
+        setattr(s, name, _coerce(name, value))
     try:
         s.weights.validate()
     except PolicyError as e:

@@ -1,0 +1,75 @@
+"""The SGLang plugin: loaded by SGLang in every process (entry point group
+``sglang.srt.plugins``), it registers the ``evicpress`` radix-cache backend, teaches
+the scheduler the admin requests, and adds the admin endpoints to the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+BACKEND = "evicpress"
+
+
+def _factory(ctx):
+    from .backend.cache import build
+
+    return build(ctx)
+
+
+def _evicpress_cache(scheduler):
+    from .backend.cache import EvicPressRadixCache
+
+    cache = getattr(scheduler, "tree_cache", None)
+    return cache if isinstance(cache, EvicPressRadixCache) else None
+
+
+def _add_status(result, scheduler, *args, **kwargs):
+    """After ``Scheduler.get_internal_state``: include the cache's status."""
+    cache = _evicpress_cache(scheduler)
+    if cache is not None:
+        result.internal_state["evicpress"] = cache.status()
+    return result
+
+
+def _set_state(original, scheduler, recv_req, *args, **kwargs):
+    """Around ``Scheduler.set_internal_state``: take the ``evicpress_*`` keys, pass the rest on."""
+    from sglang.srt.managers.io_struct import SetInternalStateReq, SetInternalStateReqOutput
+
+    from .admin import apply_policy_request
+
+    ours = {k: v for k, v in recv_req.server_args.items() if k.startswith("evicpress_")}
+    if not ours:
+        return original(scheduler, recv_req, *args, **kwargs)
+    cache = _evicpress_cache(scheduler)
+    if cache is None:
+        log.warning("evicpress: policy change asked for, but this server does not run the evicpress cache")
+        return SetInternalStateReqOutput(updated=False)
+    try:
+        apply_policy_request(cache, ours)
+    except ValueError as e:
+        log.warning("evicpress: policy change refused: %s", e)
+        return SetInternalStateReqOutput(updated=False)
+    rest = {k: v for k, v in recv_req.server_args.items() if k not in ours}
+    if rest:
+        return original(scheduler, SetInternalStateReq(server_args=rest), *args, **kwargs)
+    return SetInternalStateReqOutput(updated=True)
+
+
+def load() -> None:
+    """Entry point; idempotent (SGLang may call plugin loading more than once)."""
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND not in registered_radix_cache_backends():
+        register_radix_cache_backend(BACKEND, _factory)
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", _add_status,
+                              HookType.AFTER)
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.set_internal_state", _set_state,
+                              HookType.AROUND)
+    http = sys.modules.get("sglang.srt.entrypoints.http_server")
+    if http is not None and not any(getattr(r, "path", "") == "/evicpress/status" for r in http.app.routes):
+        from .admin import add_routes
+
+        add_routes(http.app, lambda: http._global_state.tokenizer_manager)
