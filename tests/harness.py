@@ -68,12 +68,14 @@ class Served:
     v: torch.Tensor
 
 
-def serve(cache, tokens: list[int], extra_key: str | None = None) -> Served:
+def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True) -> Served:
+    """``load_back=False``: the scheduler skipped the load (no room yet), so the request
+    recomputes the host/disk part itself."""
     req = FakeReq(array("q", tokens), extra_key=extra_key)
     m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
     prefix, last = m.device_indices, m.last_device_node
     loaded = 0
-    if m.host_hit_length > 0:
+    if m.host_hit_length > 0 and load_back:
         cache.inc_lock_ref(last)
         new, new_last = cache.init_load_back(InitLoadBackParams(best_match_node=m.best_match_node,
                                                                 host_hit_length=m.host_hit_length, req=req))

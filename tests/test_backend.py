@@ -186,3 +186,21 @@ def test_host_tier_failure_degrades_to_drop(tmp_path, monkeypatch):
         serve(cache, doc)
     assert cache.stats.tier_errors > 0 and cache.stats.dropped > 0
     _consistent(cache)
+
+
+def test_recomputed_placeholders_are_revived_without_leaking_slots(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"])
+    docs = _docs(4)
+    for doc in docs:
+        serve(cache, doc + [1])
+    assert cache.stats.stores
+    for doc in docs:  # the prefix is in host/disk, but the request computes it again
+        r = serve(cache, doc + [2], load_back=False)
+        k, _ = expected_kv(doc + [2])
+        assert torch.equal(r.k, k)
+        _consistent(cache)
+    for doc in docs:  # and what the tree holds afterwards is still right
+        r = serve(cache, doc + [3])
+        k, _ = expected_kv(doc + [3])
+        assert torch.equal(r.k, k)
+        _consistent(cache)

@@ -306,6 +306,7 @@ class EvicPressRadixCache(RadixCache):
         """Before SGLang's insert walks the tree, revive the placeholders on the key's path
         with the KV the request has just computed (exact, so better than the blob)."""
         walk, rest, offset = node, key, 0
+        revived_from = None
         while len(rest) > 0:
             child = walk.children.get(rest.child_key(self.page_size))
             if child is None:
@@ -316,10 +317,15 @@ class EvicPressRadixCache(RadixCache):
                     self._drop_placeholder(child)
                     break
                 self._revive(child, value[offset : offset + n])
+                revived_from = offset if revived_from is None else revived_from
             walk, rest, offset = child, rest[n:], offset + n
             if n < len(child.key):
                 break
         prefix_len, last = super()._insert_helper(node, key, value, priority, chunked)
+        # SGLang frees the caller's slots up to prefix_len as duplicates of the tree's; the
+        # revived nodes now own theirs, so only what was on the GPU before counts.
+        if revived_from is not None:
+            prefix_len = min(prefix_len, revived_from)
         return prefix_len, last
 
     def _revive(self, node: TreeNode, value: torch.Tensor) -> None:
