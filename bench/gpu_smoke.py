@@ -98,6 +98,7 @@ def main() -> None:
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
+    (out / "smoke.json").write_text(json.dumps(report, indent=1))
     s2 = report["status_after_second_pass"]["stats"]
     report["summary"] = {
         "stores_first_pass": report["status_after_first_pass"]["stats"]["stores"],

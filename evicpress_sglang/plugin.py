@@ -5,6 +5,7 @@ the scheduler the admin requests, and adds the admin endpoints to the HTTP serve
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,23 @@ def load() -> None:
                               HookType.AFTER)
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.set_internal_state", _set_state,
                               HookType.AROUND)
+        if multiprocessing.current_process().name == "MainProcess":  # where the HTTP server runs
+            HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch,
+                                  HookType.BEFORE)
+    install_routes()  # in case SGLang loads plugins after the HTTP module is up
+
+
+def _before_launch(*args, **kwargs):
+    install_routes()
+
+
+def install_routes() -> bool:
+    """Add the admin endpoints to SGLang's FastAPI app, once; False if it is not loaded."""
     http = sys.modules.get("sglang.srt.entrypoints.http_server")
-    if http is not None and not any(getattr(r, "path", "") == "/evicpress/status" for r in http.app.routes):
+    if http is None:
+        return False
+    if not any(getattr(r, "path", "") == "/evicpress/status" for r in http.app.routes):
         from .admin import add_routes
 
         add_routes(http.app, lambda: http._global_state.tokenizer_manager)
+    return True

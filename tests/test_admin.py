@@ -152,3 +152,22 @@ def test_plugin_registers_backend_and_hooks():
     from sglang.srt.managers.scheduler import Scheduler
 
     assert getattr(Scheduler.get_internal_state, "__wrapped__", None) is not None
+
+
+def test_admin_routes_reach_sglangs_http_app_when_it_launches():
+    """SGLang may load plugins before it imports its HTTP server module; the hook on
+    launch_server must still put the endpoints on the app that will serve."""
+    import subprocess
+    import sys
+
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins()\n"
+        "import sglang.srt.entrypoints.http_server as h\n"
+        "assert getattr(h.launch_server, '__wrapped__', None) is not None, 'launch_server not hooked'\n"
+        "from evicpress_sglang.plugin import _before_launch; _before_launch()\n"
+        "paths = {getattr(r, 'path', '') for r in h.app.routes}\n"
+        "assert {'/evicpress/status', '/evicpress/policy'} <= paths, paths\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

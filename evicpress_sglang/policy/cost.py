@@ -30,8 +30,10 @@ def _base(codec: str) -> str:
     return codec.split("+")[0]
 
 
-#: GPU dequantization throughput, bytes of *uncompressed* KV per second, until measured.
-DEFAULT_DECODE_RATE = {"fp8": 300 * GB, "int8": 300 * GB, "int4": 150 * GB, "int2": 150 * GB}
+#: Decode throughput, bytes of *uncompressed* KV per second, until measured: what
+#: ``evicpress-sglang codecs --device cuda`` measured on the reference H100
+#: (bench/results/2026-11-22-gpu-smoke/codecs_cuda.json, SmolLM2 KV, 4096 tokens).
+DEFAULT_DECODE_RATE = {"fp8": 175 * GB, "int8": 185 * GB, "int4": 100 * GB, "int2": 94 * GB}
 
 
 @dataclass
@@ -44,8 +46,9 @@ class CostModel:
     gpu_s_per_token: float = 0.0  # a GPU hit costs no load
     #: decode throughput per base codec, bytes of uncompressed KV per second
     decode_rate: dict[str, float] = field(default_factory=dict)
-    #: zstd decompression, bytes of output per second (one CPU core)
-    zstd_bps: float = 1.5 * GB
+    #: zstd decompression, bytes of output per second (one CPU core of the reference H100
+    #: host decompressed bf16/int4 payloads at 0.3-0.4 GB/s)
+    zstd_bps: float = 0.35 * GB
     #: how much smaller zstd makes each base codec's payload (>= 1)
     zstd_gain: dict[str, float] = field(default_factory=dict)
     default_zstd_gain: float = 1.05  # conservative until measured
