@@ -9,6 +9,6 @@ export EVICPRESS_CACHE=/tmp/evcache
 mkdir -p "$EVICPRESS_CACHE" && cp /tmp/extra/gguf/*.gguf "$EVICPRESS_CACHE/"
 MODEL=$(python3 -m evicpress_sglang.cli model prepare 2>/dev/null | tail -1)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-# (codecs measured in an earlier run) python3 -m evicpress_sglang.cli codecs --model "$MODEL" --tokens 4096 --device cuda --json > "$OUT/codecs_cuda.json"
+[ -n "${SKIP_CODECS:-}" ] || python3 -m evicpress_sglang.cli codecs --model "$MODEL" --tokens 4096 --device cuda --json > "$OUT/codecs_cuda.json"
 python3 bench/gpu_smoke.py --model "$MODEL" --out "$OUT/smoke" -- \
   --attention-backend triton --sampling-backend pytorch --grammar-backend none --disable-cuda-graph
