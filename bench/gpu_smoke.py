@@ -79,12 +79,19 @@ def main() -> None:
         try:
             wait_ready(url, proc, log)
             docs = [text[: args.chars] for _, text in documents()[: args.docs]]
-            first = [ask(url, d + QUESTION) for d in docs]  # fills the pool, overflows into host and disk
+            # Each document asked twice in a row: the second is a plain GPU-pool hit, the control
+            # for how often SGLang's cached-prefix path alone changes a greedy answer.
+            first, control = [], []
+            for d in docs:  # fills the pool, overflows into host and disk
+                first.append(ask(url, d + QUESTION))
+                control.append(ask(url, d + QUESTION))
             report["status_after_first_pass"] = requests.get(url + "/evicpress/status").json()
             again = [ask(url, d + QUESTION) for d in docs]  # prefixes come back from host/disk
             report["status_after_second_pass"] = requests.get(url + "/evicpress/status").json()
-            report["requests"] = [{"doc": i, "first": a, "again": b, "same_answer": a["answer"] == b["answer"]}
-                                  for i, (a, b) in enumerate(zip(first, again))]
+            report["requests"] = [{"doc": i, "first": a, "gpu_hit": c, "again": b,
+                                   "gpu_hit_same_answer": a["answer"] == c["answer"],
+                                   "same_answer": a["answer"] == b["answer"]}
+                                  for i, (a, c, b) in enumerate(zip(first, control, again))]
             bad = requests.post(url + "/evicpress/policy", data="{nope", headers={"content-type": "application/json"})
             report["bad_request"] = {"status": bad.status_code, "body": bad.json()}
             sw = requests.post(url + "/evicpress/policy", json={"policy": "static:int4", "alpha": 1.0})
@@ -105,6 +112,8 @@ def main() -> None:
         "loads_second_pass": s2["hits"],
         "tokens_loaded_back": s2["hit_tokens"],
         "cached_tokens_second_pass": [r["again"]["cached_tokens"] for r in report["requests"]],
+        "docs": len(report["requests"]),
+        "same_answers_gpu_hit_control": sum(r["gpu_hit_same_answer"] for r in report["requests"]),
         "same_answers_evicpress": sum(r["same_answer"] for r in report["requests"]),
         "same_answers_static_int4": sum(r["same_answer"] for r in report["after_switch"]),
         "stores_final": report["status_final"]["stats"]["stores"],

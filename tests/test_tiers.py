@@ -57,6 +57,20 @@ def test_host_full_is_an_error_and_keeps_what_it_had():
     assert _same(tier.get("a"), _blob(3000))
 
 
+def test_host_compacts_when_free_space_is_fragmented():
+    tier = HostTier(10 * 1024)
+    blobs = {f"k{i}": _blob(1000, seed=i) for i in range(10)}
+    for key, b in blobs.items():
+        tier.put(key, b)
+    for i in range(0, 10, 2):  # five 1 KiB holes, none large enough for 3000 bytes
+        tier.delete(f"k{i}")
+    big = _blob(3000, seed=99)
+    tier.put("big", big)
+    assert _same(tier.get("big"), big)
+    for i in range(1, 10, 2):  # everything that moved is intact
+        assert _same(tier.get(f"k{i}"), blobs[f"k{i}"])
+
+
 def test_host_get_returns_a_copy_that_outlives_the_entry():
     tier = HostTier(4096)
     tier.put("a", _blob(1000))

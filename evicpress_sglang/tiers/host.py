@@ -97,6 +97,9 @@ class HostTier(StorageTier):
             # Allocate before releasing any entry of the same key, so a failed
             # replacement leaves the old blob in place.
             offset = self._alloc.alloc(enc.nbytes)
+            if offset is None and self._alloc.free_bytes >= enc.nbytes + ALIGN:
+                self._compact()  # enough bytes, but scattered: close the gaps once
+                offset = self._alloc.alloc(enc.nbytes)
             if offset is None:
                 raise TierFullError(
                     f"host tier: {enc.nbytes} bytes do not fit ({self._used}/{self.capacity} used, "
@@ -110,6 +113,22 @@ class HostTier(StorageTier):
             self._arena[offset : offset + n].copy_(enc.payload.reshape(-1))
             self._entries[key] = _Entry(enc.codec, enc.shape, offset, n)
             self._used += n
+
+    def _compact(self) -> None:
+        """Move every blob to the front of the arena, in offset order, leaving one free range.
+
+        Blobs only move towards lower offsets, so copying in offset order never overwrites
+        a blob that has not moved yet (overlapping ranges go through a temporary copy)."""
+        cursor = 0
+        for key, e in sorted(self._entries.items(), key=lambda kv: kv[1].offset):
+            if e.offset != cursor:
+                src = self._arena[e.offset : e.offset + e.nbytes]
+                self._arena[cursor : cursor + e.nbytes].copy_(src.clone() if e.offset - cursor < e.nbytes else src)
+                e.offset = cursor
+            cursor += _round_up(max(e.nbytes, 1))
+        self._alloc = ArenaAllocator(self.capacity)
+        if cursor:
+            assert self._alloc.alloc(cursor) == 0
 
     def _release(self, key: str, entry: _Entry) -> None:
         del self._entries[key]
