@@ -204,3 +204,24 @@ def test_recomputed_placeholders_are_revived_without_leaking_slots(tmp_path):
         k, _ = expected_kv(doc + [3])
         assert torch.equal(r.k, k)
         _consistent(cache)
+
+
+def test_prometheus_metrics_follow_the_cache(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from prometheus_client import REGISTRY
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    # SGLang's own radix-cache collector needs a running server's global args; ours does not.
+    monkeypatch.setattr(RadixCache, "init_metrics_collector", lambda self: None)
+    cache = EvicPressRadixCache(replace(make_params(256), enable_metrics=True),
+                                Settings(host_bytes=120 * TOKEN_BYTES, disk_dir=None, policy="lru-offload"))
+    docs = _docs(3)
+    for doc in docs:
+        serve(cache, doc)
+    assert serve(cache, docs[0] + [1]).loaded == 100  # the first document went to host memory
+    stores = REGISTRY.get_sample_value("evicpress_stores_total", {"tier": "host", "codec": "bf16"})
+    loads = REGISTRY.get_sample_value("evicpress_loads_total", {"tier": "host", "codec": "bf16"})
+    assert stores == cache.stats.stores["host:bf16"] and loads == cache.stats.hits["host:bf16"] > 0
+    assert REGISTRY.get_sample_value("evicpress_tier_bytes", {"tier": "host"}) is not None
+    assert REGISTRY.get_sample_value("evicpress_load_seconds_count") == loads

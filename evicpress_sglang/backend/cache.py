@@ -75,6 +75,10 @@ class EvicPressRadixCache(RadixCache):
         self.settings = settings
         self.cost = cost or CostModel()
         self.stats = Stats()
+        if params.enable_metrics:
+            from .metrics import PrometheusExporter
+
+            self.stats.exporter = PrometheusExporter()
         self.tiers: dict[Tier, StorageTier] = {Tier.HOST: HostTier(settings.host_bytes)}
         if settings.disk_dir:
             self.tiers[Tier.DISK] = DiskTier(settings.disk_dir, settings.disk_bytes)
@@ -356,6 +360,8 @@ class EvicPressRadixCache(RadixCache):
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
         self.stats.evict_seconds += time.perf_counter() - start
+        if self.stats.exporter is not None:
+            self.stats.exporter.usage(self._tier_bytes())
         return EvictResult(num_tokens_evicted=freed)
 
     def _evict_by_policy(self, num_tokens: int, protect: TreeNode | None) -> int:
@@ -555,6 +561,10 @@ class EvicPressRadixCache(RadixCache):
         return torch.cat(values) if values else torch.empty(0, dtype=torch.int64, device=self.device)
 
     # -- status --------------------------------------------------------------------
+
+    def _tier_bytes(self) -> dict[str, int]:
+        used = {"gpu": (self.evictable_size_ + self.protected_size_) * self.token_bytes}
+        return used | {tier.label: store.usage().used_bytes for tier, store in self.tiers.items()}
 
     def status(self) -> dict:
         with self.lock:

@@ -25,12 +25,15 @@ class Stats:
     load_hist: list = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
     load_seconds_sum: float = 0.0
     last_miss: str | None = None
+    exporter: object = None  # a PrometheusExporter when SGLang runs with --enable-metrics
 
     def stored(self, tier: str, codec: str, tokens: int, raw_bytes: int, nbytes: int, seconds: float) -> None:
         self.stores[f"{tier}:{codec}"] += 1
         self.raw_bytes_stored += raw_bytes
         self.stored_bytes += nbytes
         self.encode_seconds += seconds
+        if self.exporter is not None:
+            self.exporter.stored(tier, codec, self.compression_ratio)
 
     def loaded(self, tier: str, codec: str, tokens: int, nbytes: int, seconds: float) -> None:
         self.hits[f"{tier}:{codec}"] += 1
@@ -38,10 +41,14 @@ class Stats:
         self.bytes_loaded[tier] += nbytes
         self.load_seconds_sum += seconds
         self.load_hist[next(i for i, b in enumerate(LOAD_BUCKETS) if seconds <= b)] += 1
+        if self.exporter is not None:
+            self.exporter.loaded(tier, codec, tokens, seconds)
 
     def miss(self, tier: str, why: str) -> None:
         self.misses[tier] += 1
         self.last_miss = why
+        if self.exporter is not None:
+            self.exporter.miss(tier)
 
     @property
     def compression_ratio(self) -> float:
