@@ -70,7 +70,7 @@ def main() -> None:
     env = dict(os.environ, EVICPRESS_CONFIG=json.dumps(settings))
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),
            "--radix-cache-backend", "evicpress", "--max-total-tokens", str(args.max_total_tokens),
-           "--chunked-prefill-size", "2048", *args.sglang_args]
+           "--chunked-prefill-size", "2048", "--enable-metrics", *args.sglang_args]
     log = out / "server.log"
     url = f"http://127.0.0.1:{args.port}"
     report = {"command": " ".join(["python", *sys.argv]), "server_command": " ".join(cmd), "settings": settings}
@@ -102,6 +102,8 @@ def main() -> None:
             report["after_switch"] = [{"first": a, "again": b, "same_answer": a["answer"] == b["answer"]}
                                       for a, b in zip(third, fourth)]
             report["status_final"] = requests.get(url + "/evicpress/status").json()
+            metrics = requests.get(url + "/metrics").text.splitlines()
+            report["prometheus"] = [line for line in metrics if line.startswith("evicpress_")]
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
@@ -119,6 +121,7 @@ def main() -> None:
         "stores_final": report["status_final"]["stats"]["stores"],
         "bad_request_status": report["bad_request"]["status"],
         "switched_to": report["switch"]["policy"],
+        "prometheus_evicpress_series": len(report["prometheus"]),
     }
     (out / "smoke.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
