@@ -20,17 +20,18 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 LAYERS, HEADS, DIM = 4, 2, 64
+DEVICE = "cpu"  # bench/cuda_exactness.py runs the same scenario with pools on "cuda"
 _rids = itertools.count()
 
 
 def make_params(pool_tokens: int, page_size: int = 1) -> CacheInitParams:
     pool = MHATokenToKVPool(size=pool_tokens, page_size=page_size, dtype=torch.bfloat16, head_num=HEADS,
-                            head_dim=DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+                            head_dim=DIM, layer_num=LAYERS, device=DEVICE, enable_memory_saver=False)
     if page_size == 1:
-        alloc = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, "cpu", pool, need_sort=False)
+        alloc = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, DEVICE, pool, need_sort=False)
     else:
-        alloc = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, "cpu", pool, need_sort=False)
-    rtp = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
+        alloc = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, DEVICE, pool, need_sort=False)
+    rtp = ReqToTokenPool(size=8, max_context_len=4096, device=DEVICE, enable_memory_saver=False)
     return CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=alloc,
                            page_size=page_size)
 
@@ -87,10 +88,10 @@ def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: boo
     alloc = cache.token_to_kv_pool_allocator
     if need > alloc.available_size():
         cache.evict(EvictParams(num_tokens=need - alloc.available_size()))
-    slots = alloc.alloc(need) if need else torch.empty(0, dtype=torch.int64)
+    slots = alloc.alloc(need) if need else torch.empty(0, dtype=torch.int64, device=DEVICE)
     assert slots is not None, "pool exhausted"
     pool = alloc.get_kvcache()
-    k, v = expected_kv(tokens)
+    k, v = (t.to(DEVICE) for t in expected_kv(tokens))
     for layer in range(LAYERS):  # "compute" the new tokens
         pool.k_buffer[layer][slots] = k[layer, len(prefix):]
         pool.v_buffer[layer][slots] = v[layer, len(prefix):]
