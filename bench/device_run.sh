@@ -11,5 +11,5 @@ MODEL=$(python3 -m evicpress_sglang.cli model prepare 2>/dev/null | tail -1)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 [ -n "${SKIP_CODECS:-}" ] || python3 -m evicpress_sglang.cli codecs --model "$MODEL" --tokens 4096 --device cuda --json > "$OUT/codecs_cuda.json"
 python3 bench/cuda_exactness.py --out "$OUT/cuda_exactness.json" > /dev/null
-python3 bench/gpu_smoke.py --model "$MODEL" --out "$OUT/${SMOKE_DIR:-smoke}" -- \
+python3 bench/gpu_smoke.py --model "$MODEL" --out "$OUT/${SMOKE_DIR:-smoke}" --settings "${SMOKE_SETTINGS:-{\}}" -- \
   --attention-backend triton --sampling-backend pytorch --grammar-backend none --disable-cuda-graph ${SMOKE_ARGS:-}

@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--chars", type=int, default=5000, help="characters per document (~1200 tokens)")
     ap.add_argument("--max-total-tokens", type=int, default=4096)
+    ap.add_argument("--settings", default="{}", help="JSON merged into the EVICPRESS settings below")
     ap.add_argument("sglang_args", nargs="*")
     args = ap.parse_args()
     out = Path(args.out)
@@ -66,7 +67,7 @@ def main() -> None:
     disk = Path("/tmp/evicpress-smoke-disk")
     per_token = 30 * 3 * 64 * 2 * 2  # SmolLM2-135M: layers x kv_heads x head_dim x (K, V) x bf16
     settings = {"policy": "evicpress", "host_bytes": 1500 * per_token, "disk_dir": str(disk),
-                "disk_bytes": 200 * 2**20}
+                "disk_bytes": 200 * 2**20} | json.loads(args.settings)
     env = dict(os.environ, EVICPRESS_CONFIG=json.dumps(settings))
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--port", str(args.port),
            "--radix-cache-backend", "evicpress", "--max-total-tokens", str(args.max_total_tokens),
