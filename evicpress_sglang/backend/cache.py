@@ -22,6 +22,7 @@ everything below it are removed and the request recomputes them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -73,7 +74,7 @@ class EvicPressRadixCache(RadixCache):
         self.layout = kv_io.pool_layout(self.kvpool)
         self.token_bytes = self.layout.with_tokens(1).raw_nbytes
         self.settings = settings
-        self.cost = cost or CostModel()
+        self.cost = cost or self._measured_cost(settings)
         self.stats = Stats()
         if params.enable_metrics:
             from .metrics import PrometheusExporter
@@ -92,6 +93,24 @@ class EvicPressRadixCache(RadixCache):
         self.set_policy(settings.policy, settings.weights)
         self._ready = True
         self._restore_from_disk()
+
+    def _measured_cost(self, settings: Settings) -> CostModel:
+        """Decode rates, zstd speed and gain, host->GPU and disk bandwidth measured here at
+        start-up (about a second on a GPU); the reference H100 figures where no GPU is present."""
+        if self.device.type != "cuda":
+            return CostModel()
+        from ..policy import calibrate
+
+        codecs = list(dict.fromkeys(settings.host_codecs + (settings.disk_codecs if settings.disk_dir else [])))
+        try:
+            if settings.disk_dir:
+                os.makedirs(settings.disk_dir, exist_ok=True)
+            cost = calibrate(codecs, self.layout.with_tokens(512), device=str(self.device), disk_dir=settings.disk_dir)
+        except Exception as e:  # a failed measurement must not stop the server: fall back to reference figures
+            log.warning("evicpress: calibration failed (%s); using the reference H100 cost model", e)
+            return CostModel()
+        log.info("evicpress: measured cost model %s", cost.to_json().replace("\n", " "))
+        return cost
 
     # -- policy -------------------------------------------------------------------
 
