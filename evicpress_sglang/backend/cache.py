@@ -392,8 +392,8 @@ class EvicPressRadixCache(RadixCache):
         gpu_tokens = self.evictable_size_ + self.protected_size_
         cap = np.array([
             max(gpu_tokens - num_tokens, 0) * self.token_bytes,
-            self.tiers[Tier.HOST].usage().capacity_bytes,
-            self.tiers[Tier.DISK].usage().capacity_bytes if Tier.DISK in self.tiers else 0,
+            self._plannable(Tier.HOST),
+            self._plannable(Tier.DISK),
         ], dtype=np.float64)
         placed, new = self.policy.place(cap, time.monotonic(), movable)
         old = t.assign[placed]
@@ -408,6 +408,16 @@ class EvicPressRadixCache(RadixCache):
             if node is not None:
                 freed += self._move(node, c)
         return freed
+
+    def _plannable(self, tier: Tier) -> float:
+        """Bytes the policy may plan with in a stored tier: its capacity less what the
+        policy cannot see (the host arena's 256-byte rounding per blob, file headers)
+        and a 1% margin, so a planned placement does not fail to fit."""
+        store = self.tiers.get(tier)
+        if store is None:
+            return 0.0
+        u = store.usage()
+        return max(0.0, 0.99 * u.capacity_bytes - 512.0 * (u.entries + 16))
 
     def _is_demotion(self, row: int, old: int, new: int) -> bool:
         """Only moves down are carried out at eviction time (a move up would need a load):
