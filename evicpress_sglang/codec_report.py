@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from .codecs import KVShape, codec_names, get_codec
 from .kv_sample import real_kv
+from .timing import best_seconds
 
 
 @dataclass
@@ -26,20 +26,6 @@ def _rel_l2(ref: torch.Tensor, got: torch.Tensor) -> float:
     return ((ref.float() - got.float()).norm() / ref.float().norm()).item()
 
 
-def _timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` wall times: the least disturbed run."""
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure(k: torch.Tensor, v: torch.Tensor, names: list[str] | None = None, repeats: int = 3) -> list[CodecRow]:
     raw = KVShape.of(k).raw_nbytes
     rows = []
@@ -48,8 +34,8 @@ def measure(k: torch.Tensor, v: torch.Tensor, names: list[str] | None = None, re
         enc = codec.encode(k, v)
         out_k, out_v = torch.empty_like(k), torch.empty_like(v)
         codec.decode(enc, out_k, out_v)
-        t_enc = _timed(lambda: codec.encode(k, v), repeats)
-        t_dec = _timed(lambda: codec.decode(enc, out_k, out_v), repeats)
+        t_enc = best_seconds(lambda: codec.encode(k, v), repeats)
+        t_dec = best_seconds(lambda: codec.decode(enc, out_k, out_v), repeats)
         rows.append(
             CodecRow(name, raw / enc.nbytes, _rel_l2(k, out_k), _rel_l2(v, out_v), raw / t_enc / 1e9, raw / t_dec / 1e9)
         )

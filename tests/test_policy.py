@@ -4,7 +4,7 @@ import torch
 
 from evicpress_sglang.codecs import KVShape
 from evicpress_sglang.policy import (
-    ContextTable, CostModel, PolicyError, Problem, Tier, Weights, build_configs, make_policy, solve, solve_exact,
+    ContextTable, CostModel, PolicyError, Weights, build_configs, make_policy, solve, solve_exact,
 )
 from evicpress_sglang.policy.cost import calibrate
 from evicpress_sglang.policy.placement import prefix_violations

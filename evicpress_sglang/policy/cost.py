@@ -15,12 +15,12 @@ and the SGLang backend refines ``prefill_s_per_token`` from the server's own pre
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..codecs import KVShape, get_codec
+from ..timing import best_seconds
 from .configs import Config, Tier
 
 GB = 1e9
@@ -93,16 +93,7 @@ class CostModel:
 
 
 def _rate(nbytes: int, fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return nbytes / best_seconds(fn, repeats)
 
 
 def calibrate(
