@@ -43,6 +43,7 @@ class Settings:
     disk_codecs: list[str] = field(default_factory=lambda: ["bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd"])
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
+    verify: bool = False  # debug: fingerprint node KV at insert, check it at eviction and after load-back
 
     @property
     def weights(self) -> Weights:
@@ -65,6 +66,10 @@ def _coerce(name: str, value):
             return float(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{name}: expected a number, got {value!r}") from None
+    if name == "verify":
+        if not isinstance(value, bool):
+            raise SettingsError(f"{name}: expected true or false, got {value!r}")
+        return value
     if name == "status_top":
         if not isinstance(value, int) or value < 0:
             raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")

@@ -225,3 +225,18 @@ def test_prometheus_metrics_follow_the_cache(tmp_path, monkeypatch):
     assert stores == cache.stats.stores["host:bf16"] and loads == cache.stats.hits["host:bf16"] > 0
     assert REGISTRY.get_sample_value("evicpress_tier_bytes", {"tier": "host"}) is not None
     assert REGISTRY.get_sample_value("evicpress_load_seconds_count") == loads
+
+
+def test_verify_mode_is_silent_when_kv_is_intact_and_catches_overwrites(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"], verify=True)
+    docs = _docs(5)
+    for doc in docs:
+        serve(cache, doc + [1])
+    for doc in docs:
+        serve(cache, doc + [2])
+    assert cache.stats.verify_mismatches == 0 and sum(cache.stats.hits.values()) > 0
+    # something (a bug elsewhere) overwrites a cached node's KV in the pool
+    node = next(n for n in cache.nodes.values() if not n.evicted and n.lock_ref == 0)
+    cache.kvpool.k_buffer[0][node.value[0]] += 1
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert cache.stats.verify_mismatches >= 1

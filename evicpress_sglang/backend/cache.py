@@ -155,6 +155,9 @@ class EvicPressRadixCache(RadixCache):
 
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
         new_node = super()._split_node(key, child, split_len)
+        if getattr(self, "_ready", False) and self.settings.verify and getattr(child, "evp_fp", None) is not None:
+            for part in (new_node, child):  # both halves get their own reference
+                part.evp_fp = None if part.value is None else self._fingerprint(part)
         if child.id in self.table:
             self.table.split(child.id, new_node.id, split_len)
             self.nodes[new_node.id] = new_node
@@ -309,6 +312,10 @@ class EvicPressRadixCache(RadixCache):
         self.tiers[stored.tier].delete(stored.blob)
         node.value = slots.to(torch.int64)
         node.evp = None
+        if get_codec(stored.codec).lossless:
+            self._verify(node, "by store + load-back")
+        elif self.settings.verify:
+            node.evp_fp = self._fingerprint(node)  # lossy: the reference is what came back
         self.evictable_size_ += n
         self._set_config(node, self.table.gpu_config)
         self._update_leaf_status(node)
@@ -323,7 +330,32 @@ class EvicPressRadixCache(RadixCache):
             result = super().insert(params)
             if result.last_device_node is not None:
                 self._register(result.last_device_node)
+                if self.settings.verify:
+                    self._fingerprint_path(result.last_device_node)
             return result
+
+    # -- verification (debug) -------------------------------------------------------
+
+    def _fingerprint(self, node: TreeNode) -> tuple[float, float]:
+        k, v = kv_io.gather(self.kvpool, node.value)
+        return float(k.double().sum()), float(v.double().sum())
+
+    def _fingerprint_path(self, node: TreeNode) -> None:
+        while node is not self.root_node and not node.evicted:
+            if getattr(node, "evp_fp", None) is None:
+                node.evp_fp = self._fingerprint(node)
+            node = node.parent
+
+    def _verify(self, node: TreeNode, when: str) -> None:
+        """With ``verify`` on: the node's KV in the pool must still be what was inserted."""
+        want = getattr(node, "evp_fp", None)
+        if not self.settings.verify or want is None or node.value is None:
+            return
+        got = self._fingerprint(node)
+        if got != want:
+            self.stats.verify_mismatches += 1
+            log.error("evicpress verify: KV of node %d (%d tokens) changed %s: %s != %s", node.id, len(node.key),
+                      when, got, want)
 
     def _insert_helper(self, node: TreeNode, key: RadixKey, value, priority: int = 0, chunked: bool = False):
         """Before SGLang's insert walks the tree, revive the placeholders on the key's path
@@ -356,6 +388,8 @@ class EvicPressRadixCache(RadixCache):
         self.tiers[stored.tier].delete(stored.blob)
         node.evp = None
         node.value = value.clone()
+        if self.settings.verify:
+            node.evp_fp = self._fingerprint(node)
         self.evictable_size_ += len(node.key)
         if node.id in self.table:
             self._set_config(node, self.table.gpu_config)
@@ -461,6 +495,7 @@ class EvicPressRadixCache(RadixCache):
     def _store(self, node: TreeNode, target, config: int) -> int:
         if node.lock_ref > 0:
             return 0
+        self._verify(node, "between insert and eviction")
         k, v = kv_io.gather(self.kvpool, node.value)
         stored = Stored(target.tier, target.codec, uuid.uuid4().hex)
         if not self._put(stored, node, k, v):
