@@ -69,12 +69,15 @@ class Served:
     v: torch.Tensor
 
 
-def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True) -> Served:
+def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True, between=None) -> Served:
     """``load_back=False``: the scheduler skipped the load (no room yet), so the request
     recomputes the host/disk part itself."""
     req = FakeReq(array("q", tokens), extra_key=extra_key)
     m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
     prefix, last = m.device_indices, m.last_device_node
+    req.last_node = last  # as SGLang's match sets it
+    if between is not None:  # other requests run between the match and the load-back
+        between()
     loaded = 0
     if m.host_hit_length > 0 and load_back:
         cache.inc_lock_ref(last)

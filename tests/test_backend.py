@@ -240,3 +240,21 @@ def test_verify_mode_is_silent_when_kv_is_intact_and_catches_overwrites(tmp_path
     cache.kvpool.k_buffer[0][node.value[0]] += 1
     cache.evict(EvictParams(num_tokens=10_000))
     assert cache.stats.verify_mismatches >= 1
+
+
+def test_load_back_after_the_path_changed_never_misaligns_kv(tmp_path):
+    """Request B is matched while a shared prefix and its own suffix are both in host memory;
+    before B's load-back, request A loads the shared prefix. B must not get the suffix's KV
+    at the prefix's positions: it loads nothing and recomputes."""
+    cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"])
+    shared, own = list(range(500, 560)), list(range(900, 940))
+    serve(cache, shared + own)
+    serve(cache, shared + [3])  # the shared prefix becomes a node of its own
+    for doc in _docs(4):  # push both into host memory
+        serve(cache, doc)
+    path = [n for n in cache.nodes.values() if n.key.token_ids[0] in (500, 900)]
+    assert path and all(n.evicted for n in path)
+    r = serve(cache, shared + own + [1], between=lambda: serve(cache, shared + [2]))
+    k, v = expected_kv(shared + own + [1])
+    assert torch.equal(r.k, k) and torch.equal(r.v, v)
+    _consistent(cache)

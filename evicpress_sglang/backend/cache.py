@@ -260,6 +260,13 @@ class EvicPressRadixCache(RadixCache):
                 chain.append(node)
                 node = node.parent
             chain.reverse()
+            anchor = getattr(params.req, "last_node", None)
+            if anchor is not None and node is not anchor:
+                # The tree changed since this request was matched (another request loaded,
+                # revived or dropped part of the path): indices from here would not line up
+                # with the request's positions. Load nothing; it recomputes the rest.
+                self.stats.stale_load_backs += 1
+                return torch.empty((0,), dtype=torch.int64, device=self.device), anchor
             loaded: list[torch.Tensor] = []
             held: list[TreeNode] = []
             last = node  # the deepest GPU node
