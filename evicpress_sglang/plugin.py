@@ -58,6 +58,12 @@ def _set_state(original, scheduler, recv_req, *args, **kwargs):
     return SetInternalStateReqOutput(updated=True)
 
 
+def _time_prefill(original, worker, batch=None, *args, **kwargs):
+    from .backend.prefill_timer import around_forward
+
+    return around_forward(original, worker, batch, *args, **kwargs)
+
+
 def load() -> None:
     """Entry point; idempotent (SGLang may call plugin loading more than once)."""
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
@@ -69,6 +75,8 @@ def load() -> None:
                               HookType.AFTER)
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.set_internal_state", _set_state,
                               HookType.AROUND)
+        HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation",
+                              _time_prefill, HookType.AROUND)
         if multiprocessing.current_process().name == "MainProcess":  # where the HTTP server runs
             HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch,
                                   HookType.BEFORE)

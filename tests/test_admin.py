@@ -152,6 +152,9 @@ def test_plugin_registers_backend_and_hooks():
     from sglang.srt.managers.scheduler import Scheduler
 
     assert getattr(Scheduler.get_internal_state, "__wrapped__", None) is not None
+    from sglang.srt.managers.tp_worker import TpModelWorker
+
+    assert getattr(TpModelWorker.forward_batch_generation, "__wrapped__", None) is not None  # prefill timing
 
 
 def test_admin_routes_reach_sglangs_http_app_when_it_launches():

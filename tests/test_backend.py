@@ -258,3 +258,27 @@ def test_load_back_after_the_path_changed_never_misaligns_kv(tmp_path):
     k, v = expected_kv(shared + own + [1])
     assert torch.equal(r.k, k) and torch.equal(r.v, v)
     _consistent(cache)
+
+
+def test_prefill_timings_teach_the_cost_model():
+    import time
+    from types import SimpleNamespace
+
+    from evicpress_sglang.backend import prefill_timer
+    from evicpress_sglang.policy import CostModel
+
+    cost = CostModel(prefill_s_per_token=1e-6)
+    timer = prefill_timer.activate(cost)
+
+    def forward(worker, batch):  # 1000 tokens in ~20 ms: 20 us/token
+        time.sleep(0.02)
+        return "out"
+
+    extend = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False),
+                             extend_num_tokens=1000)
+    decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), extend_num_tokens=None)
+    for _ in range(40):
+        assert prefill_timer.around_forward(forward, None, extend) == "out"
+    assert prefill_timer.around_forward(forward, None, decode) == "out"  # decode is not timed
+    assert timer.observed == 40
+    assert 15e-6 < cost.prefill_s_per_token < 40e-6

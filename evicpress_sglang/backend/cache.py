@@ -46,7 +46,7 @@ from ..codecs import CodecError, get_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
 from ..settings import Settings, SettingsError, validate_policy_name
 from ..tiers import DiskTier, HostTier, StorageTier, TierError
-from . import kv_io
+from . import kv_io, prefill_timer
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class EvicPressRadixCache(RadixCache):
         self.token_bytes = self.layout.with_tokens(1).raw_nbytes
         self.settings = settings
         self.cost = cost or self._measured_cost(settings)
+        prefill_timer.activate(self.cost)  # the server's prefills teach the cost model
         self.stats = Stats()
         if params.enable_metrics:
             from .metrics import PrometheusExporter
