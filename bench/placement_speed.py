@@ -17,14 +17,14 @@ import torch
 
 from evicpress_sglang.codecs import KVShape
 from evicpress_sglang.policy import ContextTable, CostModel, Weights, build_configs, make_policy
-from evicpress_sglang.sim.simulator import DEFAULT_CODECS, DEFAULT_DISK_CODECS
+from evicpress_sglang.settings import DEFAULT_DISK_CODECS, DEFAULT_HOST_CODECS
 
 LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)
 
 
 def build(n: int, seed: int = 0) -> tuple[ContextTable, np.ndarray]:
     rng = np.random.default_rng(seed)
-    table = ContextTable(build_configs(DEFAULT_CODECS, DEFAULT_DISK_CODECS), LAYOUT, CostModel())
+    table = ContextTable(build_configs(list(DEFAULT_HOST_CODECS), list(DEFAULT_DISK_CODECS)), LAYOUT, CostModel())
     for i in range(n):
         parent = f"c{rng.integers(0, i)}" if i and rng.random() < 0.3 else None
         table.insert(f"c{i}", int(rng.integers(256, 16384)), now=float(rng.uniform(0, 3600)), parent=parent)

@@ -24,7 +24,7 @@ import math
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .settings import Settings, SettingsError, load_settings, validate_policy_name
+from .settings import POLICY_NAMES, Settings, SettingsError, load_settings, validate_policy_name
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ KEY_POLICY, KEY_ALPHA, KEY_FLOOR = "evicpress_policy", "evicpress_alpha", "evicp
 def policy_choices(settings: Settings) -> list[str]:
     """Every policy name this server accepts, in a fixed order shared by both processes."""
     stored = list(dict.fromkeys(settings.host_codecs + (settings.disk_codecs if settings.disk_dir else [])))
-    return ["evicpress", "lru", "lru-offload", "off"] + [f"static:{c}" for c in stored]
+    return list(POLICY_NAMES) + [f"static:{c}" for c in stored]
 
 
 def parse_policy_request(body: bytes, settings: Settings) -> dict[str, float]:

@@ -24,6 +24,10 @@ from .units import parse_bytes
 
 ENV = "EVICPRESS_CONFIG"
 POLICY_NAMES = ("evicpress", "lru", "lru-offload", "off")
+#: Codecs offered by default: every quantizer in host memory; on disk, where bandwidth is
+#: scarce, uncompressed (for lru-offload) and everything entropy-coded.
+DEFAULT_HOST_CODECS = ("bf16", "fp8", "int8", "int4", "int2")
+DEFAULT_DISK_CODECS = ("bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd")
 
 
 class SettingsError(ValueError):
@@ -39,8 +43,8 @@ class Settings:
     host_bytes: int = 4 * 2**30
     disk_dir: str | None = None  # no disk tier when unset
     disk_bytes: int = 0
-    host_codecs: list[str] = field(default_factory=lambda: ["bf16", "fp8", "int8", "int4", "int2"])
-    disk_codecs: list[str] = field(default_factory=lambda: ["bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd"])
+    host_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_CODECS))
+    disk_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_DISK_CODECS))
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
     verify: bool = False  # debug: fingerprint node KV at insert, check it at eviction and after load-back

@@ -59,7 +59,6 @@ class Stored:
     tier: Tier
     codec: str
     blob: str  # key in the tier
-    offset: int = 0  # tokens at the start of the blob that belong to an ancestor (after a split)
 
 
 def _placeholder(node: TreeNode) -> bool:
@@ -293,17 +292,14 @@ class EvicPressRadixCache(RadixCache):
                 return torch.empty((0,), dtype=torch.int64, device=self.device), last
             return torch.cat(loaded)[:wanted], last
 
-    def _load(self, node: TreeNode) -> Optional[torch.Tensor]:
-        """Decode one placeholder into new pool slots; None (and the placeholder gone) on a miss."""
+    def _read(self, node: TreeNode) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A placeholder's KV decoded on the cache's device, and the blob's size; on a
+        missing, damaged or undecodable blob, None, and the placeholder is gone (a miss)."""
         stored: Stored = node.evp
-        n = len(node.key)
-        t0 = time.perf_counter()
         enc = self.tiers[stored.tier].get(stored.blob, device=self.device)
-        if enc is None:
-            self.stats.miss(stored.tier.label, "missing or damaged blob")
-            self._drop_placeholder(node)
-            return None
         try:
+            if enc is None:
+                raise CodecError("missing or damaged blob")
             k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
             v = torch.empty_like(k)
             get_codec(stored.codec).decode(enc, k, v)
@@ -311,12 +307,23 @@ class EvicPressRadixCache(RadixCache):
             self.stats.miss(stored.tier.label, str(e))
             self._drop_placeholder(node)
             return None
+        return k, v, enc.nbytes
+
+    def _load(self, node: TreeNode) -> Optional[torch.Tensor]:
+        """Decode one placeholder into new pool slots; None on a miss or when no room is left."""
+        stored: Stored = node.evp
+        n = len(node.key)
+        t0 = time.perf_counter()
+        read = self._read(node)
+        if read is None:
+            return None
+        k, v, nbytes = read
         if self.token_to_kv_pool_allocator.available_size() < n:
             self._evict_with(n, protect=node)
         slots = self.token_to_kv_pool_allocator.alloc(n)
         if slots is None:
             return None  # no room even after eviction: the request recomputes the rest
-        kv_io.scatter(self.kvpool, slots, k[:, stored.offset : stored.offset + n], v[:, stored.offset : stored.offset + n])
+        kv_io.scatter(self.kvpool, slots, k, v)
         self.tiers[stored.tier].delete(stored.blob)
         node.value = slots.to(torch.int64)
         node.evp = None
@@ -328,7 +335,7 @@ class EvicPressRadixCache(RadixCache):
         self._set_config(node, self.table.gpu_config)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
-        self.stats.loaded(stored.tier.label, stored.codec, n, enc.nbytes, time.perf_counter() - t0)
+        self.stats.loaded(stored.tier.label, stored.codec, n, nbytes, time.perf_counter() - t0)
         return node.value
 
     # -- insert --------------------------------------------------------------------
@@ -431,9 +438,8 @@ class EvicPressRadixCache(RadixCache):
         movable = np.array([self.nodes[t.keys[r]].lock_ref == 0 for r in rows], dtype=bool)
         if protect is not None and protect.id in t:
             movable[np.searchsorted(rows, t.row_of[protect.id])] = False
-        gpu_tokens = self.evictable_size_ + self.protected_size_
         cap = np.array([
-            max(gpu_tokens - num_tokens, 0) * self.token_bytes,
+            max(self._gpu_tokens() - num_tokens, 0) * self.token_bytes,
             self._plannable(Tier.HOST),
             self._plannable(Tier.DISK),
         ], dtype=np.float64)
@@ -518,21 +524,12 @@ class EvicPressRadixCache(RadixCache):
 
     def _restore_and_store(self, node: TreeNode, target, config: int) -> int:
         stored: Stored = node.evp
-        enc = self.tiers[stored.tier].get(stored.blob, device=self.device)
-        if enc is None:
-            self._drop_placeholder(node)
+        read = self._read(node)
+        if read is None:
             return 0
-        k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
-        v = torch.empty_like(k)
-        try:
-            get_codec(stored.codec).decode(enc, k, v)
-        except CodecError:
-            self._drop_placeholder(node)
-            return 0
-        n = len(node.key)
+        k, v, _ = read
         new = Stored(target.tier, target.codec, uuid.uuid4().hex)
-        k, v = k[:, stored.offset : stored.offset + n], v[:, stored.offset : stored.offset + n]
-        if not self._put(new, node, k.contiguous(), v.contiguous()):
+        if not self._put(new, node, k, v):
             self._drop_placeholder(node)
             return 0
         self.tiers[stored.tier].delete(stored.blob)
@@ -584,9 +581,10 @@ class EvicPressRadixCache(RadixCache):
         if disk is None:
             return
         entries = []
+        disk_codecs = {c.codec for c in self.table.configs if c.tier == Tier.DISK}
         for blob in disk.keys():
             meta = disk.meta(blob)
-            if not meta or meta.get("codec") not in {c.codec for c in self.table.configs if c.tier == Tier.DISK}:
+            if not meta or meta.get("codec") not in disk_codecs:
                 disk.delete(blob)
                 continue
             entries.append((len(meta["tokens"]), blob, meta))
@@ -634,14 +632,16 @@ class EvicPressRadixCache(RadixCache):
 
     # -- status --------------------------------------------------------------------
 
+    def _gpu_tokens(self) -> int:
+        return self.evictable_size_ + self.protected_size_
+
     def _tier_bytes(self) -> dict[str, int]:
-        used = {"gpu": (self.evictable_size_ + self.protected_size_) * self.token_bytes}
+        used = {"gpu": self._gpu_tokens() * self.token_bytes}
         return used | {tier.label: store.usage().used_bytes for tier, store in self.tiers.items()}
 
     def status(self) -> dict:
         with self.lock:
-            tiers = {"gpu": {"used_bytes": (self.evictable_size_ + self.protected_size_) * self.token_bytes,
-                             "tokens": self.evictable_size_ + self.protected_size_}}
+            tiers = {"gpu": {"used_bytes": self._gpu_tokens() * self.token_bytes, "tokens": self._gpu_tokens()}}
             for tier, store in self.tiers.items():
                 u = store.usage()
                 tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,

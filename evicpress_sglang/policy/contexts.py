@@ -159,16 +159,9 @@ class ContextTable:
         return q
 
     def load_seconds(self, rows: np.ndarray) -> np.ndarray:
-        """[rows, C]: seconds to make each context usable on the GPU from each configuration
-        (the same formula as :meth:`CostModel.load_seconds`, vectorised over rows)."""
-        c = self.cost
+        """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
         tokens = self.tokens[rows].astype(np.float64)
-        raw = tokens * self.layout.with_tokens(1).raw_nbytes
         out = np.empty((rows.size, len(self.configs)))
         for j, cfg in enumerate(self.configs):
-            if cfg.tier in (Tier.GPU, Tier.DROP):
-                out[:, j] = (c.gpu_s_per_token if cfg.tier == Tier.GPU else c.prefill_s_per_token) * tokens
-            else:
-                bw, lat = (c.host_bw, c.host_latency) if cfg.tier == Tier.HOST else (c.disk_bw, c.disk_latency)
-                out[:, j] = lat + self.sizes[rows, j] / bw + c.decode_s_per_raw_byte(cfg.codec, self.layout) * raw
+            out[:, j] = self.cost.load_seconds(cfg, tokens, self.sizes[rows, j], self.layout)
         return out

@@ -71,13 +71,14 @@ class CostModel:
             s += get_codec(base).nbytes(ref) / ref.raw_nbytes / self.zstd_bps
         return s
 
-    def load_seconds(self, config: Config, shape: KVShape, stored_nbytes: float) -> float:
-        """Seconds to make a context of ``shape`` usable on the GPU from ``config``."""
+    def load_seconds(self, config: Config, tokens, stored_nbytes, layout: KVShape):
+        """Seconds to make contexts of ``tokens`` tokens usable on the GPU from ``config``
+        (``tokens`` and ``stored_nbytes`` may be numpy arrays: one formula for all callers)."""
         if config.tier in (Tier.GPU, Tier.DROP):
-            per_token = self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token
-            return per_token * shape.tokens
+            return (self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token) * tokens
         bw, lat = (self.host_bw, self.host_latency) if config.tier == Tier.HOST else (self.disk_bw, self.disk_latency)
-        return lat + stored_nbytes / bw + self.decode_s_per_raw_byte(config.codec, shape) * shape.raw_nbytes
+        raw = tokens * layout.with_tokens(1).raw_nbytes
+        return lat + stored_nbytes / bw + self.decode_s_per_raw_byte(config.codec, layout) * raw
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         """Fold one measured prefill (uncached tokens, wall seconds) into the estimate."""

@@ -134,10 +134,15 @@ def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
     return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
+def _excess(p: Problem, assign: np.ndarray, tier: int) -> tuple[np.ndarray, float]:
+    """(which contexts are on ``tier``, bytes by which the tier is over capacity)."""
+    on_tier = p.tier_of[assign] == tier
+    return on_tier, p.sizes[np.arange(p.n), assign][on_tier].sum() - p.capacity[tier]
+
+
 def _relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
     """Apply the cheapest demotions (per byte) until ``tier`` fits, in place."""
-    on_tier = p.tier_of[assign] == tier
-    excess = p.sizes[np.arange(p.n), assign][on_tier].sum() - p.capacity[tier]
+    on_tier, excess = _excess(p, assign, tier)
     if excess <= 0:
         return
     rows = np.flatnonzero(on_tier & p.movable)
@@ -264,8 +269,7 @@ def solve_ordered(p: Problem, start: np.ndarray, victim_order: np.ndarray, next_
     victim moving one step down a fixed chain (``next_config[c]``)."""
 
     def relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
-        on_tier = p.tier_of[assign] == tier
-        excess = p.sizes[np.arange(p.n), assign][on_tier].sum() - p.capacity[tier]
+        on_tier, excess = _excess(p, assign, tier)
         if excess <= 0:
             return
         victims = victim_order[(on_tier & p.movable)[victim_order]]

@@ -16,9 +16,7 @@ import torch
 
 from ..codecs import KVShape
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
-
-DEFAULT_CODECS = ["bf16", "fp8", "int8", "int4", "int2"]
-DEFAULT_DISK_CODECS = ["bf16", "bf16+zstd", "int8+zstd", "int4+zstd", "int2+zstd"]
+from ..settings import DEFAULT_DISK_CODECS, DEFAULT_HOST_CODECS
 
 
 @dataclass
@@ -62,7 +60,7 @@ def simulate(
     """
     cost = cost or CostModel()
     layout = layout_of(trace)
-    configs = build_configs(host_codecs or DEFAULT_CODECS, disk_codecs or DEFAULT_DISK_CODECS)
+    configs = build_configs(list(host_codecs or DEFAULT_HOST_CODECS), list(disk_codecs or DEFAULT_DISK_CODECS))
     table = ContextTable(configs, layout, cost)
     pol = make_policy(policy, table, weights)
     cap = np.asarray(capacity, dtype=np.float64)
