@@ -43,12 +43,27 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 def ask(url: str, text: str) -> dict:
     t0 = time.perf_counter()
-    r = requests.post(url + "/generate", json={"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": 32}},
-                      timeout=120)
+    r = requests.post(url + "/generate", json={"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": 32},
+                                               "return_logprob": True, "top_logprobs_num": 2}, timeout=120)
     r.raise_for_status()
     out = r.json()
+    meta = out["meta_info"]
+    # Top-2 log-probabilities of each generated token: a greedy flip between two runs is only a
+    # numerics question when the two candidates were nearly tied where the answers part.
+    top2 = [[round(lp, 4) for lp, _tok, _txt in step[:2]] for step in meta.get("output_top_logprobs") or []]
     return {"latency_s": time.perf_counter() - t0, "answer": out["text"],
-            "prompt_tokens": out["meta_info"]["prompt_tokens"], "cached_tokens": out["meta_info"].get("cached_tokens")}
+            "prompt_tokens": meta["prompt_tokens"], "cached_tokens": meta.get("cached_tokens"),
+            "output_ids": [tok for _lp, tok, _txt in meta.get("output_token_logprobs") or []], "top2_logprobs": top2}
+
+
+def divergence(a: dict, b: dict) -> dict | None:
+    """Where two greedy answers part: the step, and each run's top-2 log-probability gap there."""
+    for i, (x, y) in enumerate(zip(a["output_ids"], b["output_ids"])):
+        if x != y:
+            gap = [round(t[i][0] - t[i][1], 4) if len(t) > i and len(t[i]) == 2 else None
+                   for t in (a["top2_logprobs"], b["top2_logprobs"])]
+            return {"step": i, "top2_gap": gap}
+    return None
 
 
 def main() -> None:
@@ -119,6 +134,8 @@ def main() -> None:
         "same_answers_gpu_hit_control": sum(r["gpu_hit_same_answer"] for r in report["requests"]),
         "same_answers_evicpress": sum(r["same_answer"] for r in report["requests"]),
         "same_answers_static_int4": sum(r["same_answer"] for r in report["after_switch"]),
+        "first_divergence_control_vs_again": [divergence(r["gpu_hit"], r["again"]) for r in report["requests"]],
+        "verify_mismatches": report["status_final"]["stats"].get("verify_mismatches"),
         "stores_final": report["status_final"]["stats"]["stores"],
         "bad_request_status": report["bad_request"]["status"],
         "switched_to": report["switch"]["policy"],

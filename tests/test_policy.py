@@ -6,7 +6,7 @@ from evicpress_sglang.codecs import KVShape
 from evicpress_sglang.policy import (
     ContextTable, CostModel, PolicyError, Weights, build_configs, make_policy, solve, solve_exact,
 )
-from evicpress_sglang.policy.cost import calibrate
+from evicpress_sglang.policy.cost import PrefillFit, calibrate
 from evicpress_sglang.policy.placement import prefix_violations
 
 LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)  # 8B-class: 128 KiB per token
@@ -119,10 +119,15 @@ def test_unknown_policy_and_bad_weights_are_clear_errors():
 
 
 def test_cost_model_learns_prefill_and_calibrates_here(tmp_path):
-    cost = CostModel(prefill_s_per_token=1e-5)
-    for _ in range(100):
-        cost.observe_prefill(1000, 0.05)  # 50 us/token measured
-    assert cost.prefill_s_per_token == pytest.approx(5e-5, rel=0.01)
+    fit = PrefillFit()
+    for _ in range(50):
+        fit.add(1000, 0.05)
+    assert fit.per_token() is None  # one batch size: overhead and slope cannot be told apart
+    rng = np.random.default_rng(0)
+    fit = PrefillFit()
+    for tokens in rng.integers(1, 4000, 300):  # 20 ms per batch + 10 us/token, 5% noise
+        fit.add(int(tokens), (0.02 + 1e-5 * tokens) * rng.uniform(0.95, 1.05))
+    assert fit.per_token() == pytest.approx(1e-5, rel=0.1)  # seconds/tokens would say ~2e-5 on average
     cal = calibrate(["int4", "int4+zstd"], KVShape(2, 256, 2, 64, torch.bfloat16), device="cpu", disk_dir=str(tmp_path))
     assert cal.decode_rate["int4"] > 0 and cal.zstd_bps > 0 and cal.disk_bw > 0
     assert cal.zstd_gain["int4"] >= 1.0

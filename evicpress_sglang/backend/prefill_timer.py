@@ -4,7 +4,8 @@ The cost of dropping a context is re-prefilling it, so the policy needs seconds 
 token on *this* model and GPU. A hook around SGLang's ``TpModelWorker.forward_batch_generation``
 brackets every prefill (extend) batch with CUDA events on the current stream; events
 are read only once the GPU has passed them (``query()``), so timing never stalls the
-scheduler. Each finished measurement updates ``CostModel.prefill_s_per_token`` (EMA).
+scheduler. Finished measurements feed a :class:`PrefillFit` whose slope (seconds per
+token beyond the per-batch overhead) becomes ``CostModel.prefill_s_per_token``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..policy import CostModel
+from ..policy.cost import PrefillFit
 
 _active: "PrefillTimer | None" = None
 
@@ -23,6 +25,7 @@ _active: "PrefillTimer | None" = None
 class PrefillTimer:
     def __init__(self, cost: CostModel, max_pending: int = 64) -> None:
         self.cost = cost
+        self.fit = PrefillFit()
         self.pending: deque = deque(maxlen=max_pending)
         self.observed = 0
 
@@ -47,8 +50,11 @@ class PrefillTimer:
             self._observe(tokens, start.elapsed_time(end) / 1000.0)
 
     def _observe(self, tokens: int, seconds: float) -> None:
-        self.cost.observe_prefill(tokens, seconds)
+        self.fit.add(tokens, seconds)
         self.observed += 1
+        slope = self.fit.per_token()
+        if slope is not None:
+            self.cost.prefill_s_per_token = slope
 
 
 def activate(cost: CostModel) -> PrefillTimer:

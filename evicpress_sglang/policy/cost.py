@@ -9,7 +9,7 @@ TTFT contribution of a hit on a context of ``n`` tokens, per configuration::
 which is the paper's ``A_tier * tokens * size_fraction + B_tier``. Every rate is a
 measurement: :func:`calibrate` times tier copies and codec decodes on this machine,
 and the SGLang backend refines ``prefill_s_per_token`` from the server's own prefills
-(:meth:`CostModel.observe_prefill`). The defaults are the reference H100 figures.
+(:class:`PrefillFit`). The defaults are the reference H100 figures.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ class CostModel:
     #: how much smaller zstd makes each base codec's payload (>= 1)
     zstd_gain: dict[str, float] = field(default_factory=dict)
     default_zstd_gain: float = 1.05  # conservative until measured
-    #: weight of a new prefill observation in the running estimate
-    prefill_ema: float = 0.1
 
     def stored_nbytes(self, codec: str, shape: KVShape) -> int:
         """Bytes a context occupies under ``codec``: exact, or estimated for zstd."""
@@ -80,17 +78,51 @@ class CostModel:
         raw = tokens * layout.with_tokens(1).raw_nbytes
         return lat + stored_nbytes / bw + self.decode_s_per_raw_byte(config.codec, layout) * raw
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Fold one measured prefill (uncached tokens, wall seconds) into the estimate."""
-        if tokens > 0 and seconds > 0:
-            self.prefill_s_per_token += self.prefill_ema * (seconds / tokens - self.prefill_s_per_token)
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         return cls(**json.loads(text))
+
+
+class PrefillFit:
+    """``seconds = overhead + per_token * tokens`` fitted to measured prefill batches.
+
+    A dropped context costs its re-prefill *on top of* a request that is prefilled anyway,
+    so the policy needs the marginal cost per token, the slope. Dividing a batch's time
+    by its tokens would charge the fixed per-batch overhead (kernel launches, sampling:
+    ~20 ms on an H100 without CUDA graphs) to every token, and a one-token extend would
+    then claim 20 ms per token. Least squares with exponential forgetting (``half_life``
+    observations) follows drifts; until the observed sizes spread by ``min_spread``
+    tokens the slope is not identifiable and :meth:`per_token` says so with ``None``.
+    """
+
+    def __init__(self, half_life: float = 200.0, min_spread: float = 64.0) -> None:
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.min_spread = min_spread
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or not seconds > 0:
+            return
+        d = self.decay
+        self.w = self.w * d + 1.0
+        self.x = self.x * d + tokens
+        self.y = self.y * d + seconds
+        self.xx = self.xx * d + tokens * tokens
+        self.xy = self.xy * d + tokens * seconds
+
+    def per_token(self) -> float | None:
+        """The fitted seconds per token, or None while it cannot be told from overhead."""
+        if self.w < 2:
+            return None
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var < self.min_spread ** 2:
+            return None
+        slope = (self.xy / self.w - mx * my) / var
+        return slope if slope > 0 else None
 
 
 def _rate(nbytes: int, fn, repeats: int = 3) -> float:
