@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("sglang_args", nargs=argparse.REMAINDER)
     sv.set_defaults(func=cmd_serve)
 
+    b = sub.add_parser("bench", add_help=False, help="EVICPRESS vs stock SGLang on a real server (same as bench/run.py)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("evicpress_sglang.bench.runner", fromlist=["main"]).main(a.bench_args))
+
     t = sub.add_parser("trace", help="generate a synthetic request trace for the simulator")
     t.add_argument("--workload", default="docqa", choices=["docqa", "chat", "mixed"])
     t.add_argument("--requests", type=int, default=2000)
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if args.command == "serve":  # everything not ours belongs to SGLang
         args.sglang_args = unknown + args.sglang_args
+    elif args.command == "bench":  # the bench has its own parser
+        args.bench_args = unknown + args.bench_args
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

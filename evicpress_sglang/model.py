@@ -197,3 +197,31 @@ def prepare_model(cache: Path | None = None, force: bool = False) -> Path:
             shutil.rmtree(target)
         os.replace(build, target)
     return target
+
+
+#: An 8B-class Llama shape (Llama-3-8B's: 32 layers, 8 KV heads of 128 -> 128 KiB of bf16
+#: KV per token) on SmolLM2's tokenizer, served with ``--load-format dummy``: random
+#: weights, so its answers mean nothing, but its prefill cost and KV footprint are those of
+#: the models EVICPRESS targets. Used for TTFT; quality comes from the real SmolLM2.
+DUMMY_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 32768,
+    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+}
+DUMMY_8B_NAME = "llama-8b-class-dummy"
+
+
+def prepare_dummy_8b(cache: Path | None = None) -> Path:
+    """A model directory (config + SmolLM2 tokenizer, no weights) for ``--load-format dummy``."""
+    cache = cache or cache_dir()
+    small = prepare_model(cache)
+    target = cache / DUMMY_8B_NAME
+    target.mkdir(parents=True, exist_ok=True)
+    base = json.loads((small / "config.json").read_text())
+    config = DUMMY_8B | {k: base[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    for name in os.listdir(small):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(small / name, target / name)
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target

@@ -74,7 +74,9 @@ class EvicPressRadixCache(RadixCache):
         self.token_bytes = self.layout.with_tokens(1).raw_nbytes
         self.settings = settings
         self.cost = cost or self._measured_cost(settings)
-        prefill_timer.activate(self.cost)  # the server's prefills teach the cost model
+        if settings.prefill_s_per_token is not None:  # pinned by the operator: not learnt
+            self.cost.prefill_s_per_token = settings.prefill_s_per_token
+        prefill_timer.activate(self.cost if settings.prefill_s_per_token is None else None)
         self.stats = Stats()
         if params.enable_metrics:
             from .metrics import PrometheusExporter

@@ -57,9 +57,10 @@ class PrefillTimer:
             self.cost.prefill_s_per_token = slope
 
 
-def activate(cost: CostModel) -> PrefillTimer:
+def activate(cost: CostModel | None) -> PrefillTimer | None:
+    """Time prefills into ``cost`` from now on (None: stop timing)."""
     global _active
-    _active = PrefillTimer(cost)
+    _active = PrefillTimer(cost) if cost is not None else None
     return _active
 
 

@@ -1,0 +1,158 @@
+"""Turn replay results into the bench's figures: one summary per policy, a table, plots.
+
+Quality of an answer is its agreement with the answer the same request got from the
+reference pass (a server whose cache never evicts): token F1 between the two greedy
+answers, and whether they are identical. Planted-fact questions are also scored against
+their ground truth. A request whose agreement is below ``quality_floor`` counts as a
+floor violation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+def tokens(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def token_f1(a: str, b: str) -> float:
+    """SQuAD-style token F1; two empty answers agree fully."""
+    ta, tb = tokens(a), tokens(b)
+    if not ta and not tb:
+        return 1.0
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(ta), common / len(tb)
+    return 2 * p * r / (p + r)
+
+
+def _pct(x: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(x, q)) if x.size else None
+
+
+def summarize(policy: str, results: list[dict], reqs: list, wall_s: float, status: dict | None = None,
+              reference: dict[int, str] | None = None, quality_floor: float = 0.9) -> dict:
+    """The figures of one policy's replay (``reqs`` are the workload's BenchRequests)."""
+    ok = [r for r in results if "error" not in r]
+    ttft = np.array([r["ttft_s"] for r in ok], dtype=float)
+    e2e = np.array([r["e2e_s"] for r in ok], dtype=float)
+    prompt = sum(r["prompt_tokens"] or 0 for r in ok)
+    cached = sum(r["cached_tokens"] or 0 for r in ok)
+    out = {
+        "policy": policy, "requests": len(results), "errors": len(results) - len(ok),
+        "ttft_s": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90), "p99": _pct(ttft, 99),
+                   "mean": float(ttft.mean()) if ttft.size else None},
+        "e2e_s": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99), "mean": float(e2e.mean()) if e2e.size else None},
+        "throughput_rps": len(ok) / wall_s if wall_s > 0 else None,
+        "output_tokens_per_s": sum(r["completion_tokens"] or 0 for r in ok) / wall_s if wall_s > 0 else None,
+        "prompt_tokens": prompt, "reused_tokens": cached, "reuse_rate": cached / prompt if prompt else 0.0,
+        "wall_s": wall_s,
+    }
+    if status is not None:  # the evicpress backend says where reused tokens came from
+        stats = status["stats"]
+        loaded = stats.get("hit_tokens", {})
+        out["tiers"] = {"gpu": max(0, cached - sum(loaded.values())), **loaded}
+        out["loads"] = stats.get("hits", {})
+        out["stores"] = stats.get("stores", {})
+        out["bytes_loaded"] = sum(stats.get("bytes_loaded", {}).values())
+        out["bytes_stored"] = stats.get("stored_bytes")
+        out["compression_ratio"] = stats.get("compression_ratio")
+    truth = {r.id: r.truth for r in reqs if r.truth}
+    facts = [truth[r["id"]] in r["text"] for r in ok if r["id"] in truth]
+    out["fact_accuracy"] = float(np.mean(facts)) if facts else None
+    if reference:
+        f1 = np.array([token_f1(r["text"], reference[r["id"]]) for r in ok if r["id"] in reference])
+        same = [r["text"] == reference[r["id"]] for r in ok if r["id"] in reference]
+        out["quality"] = float(f1.mean()) if f1.size else None
+        out["identical_answers"] = float(np.mean(same)) if same else None
+        out["floor_violations"] = int((f1 < quality_floor).sum())
+    return out
+
+
+def table(summaries: list[dict], baseline: str = "stock") -> str:
+    """Markdown: one row per policy; speed-ups are mean and p50 TTFT relative to ``baseline``."""
+    base = next((s for s in summaries if s["policy"] == baseline), None)
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    def ratio(s, key):
+        if base is None or not s["ttft_s"][key] or base["ttft_s"][key] is None:
+            return "-"
+        return f"{base['ttft_s'][key] / s['ttft_s'][key]:.2f}x"
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = ["| policy | TTFT p50 ms | p90 | p99 | mean | vs stock (mean / p50) | e2e mean ms | req/s | reused | "
+            "quality (F1 vs ref) | identical | fact acc. | floor viol. |",
+            "| --- " * 13 + "|"]
+    for s in summaries:
+        t = s["ttft_s"]
+        rows.append(f"| {s['policy']} | {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(t['mean'])} | "
+                    f"{ratio(s, 'mean')} / {ratio(s, 'p50')} | {ms(s['e2e_s']['mean'])} | "
+                    f"{num(s['throughput_rps'], '.2f')} | {s['reuse_rate']:.0%} | {num(s.get('quality'), '.3f')} | "
+                    f"{num(s.get('identical_answers'), '.0%')} | {num(s.get('fact_accuracy'), '.0%')} | "
+                    f"{s.get('floor_violations', '-')} |")
+    return "\n".join(rows)
+
+
+def plots(summaries: list[dict], out: Path, title: str) -> list[Path]:
+    """TTFT p50/p99 per policy; TTFT vs quality; where reused tokens came from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["policy"] for s in summaries]
+    x = np.arange(len(names))
+    written = []
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for i, key in enumerate(("p50", "p99")):
+        ax.bar(x + (i - 0.5) * 0.4, [1000 * (s["ttft_s"][key] or 0) for s in summaries], 0.4, label=f"TTFT {key}")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("ms")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "ttft.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    with_quality = [s for s in summaries if s.get("quality") is not None]
+    if with_quality:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in with_quality:
+            ax.scatter(1000 * s["ttft_s"]["mean"], s["quality"])
+            ax.annotate(s["policy"], (1000 * s["ttft_s"]["mean"], s["quality"]), fontsize=8)
+        ax.set_xlabel("mean TTFT (ms)")
+        ax.set_ylabel("quality (token F1 vs reference answer)")
+        ax.set_title(title)
+        fig.tight_layout()
+        written.append(out / "ttft_vs_quality.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    bottom = np.zeros(len(names))
+    for tier in ("gpu", "host", "disk"):
+        share = np.array([(s.get("tiers", {}).get(tier, s["reused_tokens"] if tier == "gpu" else 0))
+                          / max(1, s["prompt_tokens"]) for s in summaries])
+        ax.bar(x, share, 0.6, bottom=bottom, label=tier)
+        bottom += share
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("share of prompt tokens reused")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "hit_rate_per_tier.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written

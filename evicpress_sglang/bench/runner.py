@@ -1,0 +1,248 @@
+"""``python bench/run.py``: EVICPRESS vs stock SGLang on one workload, one server per policy.
+
+For each policy in turn the same SGLang server (same model, KV pool, flags) is started,
+the same workload is replayed, the server's counters are read, and it is stopped. Then
+one ``bench.json`` with every figure, ``table.md`` and PNG plots are written.
+
+Policies:
+
+* ``reference``: stock SGLang with a KV pool large enough to never evict; its answers
+  are what every other policy's answers are scored against;
+* ``stock``: stock SGLang radix cache (evicts LRU and re-prefills);
+* ``hicache``: SGLang HiCache, uncompressed offload to a host pool of the same size;
+* ``lru``, ``lru-offload``, ``static:<codec>``, ``evicpress``, ``evicpress@alpha=X``:
+  the evicpress backend with that policy (through ``evicpress-sglang serve``).
+
+Each policy's results are saved as soon as it finishes (``<out>/<policy>.json``), and a
+re-run with ``--resume`` skips those: long benches can be split across GPU sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from . import report
+from .replay import replay
+from .server import Server, ServerError
+from .workload import WORKLOADS, BenchRequest, build
+
+SGLANG_FLAGS_DEFAULT = "--attention-backend triton --sampling-backend pytorch --grammar-backend none --disable-cuda-graph"
+
+
+def kv_bytes_per_token(model_dir: Path) -> int:
+    """bf16 K and V of every layer for one token, from the model's config.json."""
+    c = json.loads((model_dir / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * 2 * 2
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """``evicpress@alpha=0.5,quality_floor=0.95`` -> ("evicpress", {"alpha": 0.5, ...})."""
+    name, _, opts = spec.partition("@")
+    settings: dict = {}
+    for kv in filter(None, opts.split(",")):
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"policy {spec!r}: expected key=value after '@', got {kv!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
+
+
+def server_for(spec: str, args: argparse.Namespace, model: Path) -> tuple[list[str], dict]:
+    """The launch command and environment of one policy (all share model, pool and flags)."""
+    from ..cli import serve_command
+
+    base = ["--model-path", str(model), "--port", str(args.port), "--chunked-prefill-size", str(args.chunk),
+            *shlex.split(args.sglang_flags), *args.sglang_args]
+    if args.dummy:
+        base += ["--load-format", "dummy"]
+    if args.deterministic:
+        base += ["--enable-deterministic-inference"]
+    pool = ["--max-total-tokens", str(args.pool_tokens)]
+    name, overrides = parse_policy(spec)
+    env = dict(os.environ)
+    env.pop("EVICPRESS_CONFIG", None)
+    stock = [sys.executable, "-m", "sglang.launch_server"]
+    if name == "reference":
+        return stock + base, env
+    if name == "stock":
+        return stock + base + pool, env
+    if name == "hicache":
+        return stock + base + pool + ["--enable-hierarchical-cache", "--hicache-ratio", str(args.host_ratio)], env
+    settings = {"policy": name, "host_bytes": int(args.host_ratio * args.pool_tokens * kv_bytes_per_token(model)),
+                "status_top": 0}
+    if args.disk_bytes:
+        settings |= {"disk_dir": os.path.join(args.disk_dir, slug(spec)), "disk_bytes": args.disk_bytes}
+    if args.prefill_s_per_token:
+        settings["prefill_s_per_token"] = args.prefill_s_per_token
+    env["EVICPRESS_CONFIG"] = json.dumps(settings | json.loads(args.settings) | overrides)
+    return serve_command(base + pool, env)
+
+
+def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[BenchRequest], out: Path) -> dict:
+    cmd, env = server_for(spec, args, model)
+    log = out / "logs" / f"{slug(spec)}.log"
+    print(f"[{spec}] starting: {' '.join(cmd)}", file=sys.stderr)
+    server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
+    with server as url:
+        warm = BenchRequest(-1, 0.0, "warmup", "Say hello.")  # first-request compilation stays out of the figures
+        replay(url, [warm], 2, progress=False)
+        t0 = time.perf_counter()
+        results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
+        wall = time.perf_counter() - t0
+        try:
+            status = requests.get(url + "/evicpress/status", timeout=10)
+            status = status.json() if status.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            status = None
+    if args.disk_bytes:  # each policy starts with an empty disk tier, and leaves the disk as it found it
+        shutil.rmtree(os.path.join(args.disk_dir, slug(spec)), ignore_errors=True)
+    record = {"policy": spec, "server_command": " ".join(cmd), "evicpress_config": env.get("EVICPRESS_CONFIG"),
+              "wall_s": wall, "status": status, "results": results, "log_tail": server.log_tail(3000)}
+    (out / f"{slug(spec)}.json").write_text(json.dumps(record))
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2",
+                   help="HF model dir, 'smollm2' (bundled, real weights) or 'dummy-8b' (8B-class config, random weights)")
+    p.add_argument("--workload", default="docqa", choices=WORKLOADS)
+    p.add_argument("--policies", default="reference,stock,hicache,static:int4,evicpress",
+                   help="comma-separated (see module doc); default: %(default)s")
+    p.add_argument("--out", default="bench/results/latest")
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--docs", type=int, default=30, help="documents (docqa) or sessions (chat)")
+    p.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson arrivals)")
+    p.add_argument("--min-chars", type=int, default=8000, help="shortest document, characters (~4 per token)")
+    p.add_argument("--max-chars", type=int, default=64000, help="longest document, characters")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--pool-tokens", type=int, default=48000, help="GPU KV pool (--max-total-tokens)")
+    p.add_argument("--host-ratio", type=float, default=2.0, help="host tier = this x the GPU pool (HiCache and evicpress)")
+    p.add_argument("--disk-bytes", type=int, default=0, help="evicpress disk tier (0: none)")
+    p.add_argument("--disk-dir", default="/tmp/evicpress-bench-disk")
+    p.add_argument("--settings", default="{}", help="EVICPRESS settings JSON for every evicpress-backend policy")
+    p.add_argument("--prefill-s-per-token", type=float, help="pin evicpress's re-prefill cost (small-model studies)")
+    p.add_argument("--quality-floor", type=float, default=0.9, help="per-request agreement counted as a violation below")
+    p.add_argument("--deterministic", action="store_true", help="SGLang --enable-deterministic-inference (quality runs)")
+    p.add_argument("--chunk", type=int, default=8192, help="--chunked-prefill-size")
+    p.add_argument("--port", type=int, default=30200)
+    p.add_argument("--sglang-flags", default=SGLANG_FLAGS_DEFAULT, help="flags every server gets; default: %(default)s")
+    p.add_argument("--server-timeout", type=float, default=600)
+    p.add_argument("--resume", action="store_true", help="reuse <out>/<policy>.json of policies already run")
+    p.add_argument("--report-only", action="store_true", help="only rebuild bench.json, table and plots from <out>")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("sglang_args", nargs="*", help="after --: more flags for every server")
+    return p
+
+
+def resolve_model(name: str) -> tuple[Path, bool]:
+    from ..model import prepare_dummy_8b, prepare_model
+
+    if name == "smollm2":
+        return prepare_model(), False
+    if name == "dummy-8b":
+        return prepare_dummy_8b(), True
+    return Path(name), False
+
+
+def workload_of(args: argparse.Namespace) -> list[BenchRequest]:
+    if args.workload == "docqa":
+        return build("docqa", seed=args.seed, n_requests=args.requests, docs=args.docs, rate=args.rate,
+                     min_chars=args.min_chars, max_chars=args.max_chars)
+    return build("chat", seed=args.seed, n_requests=args.requests, sessions=args.docs, rate=args.rate,
+                 start_chars=args.min_chars)
+
+
+def write_report(out: Path, specs: list[str], reqs: list[BenchRequest], args: argparse.Namespace, meta: dict) -> dict:
+    records = {s: json.loads((out / f"{slug(s)}.json").read_text()) for s in specs if (out / f"{slug(s)}.json").exists()}
+    reference = None
+    if "reference" in records:
+        reference = {r["id"]: r["text"] for r in records["reference"]["results"] if "error" not in r}
+    summaries = [report.summarize(s, rec["results"], reqs, rec["wall_s"], rec["status"], reference, args.quality_floor)
+                 for s, rec in records.items()]
+    for s, rec in zip(summaries, records.values()):
+        s["server_command"] = rec["server_command"]
+        s["evicpress_config"] = rec["evicpress_config"]
+    doc = meta | {"summaries": summaries}
+    (out / "bench.json").write_text(json.dumps(doc, indent=1))
+    md = report.table(summaries)
+    (out / "table.md").write_text(md + "\n")
+    try:
+        report.plots(summaries, out, f"{meta['workload']}, {meta['model_label']}")
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install 'evicpress-sglang[bench]')", file=sys.stderr)
+    print(md)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    specs = [s.strip() for s in args.policies.split(",") if s.strip()]
+    for s in specs:
+        parse_policy(s)  # malformed specs fail before any server starts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "workload.json"
+    if not args.report_only:
+        model, args.dummy = resolve_model(args.model)
+        reqs = workload_of(args)
+        meta = {"command": " ".join(["python bench/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
+                "workload": args.workload, "model": str(model),
+                "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
+                "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
+                "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
+                "contexts": len({r.context for r in reqs}),
+                "context_tokens_est": sum(len(r.prompt) for r in {r.context: r for r in reqs}.values()) // 4,
+                "python": platform.python_version(), "sglang": _version("sglang"), "gpu": _gpu()}
+        runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth} for r in reqs]
+        if not (args.resume and saved.exists()):
+            saved.write_text(json.dumps(meta | {"requests_run": runs}))
+        for spec in specs:
+            if args.resume and (out / f"{slug(spec)}.json").exists():
+                print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
+                continue
+            try:
+                run_policy(spec, args, model, reqs, out)
+            except ServerError as e:
+                print(f"[{spec}] {e}", file=sys.stderr)
+                return 1
+    # Reported from the workload as it was run (the text differs between Python versions).
+    meta = json.loads(saved.read_text())
+    reqs = [BenchRequest(**r, prompt="") for r in meta.pop("requests_run")]
+    write_report(out, specs, reqs, args, meta)
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _gpu() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None

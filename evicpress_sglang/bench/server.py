@@ -1,0 +1,68 @@
+"""Start and stop one SGLang server for one policy, with its log kept for the report."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+
+class ServerError(RuntimeError):
+    """The server did not come up; the message carries its log tail."""
+
+
+class Server:
+    """``with Server(cmd, env, log) as url:`` a ready server, stopped (process group) on exit."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int, timeout: float = 600) -> None:
+        self.cmd, self.env, self.log, self.timeout = cmd, env, log, timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> str:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as logf:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _wait_ready(self) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.timeout:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise ServerError(f"server not ready after {self.timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,78 @@
+"""A stand-in for an SGLang server, for testing the bench without a GPU.
+
+Speaks the parts of SGLang's HTTP API the bench uses: ``/health``, streamed
+``/generate`` (SSE ``data:`` lines, cumulative text, ``meta_info``) and, with
+``--evicpress``, ``/evicpress/status``. A prompt seen before is a "cache hit": its
+first token comes sooner and ``cached_tokens`` says so. Answers are a function of the
+prompt, so a bench's quality maths has something real to score.
+
+Usage: python tests/fake_sglang_server.py PORT [--evicpress] [--answer-salt S]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+SEEN: set[str] = set()
+LOCK = threading.Lock()
+EVICPRESS = "--evicpress" in sys.argv
+SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
+
+
+def answer(prompt: str, n: int) -> list[str]:
+    if "access code" in prompt and "Reply with the number" in prompt:
+        code = prompt.split("access code for document ")[1].split(" is ")[1].split(".")[0]
+        return [code] + ["."] * (n - 1)
+    h = hashlib.sha256((prompt + SALT).encode()).hexdigest()
+    return [f" w{h[i % 60:i % 60 + 2]}" for i in range(n)]
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def _json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._json(200, {})
+        elif self.path == "/evicpress/status" and EVICPRESS:
+            self._json(200, {"stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1}, "stores": {"host:int4": 2},
+                                       "bytes_loaded": {"host": 100}, "stored_bytes": 200, "compression_ratio": 3.5}})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        prompt, n = body["text"], body["sampling_params"]["max_new_tokens"]
+        with LOCK:
+            hit = prompt in SEEN
+            SEEN.add(prompt)
+        tokens = len(prompt.split())
+        time.sleep(0.002 if hit else 0.02)  # prefill
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        text = ""
+        for i, piece in enumerate(answer(prompt, n)):
+            text += piece
+            meta = {"prompt_tokens": tokens, "cached_tokens": tokens - 1 if hit else 0, "completion_tokens": i + 1}
+            self.wfile.write(b"data: " + json.dumps({"text": text, "meta_info": meta}).encode() + b"\n\n")
+            self.wfile.flush()
+            time.sleep(0.001)
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+if __name__ == "__main__":
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()

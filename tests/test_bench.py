@@ -1,0 +1,168 @@
+"""The bench without a GPU: workloads, report maths, replay and the whole runner against a
+stand-in server (tests/fake_sglang_server.py) that speaks SGLang's HTTP API."""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from evicpress_sglang.bench import report, runner
+from evicpress_sglang.bench.replay import replay
+from evicpress_sglang.bench.server import Server, ServerError
+from evicpress_sglang.bench.workload import BenchRequest, build
+
+FAKE = str(Path(__file__).with_name("fake_sglang_server.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_docqa_is_seeded_real_text_with_planted_facts():
+    a = build("docqa", seed=3, n_requests=80, docs=10, min_chars=2000, max_chars=4000)
+    assert [r.prompt for r in a] == [r.prompt for r in build("docqa", seed=3, n_requests=80, docs=10,
+                                                             min_chars=2000, max_chars=4000)]
+    assert [r.prompt for r in a] != [r.prompt for r in build("docqa", seed=4, n_requests=80, docs=10,
+                                                             min_chars=2000, max_chars=4000)]
+    assert all(x.t < y.t for x, y in zip(a, a[1:]))
+    by_doc: dict[str, set] = {}
+    for r in a:
+        by_doc.setdefault(r.context, set()).add(r.prompt.split("\n\nQuestion:")[0])
+        assert 2000 <= len(r.prompt.split("\n\nQuestion:")[0]) <= 4000 + 200
+        if r.truth:  # the fact asked for is in the document, exactly once
+            assert r.prompt.count(f"is {r.truth}.") == 1 and "access code" in r.prompt
+    assert all(len(docs) == 1 for docs in by_doc.values())  # one text per document, reused across questions
+    counts = sorted((sum(r.context == c for r in a) for c in by_doc), reverse=True)
+    assert counts[0] >= 3 * counts[-1]  # Zipf: a popular head and a tail
+    assert any(r.truth for r in a) and any(r.truth is None for r in a)
+
+
+def test_chat_turns_extend_their_history():
+    reqs = build("chat", seed=1, n_requests=40, sessions=5, start_chars=1500, turn_chars=300)
+    assert all(x.t <= y.t for x, y in zip(reqs, reqs[1:]))
+    last: dict[str, str] = {}
+    for r in reqs:
+        session = r.context.split("/")[0]
+        if session in last:  # the previous turn's prompt (without its question) is a prefix of this one
+            history = last[session].rsplit("\n\nUser: ", 1)[0]
+            assert r.prompt.startswith(history) and len(r.prompt) > len(last[session])
+        last[session] = r.prompt
+    with pytest.raises(ValueError, match="valid: docqa, chat"):
+        build("rag")
+
+
+def test_token_f1_and_summary_figures():
+    assert report.token_f1("The code is 12345.", "the code is 12345") == 1.0
+    assert report.token_f1("a b", "c d") == 0.0
+    assert report.token_f1("a b c d", "a b") == pytest.approx(2 / 3)
+    reqs = [BenchRequest(i, float(i), f"doc{i % 2}", "p", "42" if i % 2 else None) for i in range(4)]
+    results = [{"id": i, "ttft_s": 0.1 * (i + 1), "e2e_s": 1.0, "text": t, "prompt_tokens": 100,
+                "cached_tokens": 50 * (i % 2), "completion_tokens": 8}
+               for i, t in enumerate(["x y", "it is 42", "x z", "no idea"])] + [{"id": 9, "error": "boom"}]
+    ref = {0: "x y", 1: "it is 42", 2: "x y", 3: "it is 42"}
+    status = {"stats": {"hit_tokens": {"host": 30, "disk": 10}, "hits": {}, "stores": {}, "bytes_loaded": {"host": 5},
+                        "stored_bytes": 9, "compression_ratio": 2.0}}
+    s = report.summarize("evicpress", results, reqs, wall_s=2.0, status=status, reference=ref, quality_floor=0.9)
+    assert s["errors"] == 1 and s["requests"] == 5
+    assert s["ttft_s"]["p50"] == pytest.approx(0.25) and s["ttft_s"]["mean"] == pytest.approx(0.25)
+    assert s["throughput_rps"] == 2.0 and s["output_tokens_per_s"] == 16.0
+    assert s["reuse_rate"] == pytest.approx(100 / 400)
+    assert s["tiers"] == {"gpu": 60, "host": 30, "disk": 10}
+    assert s["fact_accuracy"] == 0.5  # request 1 names 42, request 3 does not
+    assert s["identical_answers"] == 0.5 and s["floor_violations"] == 2
+    assert s["quality"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    base = dict(s, policy="stock", ttft_s={k: 2 * v for k, v in s["ttft_s"].items()})
+    md = report.table([base, s])
+    assert "| evicpress |" in md and "2.00x / 2.00x" in md
+
+
+def test_failed_server_start_shows_the_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('CUDA error: out of memory'); sys.exit(3)"]
+    with pytest.raises(ServerError, match="(?s)exited with code 3.*out of memory"):
+        with Server(cmd, {}, tmp_path / "log", free_port(), timeout=30):
+            pass
+
+
+def test_replay_times_every_request_open_loop(tmp_path):
+    port = free_port()
+    reqs = [BenchRequest(i, 0.05 * i, "d", f"prompt {i % 3} " * 20) for i in range(9)]
+    with Server([sys.executable, FAKE, str(port)], {}, tmp_path / "log", port, timeout=30) as url:
+        out = replay(url, reqs + [BenchRequest(99, 0.5, "d", "x")], max_new_tokens=4, progress=False)
+    assert [r["id"] for r in out] == list(range(9)) + [99]
+    for r, q in zip(out, reqs):
+        assert 0 < r["ttft_s"] < r["e2e_s"] and r["completion_tokens"] == 4
+        assert r["sent_s"] >= q.t - 0.01  # never before its arrival time
+    assert [r["cached_tokens"] > 0 for r in out[:6]] == [False] * 3 + [True] * 3  # repeats hit
+
+
+def test_bench_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
+    """runner.main: one server per policy, results saved per policy, report, plots, resume."""
+    pytest.importorskip("matplotlib")
+    port = free_port()
+
+    def fake_server_for(spec, args, model):
+        salt = "" if spec in ("reference", "stock") else spec  # every non-stock policy answers differently
+        extra = ["--evicpress"] if spec.startswith(("evicpress", "static")) else []
+        return [sys.executable, FAKE, str(port), "--answer-salt", salt, *extra], {}
+
+    monkeypatch.setattr(runner, "server_for", fake_server_for)
+    monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--policies", "reference,stock,evicpress@alpha=0.5", "--requests", "12",
+            "--docs", "3", "--rate", "50", "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
+    assert runner.main(argv) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    by = {s["policy"]: s for s in doc["summaries"]}
+    assert set(by) == {"reference", "stock", "evicpress@alpha=0.5"}
+    assert by["stock"]["quality"] == 1.0 and by["stock"]["identical_answers"] == 1.0
+    assert by["evicpress@alpha=0.5"]["identical_answers"] < 1.0  # its answers differ: scored as such
+    assert by["evicpress@alpha=0.5"]["tiers"]["host"] == 7
+    assert all(s["fact_accuracy"] == 1.0 for s in by.values() if s["fact_accuracy"] is not None)
+    assert doc["contexts"] <= 3 and doc["requests"] == 12
+    assert {p.name for p in out.glob("*.png")} == {"ttft.png", "ttft_vs_quality.png", "hit_rate_per_tier.png"}
+    assert "| stock |" in (out / "table.md").read_text()
+    (out / "bench.json").unlink()
+    assert runner.main(argv + ["--report-only"]) == 0  # the report alone, from what was saved
+    assert json.loads((out / "bench.json").read_text())["summaries"] == doc["summaries"]
+    before = (out / "stock.json").stat().st_mtime_ns
+    assert runner.main(argv + ["--resume"]) == 0  # nothing re-run
+    assert (out / "stock.json").stat().st_mtime_ns == before
+
+
+def _tiny_model(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                               "num_key_value_heads": 2, "hidden_size": 64}))
+    return d
+
+
+def test_policy_specs_and_server_commands(tmp_path):
+    assert runner.parse_policy("evicpress@alpha=0.5,quality_floor=0.97") == (
+        "evicpress", {"alpha": 0.5, "quality_floor": 0.97})
+    assert runner.parse_policy("static:int4") == ("static:int4", {})
+    with pytest.raises(ValueError, match="key=value"):
+        runner.parse_policy("evicpress@alpha")
+    args = runner.build_parser().parse_args(["--pool-tokens", "1000", "--host-ratio", "3", "--disk-bytes", "5000",
+                                             "--settings", '{"quality_floor": 0.95}'])
+    args.dummy = True
+    model = _tiny_model(tmp_path)
+    assert runner.kv_bytes_per_token(model) == 2 * 2 * 16 * 2 * 2
+    stock, env = runner.server_for("stock", args, model)
+    assert "--radix-cache-backend" not in stock and "EVICPRESS_CONFIG" not in env
+    assert stock[stock.index("--max-total-tokens") + 1] == "1000" and "dummy" in stock
+    ref, _ = runner.server_for("reference", args, model)
+    assert "--max-total-tokens" not in ref
+    hi, _ = runner.server_for("hicache", args, model)
+    assert "--enable-hierarchical-cache" in hi and hi[hi.index("--hicache-ratio") + 1] == "3.0"
+    ev, env = runner.server_for("evicpress@alpha=0.5", args, model)
+    assert ev[ev.index("--radix-cache-backend") + 1] == "evicpress"
+    cfg = json.loads(env["EVICPRESS_CONFIG"])
+    assert cfg["policy"] == "evicpress" and cfg["alpha"] == 0.5 and cfg["quality_floor"] == 0.95
+    assert cfg["host_bytes"] == 3 * 1000 * runner.kv_bytes_per_token(model) and cfg["disk_bytes"] == 5000
+    with pytest.raises(ValueError, match="alpha"):  # bad settings stop before a server starts
+        runner.server_for("evicpress@alpha=-1", args, model)
