@@ -64,6 +64,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
+        if "TOO LONG" in prompt:  # how SGLang reports a request it rejects mid-stream
+            self.wfile.write(b'data: {"error": {"message": "input is longer than the context"}}\n\n')
+            return
         text = ""
         for i, piece in enumerate(answer(prompt, n)):
             text += piece

@@ -285,3 +285,18 @@ def test_prefill_timings_teach_the_cost_model():
     assert timer.observed == 40
     # the one-token extends cost ~5 ms each, but that is overhead, not 5 ms per token
     assert 14e-6 < cost.prefill_s_per_token < 30e-6
+
+
+def test_recompressing_a_full_host_tier_never_overflows_it(tmp_path):
+    """With quality cheap (low alpha) the policy recompresses host blobs to make room while
+    new contexts arrive; executing that plan must fit the tier at every step (no refusals,
+    which would silently turn planned placements into drops)."""
+    cache = _cache(tmp_path, policy="evicpress", alpha=0.05, quality_floor=0.5, host_bytes=150 * 2048,
+                   disk_dir=None, disk_bytes=0, host_codecs=["bf16", "int8", "int4", "int2"])
+    docs = _docs(12, 90)
+    for rnd in range(3):
+        for i, doc in enumerate(docs):
+            serve(cache, doc + [5, rnd, i])
+            _consistent(cache)
+    assert cache.stats.stores["host:int8"] > 0  # recompressed inside the tier
+    assert cache.stats.tier_errors == 0

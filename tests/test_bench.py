@@ -91,7 +91,11 @@ def test_replay_times_every_request_open_loop(tmp_path):
     port = free_port()
     reqs = [BenchRequest(i, 0.05 * i, "d", f"prompt {i % 3} " * 20) for i in range(9)]
     with Server([sys.executable, FAKE, str(port)], {}, tmp_path / "log", port, timeout=30) as url:
-        out = replay(url, reqs + [BenchRequest(99, 0.5, "d", "x")], max_new_tokens=4, progress=False)
+        out = replay(url, reqs + [BenchRequest(99, 0.5, "d", "TOO LONG")], max_new_tokens=4, progress=False)
+        with pytest.raises(ServerError, match="already in use"):  # never mistake another server for ours
+            with Server([sys.executable, FAKE, str(port)], {}, tmp_path / "log2", port, timeout=30):
+                pass
+    assert "longer than the context" in out[-1]["error"]
     assert [r["id"] for r in out] == list(range(9)) + [99]
     for r, q in zip(out, reqs):
         assert 0 < r["ttft_s"] < r["e2e_s"] and r["completion_tokens"] == 4

@@ -450,8 +450,10 @@ class EvicPressRadixCache(RadixCache):
         moves = [(int(r), int(c)) for r, c, o in zip(placed, new, old) if c != o and self._is_demotion(r, o, c)]
         depth = {r: self._depth(self.nodes[t.keys[r]]) for r, _ in moves}
         # Slowest destination first, so a tier is emptied before it is filled; within one
-        # destination, children before parents (a node leaves the GPU only as a leaf).
-        order = sorted(moves, key=lambda m: (-int(t.tier_of[m[1]]), -depth[m[0]]))
+        # destination, recompressions of what the tier already holds (they free room) before
+        # new arrivals, and children before parents (a node leaves the GPU only as a leaf).
+        order = sorted(moves, key=lambda m: (-int(t.tier_of[m[1]]), t.tier_of[t.assign[m[0]]] != t.tier_of[m[1]],
+                                             -depth[m[0]]))
         freed = 0
         for r, c in order:
             node = self.nodes.get(t.keys[r]) if t.keys[r] is not None else None
@@ -461,13 +463,17 @@ class EvicPressRadixCache(RadixCache):
 
     def _plannable(self, tier: Tier) -> float:
         """Bytes the policy may plan with in a stored tier: its capacity less what the
-        policy cannot see (the host arena's 256-byte rounding per blob, file headers)
-        and a 1% margin, so a planned placement does not fail to fit."""
+        policy cannot see (the host arena's 256-byte rounding per blob, file headers,
+        zstd blobs larger than estimated) and a 1% margin, so a planned placement fits."""
         store = self.tiers.get(tier)
         if store is None:
             return 0.0
         u = store.usage()
-        return max(0.0, 0.99 * u.capacity_bytes - 512.0 * (u.entries + 16))
+        t = self.table
+        rows = t.rows()
+        here = rows[t.tier_of[t.assign[rows]] == tier]
+        unseen = max(0.0, u.used_bytes - float(t.sizes[here, t.assign[here]].sum()))
+        return max(0.0, 0.99 * u.capacity_bytes - unseen - 512.0 * (u.entries + 16))
 
     def _is_demotion(self, row: int, old: int, new: int) -> bool:
         """Only moves down are carried out at eviction time (a move up would need a load):
@@ -530,11 +536,13 @@ class EvicPressRadixCache(RadixCache):
         if read is None:
             return 0
         k, v, _ = read
+        # The KV is in memory now: free the old blob first, so recompressing inside a full
+        # tier does not need room for both copies at once.
+        self.tiers[stored.tier].delete(stored.blob)
         new = Stored(target.tier, target.codec, uuid.uuid4().hex)
         if not self._put(new, node, k, v):
-            self._drop_placeholder(node)
+            self._drop_placeholder(node)  # its KV is gone with the old blob: a miss from now on
             return 0
-        self.tiers[stored.tier].delete(stored.blob)
         node.evp = new
         self._after_store(node, config)
         return 0

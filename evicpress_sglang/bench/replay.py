@@ -33,9 +33,12 @@ def send(url: str, req: BenchRequest, max_new_tokens: int, timeout: float = 600)
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     break
+                chunk = json.loads(data)
+                if "error" in chunk:  # SGLang streams a failed request as an error chunk
+                    return {"id": req.id, "error": str(chunk["error"])[:500]}
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                last = json.loads(data)
+                last = chunk
     except (requests.RequestException, ValueError) as e:
         return {"id": req.id, "error": f"{type(e).__name__}: {e}"}
     if last is None:

@@ -26,6 +26,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,19 @@ def write_report(out: Path, specs: list[str], reqs: list[BenchRequest], args: ar
     return doc
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds through Server.__exit__: no server left behind
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
     for s in specs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ class Server:
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int, timeout: float = 600) -> None:
         self.cmd, self.env, self.log, self.timeout = cmd, env, log, timeout
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -30,6 +32,8 @@ class Server:
             return "(no log)"
 
     def __enter__(self) -> str:
+        if _port_taken(self.port):  # else /health would be answered by whatever holds the port
+            raise ServerError(f"port {self.port} is already in use (a server left from an earlier run?)")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as logf:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
@@ -66,3 +70,8 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
