@@ -114,17 +114,21 @@ def plots(summaries: list[dict], out: Path, title: str) -> list[Path]:
     x = np.arange(len(names))
     written = []
 
+    def save(fig, ax, name: str, ylabel: str, per_policy: bool = True) -> None:
+        if per_policy:
+            ax.set_xticks(x, names, rotation=30, ha="right")
+            ax.legend()
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
     for i, key in enumerate(("p50", "p99")):
         ax.bar(x + (i - 0.5) * 0.4, [1000 * (s["ttft_s"][key] or 0) for s in summaries], 0.4, label=f"TTFT {key}")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("ms")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "ttft.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "ttft.png", "ms")
 
     with_quality = [s for s in summaries if s.get("quality") is not None]
     if with_quality:
@@ -133,12 +137,7 @@ def plots(summaries: list[dict], out: Path, title: str) -> list[Path]:
             ax.scatter(1000 * s["ttft_s"]["mean"], s["quality"])
             ax.annotate(s["policy"], (1000 * s["ttft_s"]["mean"], s["quality"]), fontsize=8)
         ax.set_xlabel("mean TTFT (ms)")
-        ax.set_ylabel("quality (token F1 vs reference answer)")
-        ax.set_title(title)
-        fig.tight_layout()
-        written.append(out / "ttft_vs_quality.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, ax, "ttft_vs_quality.png", "quality (token F1 vs reference answer)", per_policy=False)
 
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
     bottom = np.zeros(len(names))
@@ -147,12 +146,5 @@ def plots(summaries: list[dict], out: Path, title: str) -> list[Path]:
                           / max(1, s["prompt_tokens"]) for s in summaries])
         ax.bar(x, share, 0.6, bottom=bottom, label=tier)
         bottom += share
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("share of prompt tokens reused")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "hit_rate_per_tier.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "hit_rate_per_tier.png", "share of prompt tokens reused")
     return written
