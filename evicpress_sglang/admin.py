@@ -33,8 +33,7 @@ KEY_POLICY, KEY_ALPHA, KEY_FLOOR = "evicpress_policy", "evicpress_alpha", "evicp
 
 def policy_choices(settings: Settings) -> list[str]:
     """Every policy name this server accepts, in a fixed order shared by both processes."""
-    stored = list(dict.fromkeys(settings.host_codecs + (settings.disk_codecs if settings.disk_dir else [])))
-    return list(POLICY_NAMES) + [f"static:{c}" for c in stored]
+    return list(POLICY_NAMES) + [f"static:{c}" for c in settings.stored_codecs]
 
 
 def parse_policy_request(body: bytes, settings: Settings) -> dict[str, float]:

@@ -55,6 +55,16 @@ class Settings:
     verify: bool = False  # debug: fingerprint node KV at insert, check it at eviction and after load-back
 
     @property
+    def active_disk_codecs(self) -> list[str]:
+        """The disk codecs in use: none without a disk tier."""
+        return self.disk_codecs if self.disk_dir else []
+
+    @property
+    def stored_codecs(self) -> list[str]:
+        """Every codec a context may be stored with on this server, host first, no repeats."""
+        return list(dict.fromkeys(self.host_codecs + self.active_disk_codecs))
+
+    @property
     def weights(self) -> Weights:
         return Weights(self.alpha, self.quality_floor)
 
@@ -103,7 +113,7 @@ def validate_policy_name(name: str, settings: "Settings") -> None:
         return
     if name.startswith("static:"):
         codec = name.removeprefix("static:")
-        if codec in settings.host_codecs or codec in (settings.disk_codecs if settings.disk_dir else []):
+        if codec in settings.stored_codecs:
             return
         raise SettingsError(f"policy {name!r}: codec {codec!r} is not among the enabled host/disk codecs")
     raise SettingsError(f"policy: unknown policy {name!r}; valid: evicpress, lru, lru-offload, static:<codec>, off")

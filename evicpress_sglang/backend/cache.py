@@ -85,9 +85,8 @@ class EvicPressRadixCache(RadixCache):
         self.tiers: dict[Tier, StorageTier] = {Tier.HOST: HostTier(settings.host_bytes)}
         if settings.disk_dir:
             self.tiers[Tier.DISK] = DiskTier(settings.disk_dir, settings.disk_bytes)
-        disk_codecs = settings.disk_codecs if settings.disk_dir else []
-        self.table = ContextTable(build_configs(settings.host_codecs, disk_codecs), self.layout, self.cost,
-                                  settings.half_life_s)
+        configs = build_configs(settings.host_codecs, settings.active_disk_codecs)
+        self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
@@ -103,11 +102,11 @@ class EvicPressRadixCache(RadixCache):
             return CostModel()
         from ..policy import calibrate
 
-        codecs = list(dict.fromkeys(settings.host_codecs + (settings.disk_codecs if settings.disk_dir else [])))
         try:
             if settings.disk_dir:
                 os.makedirs(settings.disk_dir, exist_ok=True)
-            cost = calibrate(codecs, self.layout.with_tokens(512), device=str(self.device), disk_dir=settings.disk_dir)
+            cost = calibrate(settings.stored_codecs, self.layout.with_tokens(512), device=str(self.device),
+                             disk_dir=settings.disk_dir)
         except Exception as e:  # a failed measurement must not stop the server: fall back to reference figures
             log.warning("evicpress: calibration failed (%s); using the reference H100 cost model", e)
             return CostModel()
