@@ -14,31 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from evicpress_sglang.bench.server import Server
 from evicpress_sglang.sample_text import documents
 
 QUESTION = "\n\nQuestion: In one sentence, what is the text above about?\nAnswer:"
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log tail:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"server not ready after {timeout}s; log tail:\n{log.read_text()[-4000:]}")
 
 
 def ask(url: str, text: str) -> dict:
@@ -90,39 +75,33 @@ def main() -> None:
     log = out / "server.log"
     url = f"http://127.0.0.1:{args.port}"
     report = {"command": " ".join(["python", *sys.argv]), "server_command": " ".join(cmd), "settings": settings}
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(url, proc, log)
-            docs = [text[: args.chars] for _, text in documents()[: args.docs]]
-            # Each document asked twice in a row: the second is a plain GPU-pool hit, the control
-            # for how often SGLang's cached-prefix path alone changes a greedy answer.
-            first, control = [], []
-            for d in docs:  # fills the pool, overflows into host and disk
-                first.append(ask(url, d + QUESTION))
-                control.append(ask(url, d + QUESTION))
-            report["status_after_first_pass"] = requests.get(url + "/evicpress/status").json()
-            again = [ask(url, d + QUESTION) for d in docs]  # prefixes come back from host/disk
-            report["status_after_second_pass"] = requests.get(url + "/evicpress/status").json()
-            report["requests"] = [{"doc": i, "first": a, "gpu_hit": c, "again": b,
-                                   "gpu_hit_same_answer": a["answer"] == c["answer"],
-                                   "same_answer": a["answer"] == b["answer"]}
-                                  for i, (a, c, b) in enumerate(zip(first, control, again))]
-            bad = requests.post(url + "/evicpress/policy", data="{nope", headers={"content-type": "application/json"})
-            report["bad_request"] = {"status": bad.status_code, "body": bad.json()}
-            sw = requests.post(url + "/evicpress/policy", json={"policy": "static:int4", "alpha": 1.0})
-            report["switch"] = {"status": sw.status_code, "policy": sw.json().get("policy"),
-                                "weights": sw.json().get("weights")}
-            third = [ask(url, f"Item {i}. " + d + QUESTION) for i, d in enumerate(docs)]  # new contexts under static:int4
-            fourth = [ask(url, f"Item {i}. " + d + QUESTION) for i, d in enumerate(docs)]
-            report["after_switch"] = [{"first": a, "again": b, "same_answer": a["answer"] == b["answer"]}
-                                      for a, b in zip(third, fourth)]
-            report["status_final"] = requests.get(url + "/evicpress/status").json()
-            metrics = requests.get(url + "/metrics").text.splitlines()
-            report["prometheus"] = [line for line in metrics if line.startswith("evicpress_")]
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+    with Server(cmd, env, log, args.port, timeout=300):  # stopped (process group) on the way out
+        docs = [text[: args.chars] for _, text in documents()[: args.docs]]
+        # Each document asked twice in a row: the second is a plain GPU-pool hit, the control
+        # for how often SGLang's cached-prefix path alone changes a greedy answer.
+        first, control = [], []
+        for d in docs:  # fills the pool, overflows into host and disk
+            first.append(ask(url, d + QUESTION))
+            control.append(ask(url, d + QUESTION))
+        report["status_after_first_pass"] = requests.get(url + "/evicpress/status").json()
+        again = [ask(url, d + QUESTION) for d in docs]  # prefixes come back from host/disk
+        report["status_after_second_pass"] = requests.get(url + "/evicpress/status").json()
+        report["requests"] = [{"doc": i, "first": a, "gpu_hit": c, "again": b,
+                               "gpu_hit_same_answer": a["answer"] == c["answer"],
+                               "same_answer": a["answer"] == b["answer"]}
+                              for i, (a, c, b) in enumerate(zip(first, control, again))]
+        bad = requests.post(url + "/evicpress/policy", data="{nope", headers={"content-type": "application/json"})
+        report["bad_request"] = {"status": bad.status_code, "body": bad.json()}
+        sw = requests.post(url + "/evicpress/policy", json={"policy": "static:int4", "alpha": 1.0})
+        report["switch"] = {"status": sw.status_code, "policy": sw.json().get("policy"),
+                            "weights": sw.json().get("weights")}
+        third = [ask(url, f"Item {i}. " + d + QUESTION) for i, d in enumerate(docs)]  # new contexts under static:int4
+        fourth = [ask(url, f"Item {i}. " + d + QUESTION) for i, d in enumerate(docs)]
+        report["after_switch"] = [{"first": a, "again": b, "same_answer": a["answer"] == b["answer"]}
+                                  for a, b in zip(third, fourth)]
+        report["status_final"] = requests.get(url + "/evicpress/status").json()
+        metrics = requests.get(url + "/metrics").text.splitlines()
+        report["prometheus"] = [line for line in metrics if line.startswith("evicpress_")]
     (out / "smoke.json").write_text(json.dumps(report, indent=1))
     s2 = report["status_after_second_pass"]["stats"]
     report["summary"] = {
