@@ -170,3 +170,11 @@ def test_policy_specs_and_server_commands(tmp_path):
     assert cfg["host_bytes"] == 3 * 1000 * runner.kv_bytes_per_token(model) and cfg["disk_bytes"] == 5000
     with pytest.raises(ValueError, match="alpha"):  # bad settings stop before a server starts
         runner.server_for("evicpress@alpha=-1", args, model)
+
+
+@pytest.mark.parametrize("bad", [["--policies", "evicpress@alpha"], ["--settings", "{nope"], ["--settings", "[1]"]])
+def test_malformed_bench_arguments_stop_with_one_line(bad, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--out", str(tmp_path / "o")] + bad)
+    assert e.value.code == 2 and "--policies/--settings" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written

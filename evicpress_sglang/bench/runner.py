@@ -67,6 +67,11 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", spec)
 
 
+def disk_dir_of(spec: str, args: argparse.Namespace) -> str:
+    """The policy's own disk tier directory, so no policy restarts from another's blobs."""
+    return os.path.join(args.disk_dir, slug(spec))
+
+
 def server_for(spec: str, args: argparse.Namespace, model: Path) -> tuple[list[str], dict]:
     """The launch command and environment of one policy (all share model, pool and flags)."""
     from ..cli import serve_command
@@ -91,7 +96,7 @@ def server_for(spec: str, args: argparse.Namespace, model: Path) -> tuple[list[s
     settings = {"policy": name, "host_bytes": int(args.host_ratio * args.pool_tokens * kv_bytes_per_token(model)),
                 "status_top": 0}
     if args.disk_bytes:
-        settings |= {"disk_dir": os.path.join(args.disk_dir, slug(spec)), "disk_bytes": args.disk_bytes}
+        settings |= {"disk_dir": disk_dir_of(spec, args), "disk_bytes": args.disk_bytes}
     if args.prefill_s_per_token:
         settings["prefill_s_per_token"] = args.prefill_s_per_token
     env["EVICPRESS_CONFIG"] = json.dumps(settings | json.loads(args.settings) | overrides)
@@ -102,6 +107,9 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[Benc
     cmd, env = server_for(spec, args, model)
     log = out / "logs" / f"{slug(spec)}.log"
     print(f"[{spec}] starting: {' '.join(cmd)}", file=sys.stderr)
+    # An empty disk tier before and after: the cache re-attaches blobs it finds at start-up,
+    # and a run cut off earlier must not hand its blobs to this one.
+    shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
     server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
     with server as url:
         warm = BenchRequest(-1, 0.0, "warmup", "Say hello.")  # first-request compilation stays out of the figures
@@ -114,8 +122,7 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[Benc
             status = status.json() if status.status_code == 200 else None
         except (requests.RequestException, ValueError):
             status = None
-    if args.disk_bytes:  # each policy starts with an empty disk tier, and leaves the disk as it found it
-        shutil.rmtree(os.path.join(args.disk_dir, slug(spec)), ignore_errors=True)
+    shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
     record = {"policy": spec, "server_command": " ".join(cmd), "evicpress_config": env.get("EVICPRESS_CONFIG"),
               "wall_s": wall, "status": status, "results": results, "log_tail": server.log_tail(3000)}
     (out / f"{slug(spec)}.json").write_text(json.dumps(record))
@@ -209,10 +216,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
-    for s in specs:
-        parse_policy(s)  # malformed specs fail before any server starts
+    try:  # malformed specs or settings fail before any server starts, with one clear line
+        for s in specs:
+            parse_policy(s)
+        if not isinstance(json.loads(args.settings), dict):
+            raise ValueError("expected a JSON object")
+    except (ValueError, json.JSONDecodeError) as e:
+        parser.error(f"--policies/--settings: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "workload.json"
