@@ -122,7 +122,10 @@ def test_settings_validation_names_the_setting(tmp_path):
     for raw, msg in [({"host_bytes": "lots"}, "host_bytes"), ({"alpha": "x"}, "alpha"),
                      ({"quality_floor": 2}, "quality_floor"), ({"host_codecs": ["int3"]}, "host_codecs"),
                      ({"disk_dir": str(tmp_path)}, "disk_bytes"), ({"polcy": "lru"}, "unknown setting"),
-                     ({"policy": "static:fp8", "host_codecs": ["bf16"]}, "policy")]:
+                     ({"policy": "static:fp8", "host_codecs": ["bf16"]}, "policy"),
+                     ({"prefill_s_per_token": "fast"}, "prefill_s_per_token"),
+                     ({"prefill_s_per_token": -1e-5}, "prefill_s_per_token"),
+                     ({"prefill_s_per_token": True}, "prefill_s_per_token")]:
         with pytest.raises(SettingsError, match=msg):
             load_settings({ENV: json.dumps(raw)})
     with pytest.raises(SettingsError, match="invalid JSON"):
@@ -131,6 +134,8 @@ def test_settings_validation_names_the_setting(tmp_path):
     cfg.write_text(json.dumps({"host_bytes": "8GiB", "policy": "lru-offload"}))
     s = load_settings({ENV: str(cfg)})
     assert s.host_bytes == 8 * 2**30 and s.policy == "lru-offload"
+    assert load_settings({ENV: '{"prefill_s_per_token": 3.8e-5}'}).prefill_s_per_token == 3.8e-5
+    assert load_settings({ENV: '{"prefill_s_per_token": null}'}).prefill_s_per_token is None  # learnt
 
 
 def test_serve_command_builds_the_sglang_launch():

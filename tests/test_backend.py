@@ -300,3 +300,12 @@ def test_recompressing_a_full_host_tier_never_overflows_it(tmp_path):
             _consistent(cache)
     assert cache.stats.stores["host:int8"] > 0  # recompressed inside the tier
     assert cache.stats.tier_errors == 0
+
+
+def test_pinned_prefill_cost_is_used_and_not_learnt(tmp_path):
+    from evicpress_sglang.backend import prefill_timer
+
+    cache = _cache(tmp_path, prefill_s_per_token=1e-4)
+    assert cache.cost.prefill_s_per_token == 1e-4 and prefill_timer._active is None
+    learnt = _cache(tmp_path / "b")
+    assert prefill_timer._active is not None and prefill_timer._active.cost is learnt.cost
