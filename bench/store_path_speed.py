@@ -2,12 +2,13 @@
 
 Builds an SGLang-shaped KV pool (per-layer [slots, heads, head_dim] buffers) of the 8B-class
 geometry, then for one context times: gather from the pool, encode, put into the pinned host
-arena, get, decode, scatter; each step synchronised so it is measured alone, and once more
-with the whole store unsynchronised while another stream keeps the GPU busy (as the
-scheduler's forward pass does under SGLang's overlap scheduler), and once behind work
-queued on its own stream.
+arena, get, decode, scatter; each step synchronised so it is measured alone. Then once more
+as the cache does it, unsynchronised, behind work queued on the current stream (as the
+scheduler's forward pass is under SGLang's overlap scheduler): how long the calling
+thread is held by a store and by a load-back (it should not wait for the queued work),
+and whether the bytes that came back are exactly those stored.
 
-Usage: python bench/store_path_speed.py [--tokens 9000] [--host-gib 12] [--out FILE]
+Usage: python bench/store_path_speed.py [--tokens 9000] [--host-gib 12] [--disk-dir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from evicpress_sglang.backend import kv_io
 from evicpress_sglang.codecs import get_codec
-from evicpress_sglang.tiers import HostTier
+from evicpress_sglang.tiers import DiskTier, HostTier
 
 
 def timed(fn, sync=True):
@@ -33,11 +34,18 @@ def timed(fn, sync=True):
     return out, time.perf_counter() - t0
 
 
+def queue_work(x: torch.Tensor, n: int = 250) -> None:
+    """About 0.35 s of matmuls queued on the current stream (on an H100)."""
+    for _ in range(n):
+        x = (x @ x).clamp_(-1, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=9000)
     ap.add_argument("--pool-tokens", type=int, default=48000)
     ap.add_argument("--host-gib", type=float, default=12)
+    ap.add_argument("--disk-dir", help="also time a disk-tier store here")
     ap.add_argument("--out")
     a = ap.parse_args()
     layers, heads, dim = 32, 8, 128
@@ -47,7 +55,9 @@ def main() -> None:
     slots = torch.randperm(a.pool_tokens, device="cuda")[: a.tokens]
     tier, alloc_s = timed(lambda: HostTier(int(a.host_gib * 2**30)))
     report = {"tokens": a.tokens, "raw_bytes": a.tokens * layers * heads * dim * 4, "host_arena_alloc_s": alloc_s,
-              "pinned": tier.pinned, "codecs": {}}
+              "pinned": tier.pinned, "codecs": {}, "checks": {}}
+    checks = report["checks"]
+    disk = DiskTier(a.disk_dir, 8 << 30) if a.disk_dir else None
     for name in ("bf16", "int8", "int4"):
         codec = get_codec(name)
         steps = {}
@@ -60,32 +70,46 @@ def main() -> None:
             _, steps["decode"] = timed(lambda: codec.decode(got, ok, ov))
             _, steps["scatter"] = timed(lambda: kv_io.scatter(pool, slots, ok, ov))
             tier.delete(f"{name}{rep}")
-        # The store as the cache does it, while another stream keeps the GPU busy for ~0.3 s.
-        busy = torch.cuda.Stream()
+        # The store and the load as the cache does them, behind ~0.35 s of work queued on the
+        # current stream (a forward pass under SGLang's overlap scheduler): the time the calling
+        # (scheduler) thread is held, then whether the bytes that came back are right.
         x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        steps["the_queued_work_alone"] = timed(lambda: queue_work(x))[1]
+        ref = codec.encode(*kv_io.gather(pool, slots))
         torch.cuda.synchronize()
-        with torch.cuda.stream(busy):
-            for _ in range(250):
-                x = (x @ x).clamp_(-1, 1)
+        queue_work(x)
         t0 = time.perf_counter()
         tier.put("busy", codec.encode(*kv_io.gather(pool, slots)))
-        steps["store_while_other_stream_busy"] = time.perf_counter() - t0
+        steps["store_behind_queued_work_caller_held"] = time.perf_counter() - t0
         torch.cuda.synchronize()
-        tier.delete("busy")
-        for _ in range(250):  # the same work queued on the stream the store uses
-            x = (x @ x).clamp_(-1, 1)
+        queue_work(x)
         t0 = time.perf_counter()
-        tier.put("busy", codec.encode(*kv_io.gather(pool, slots)))
-        steps["store_behind_queued_work_same_stream"] = time.perf_counter() - t0
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(250):
-            x = (x @ x).clamp_(-1, 1)
-        torch.cuda.synchronize()
-        steps["the_queued_work_alone"] = time.perf_counter() - t0
+        got = tier.get("busy", device="cuda")
+        ok, ov = torch.empty_like(k), torch.empty_like(v)
+        codec.decode(got, ok, ov)
+        kv_io.scatter(pool, slots, ok, ov)
+        steps["load_behind_queued_work_caller_held"] = time.perf_counter() - t0
+        # the freed range is rewritten at once by another store: the load above must not see it
         tier.delete("busy")
+        tier.put("overwrite", codec.encode(*kv_io.gather(pool, slots.flip(0))))
+        torch.cuda.synchronize()
+        checks[f"{name}_load_exact_after_async_store"] = bool(torch.equal(got.payload, ref.payload))
+        tier.delete("overwrite")
+        if disk is not None:
+            queue_work(x)
+            t0 = time.perf_counter()
+            disk.put("busy", codec.encode(*kv_io.gather(pool, slots)))
+            steps["disk_store_behind_queued_work_caller_held"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            disk.flush()
+            steps["disk_write_until_on_disk"] = time.perf_counter() - t0
+            back = disk.get("busy", device="cuda")
+            torch.cuda.synchronize()
+            checks[f"{name}_disk_exact"] = bool(torch.equal(back.payload, ref.payload))
+            disk.delete("busy")
         report["codecs"][name] = {"stored_bytes": enc.nbytes, **{k: round(s, 5) for k, s in steps.items()}}
         print(name, report["codecs"][name], flush=True)
+    print("checks", checks, flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

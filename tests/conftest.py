@@ -1,6 +1,10 @@
-"""Shared fixtures: the real SmolLM2 model (converted once, cached) and real KV from it."""
+"""Shared fixtures: the real SmolLM2 model (converted once, cached) and real KV from it;
+a disk whose writes wait until a test lets them through."""
 
 from __future__ import annotations
+
+import builtins
+import threading
 
 import pytest
 import torch
@@ -18,3 +22,19 @@ def smollm2_dir():
 def smollm2_kv(smollm2_dir) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V ([layers, tokens, kv_heads, head_dim], bf16) of 300 tokens of real text."""
     return real_kv(smollm2_dir, tokens=300)
+
+
+@pytest.fixture
+def stalled_disk_writes(monkeypatch) -> threading.Event:
+    """Every file opened for writing waits until the returned event is set (the test sets it)."""
+    gate = threading.Event()
+    real_open = builtins.open
+
+    def stalled(path, mode="r", *args, **kw):
+        if "w" in mode:
+            gate.wait(10)
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", stalled)
+    yield gate
+    gate.set()

@@ -38,6 +38,19 @@ def _consistent(cache):
     assert free_slots_accounted(cache)
 
 
+def _serve_exact(cache, docs, suffix) -> int:
+    """Serve every doc + suffix; the KV must be exactly what a full prefill gives. Returns
+    the tokens loaded back from host/disk."""
+    loaded = 0
+    for doc in docs:
+        r = serve(cache, doc + suffix)
+        k, v = expected_kv(doc + suffix)
+        assert torch.equal(r.k, k) and torch.equal(r.v, v)  # never wrong KV
+        loaded += r.loaded
+        _consistent(cache)
+    return loaded
+
+
 def test_lossless_offload_loads_back_bit_exact(tmp_path):
     cache = _cache(tmp_path, policy="lru-offload", disk_codecs=["bf16"])
     docs = _docs(5)
@@ -127,17 +140,14 @@ def test_damaged_disk_blob_is_a_miss_and_the_request_recomputes(tmp_path):
     docs = _docs(4)
     for doc in docs:
         serve(cache, doc)
+    cache.tiers[Tier.DISK].flush()
     files = sorted((tmp_path / "disk").glob("*.kv"))
     assert files
     for f in files:  # flip a byte in every blob
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(data)
-    for doc in docs:
-        r = serve(cache, doc + [3])
-        k, v = expected_kv(doc + [3])
-        assert torch.equal(r.k, k) and torch.equal(r.v, v)  # never wrong KV
-        _consistent(cache)
+    _serve_exact(cache, docs, [3])
     assert sum(cache.stats.misses.values()) >= 1
 
 
@@ -146,17 +156,26 @@ def test_disk_entries_survive_a_restart(tmp_path):
     docs = _docs(4)
     for doc in docs:
         serve(cache, doc)
+    cache.tiers[Tier.DISK].flush()
     on_disk = cache.tiers[Tier.DISK].usage().entries
     assert on_disk >= 2
     restarted = _cache(tmp_path, policy="static:bf16+zstd", host_bytes=0, disk_codecs=["bf16+zstd"])
-    reused = 0
+    assert _serve_exact(restarted, docs, [4]) >= 2 * 100
+
+
+def test_load_back_before_the_disk_write_finished_is_exact_and_cancels_it(tmp_path, stalled_disk_writes):
+    cache = _cache(tmp_path, policy="static:bf16+zstd", host_bytes=0, disk_codecs=["bf16+zstd"])
+    docs = _docs(4)
     for doc in docs:
-        r = serve(restarted, doc + [4])
-        k, v = expected_kv(doc + [4])
-        assert torch.equal(r.k, k) and torch.equal(r.v, v)
-        reused += r.loaded
-        _consistent(restarted)
-    assert reused >= 2 * 100
+        serve(cache, doc)  # evictions return while the writes wait
+    disk = cache.tiers[Tier.DISK]
+    assert disk.usage().counters["queued_writes"] >= 2
+    assert _serve_exact(cache, docs, [6]) >= 200
+    stalled_disk_writes.set()
+    disk.flush()
+    assert disk.usage().counters["failed_writes"] == 0
+    assert sorted(p.name for p in (tmp_path / "disk").glob("*.kv")) == sorted(
+        disk._path_for(key).name for key in disk.keys())  # loaded blobs were never written
 
 
 def test_policy_switch_at_runtime_and_off_is_stock(tmp_path):
@@ -199,11 +218,7 @@ def test_recomputed_placeholders_are_revived_without_leaking_slots(tmp_path):
         k, _ = expected_kv(doc + [1])
         assert torch.equal(r.k, k)
         _consistent(cache)
-    for doc in docs:  # and what the tree holds afterwards is still right
-        r = serve(cache, doc + [3])
-        k, _ = expected_kv(doc + [3])
-        assert torch.equal(r.k, k)
-        _consistent(cache)
+    _serve_exact(cache, docs, [3])  # and what the tree holds afterwards is still right
 
 
 def test_prometheus_metrics_follow_the_cache(tmp_path, monkeypatch):

@@ -65,10 +65,23 @@ def test_host_compacts_when_free_space_is_fragmented():
     for i in range(0, 10, 2):  # five 1 KiB holes, none large enough for 3000 bytes
         tier.delete(f"k{i}")
     big = _blob(3000, seed=99)
+    assert tier.usage().counters["compactions"] == 0
     tier.put("big", big)
+    assert tier.usage().counters["compactions"] == 1  # reported: each one moves every blob
     assert _same(tier.get("big"), big)
     for i in range(1, 10, 2):  # everything that moved is intact
         assert _same(tier.get(f"k{i}"), blobs[f"k{i}"])
+
+
+def test_host_packs_and_unpacks_a_codec_host_stage():
+    codec = get_codec("int8+zstd")
+    k = torch.randn(2, 32, 2, 64).bfloat16()
+    inner = codec.device_codec.encode(k, k)
+    tier = HostTier(1 << 20)
+    tier.put("z", inner, pack=codec.pack_host)
+    assert tier.usage().used_bytes < inner.nbytes  # stored entropy-coded
+    assert tier.get("z").codec == "int8+zstd"
+    assert _same(tier.get("z", unpack=codec.unpack_host), inner)
 
 
 def test_host_get_returns_a_copy_that_outlives_the_entry():
@@ -114,6 +127,7 @@ def test_disk_roundtrip_and_restart(tmp_path):
     tier = DiskTier(tmp_path, 1 << 20)
     tier.put("ctx/1", enc)
     tier.put("ctx/2", _blob(500))
+    tier.flush()
     used = tier.usage().used_bytes
     again = DiskTier(tmp_path, 1 << 20)  # a restart
     assert sorted(again.keys()) == ["ctx/1", "ctx/2"] and again.usage().used_bytes == used
@@ -132,6 +146,7 @@ def _only_file(tmp_path):
 def test_damaged_disk_entry_is_a_miss_and_is_removed(tmp_path, damage):
     tier = DiskTier(tmp_path, 1 << 20)
     tier.put("a", _blob(4000))
+    tier.flush()
     path = _only_file(tmp_path)
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -152,6 +167,7 @@ def test_damaged_files_are_dropped_at_restart(tmp_path):
     tier = DiskTier(tmp_path, 1 << 20)
     tier.put("good", _blob(1000))
     tier.put("bad", _blob(1000, seed=1))
+    tier.flush()
     bad = tier._path_for("bad")
     bad.write_bytes(bad.read_bytes()[:50])
     (tmp_path / ".tmp-leftover").write_bytes(b"half a write")
@@ -168,9 +184,10 @@ def test_disk_capacity_is_enforced(tmp_path):
     assert tier.keys() == ["a"] and _same(tier.get("a"), _blob(2000))
 
 
-def test_disk_io_failure_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatch):
+def test_disk_io_failure_loses_only_the_entry_being_written_and_says_why(tmp_path, monkeypatch):
     tier = DiskTier(tmp_path, 1 << 20)
     tier.put("a", _blob(1000))
+    tier.flush()
     real_open = open
 
     def full_disk(path, mode="r", *args, **kw):
@@ -179,13 +196,50 @@ def test_disk_io_failure_is_a_clear_error_and_loses_nothing(tmp_path, monkeypatc
         return real_open(path, mode, *args, **kw)
 
     monkeypatch.setattr("builtins.open", full_disk)
-    with pytest.raises(TierError, match="No space left on device"):
-        tier.put("b", _blob(1000, seed=1))
+    tier.put("b", _blob(1000, seed=1))  # written behind the caller: the failure shows up later
+    tier.flush()
     monkeypatch.undo()
     assert tier.keys() == ["a"] and _same(tier.get("a"), _blob(1000))
+    assert tier.get("b") is None  # a miss, never wrong bytes
+    usage = tier.usage()
+    assert usage.counters["failed_writes"] == 1 and "No space left on device" in tier.last_error
+    assert usage.used_bytes == tmp_path.joinpath(tier._path_for("a").name).stat().st_size  # reservation released
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
     tier.put("b", _blob(1000, seed=1))  # and it works again once there is space
-    assert tier.usage().entries == 2
+    tier.flush()
+    assert tier.usage().entries == 2 and _same(tier.get("b"), _blob(1000, seed=1))
+
+
+def test_disk_entry_is_served_before_its_write_and_delete_cancels_it(tmp_path, stalled_disk_writes):
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put("a", _blob(3000))
+    tier.put("b", _blob(3000, seed=1))
+    # queued, not written: visible, counted against capacity, readable from the put's own bytes
+    assert sorted(tier.keys()) == ["a", "b"] and tier.usage().used_bytes >= 6000
+    assert tier.usage().counters["queued_writes"] == 2
+    assert _same(tier.get("a"), _blob(3000))
+    assert tier.delete("b") and not tier.contains("b")
+    stalled_disk_writes.set()
+    tier.flush()
+    assert tier.keys() == ["a"] and [p.name for p in tmp_path.iterdir()] == [tier._path_for("a").name]
+    assert tier.usage().used_bytes == tier._path_for("a").stat().st_size
+
+
+def test_disk_zstd_is_packed_by_the_writer_and_unpacked_on_read(tmp_path):
+    codec = get_codec("int4+zstd")
+    k = torch.randn(2, 64, 3, 64).bfloat16()
+    inner = codec.device_codec.encode(k, k)
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put("z", inner, pack=codec.pack_host)
+    tier.flush()
+    on_disk = tier.get("z")
+    assert on_disk.codec == "int4+zstd" and on_disk.nbytes < inner.nbytes  # what the file holds
+    assert _same(tier.get("z", unpack=codec.unpack_host), inner)
+    out = (torch.empty_like(k), torch.empty_like(k))
+    codec.decode(on_disk, *out)
+    ref = (torch.empty_like(k), torch.empty_like(k))
+    codec.device_codec.decode(inner, *ref)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 def test_disk_unusable_directory_is_a_clear_error(tmp_path):

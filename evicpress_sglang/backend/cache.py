@@ -295,15 +295,18 @@ class EvicPressRadixCache(RadixCache):
 
     def _read(self, node: TreeNode) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
         """A placeholder's KV decoded on the cache's device, and the blob's size; on a
-        missing, damaged or undecodable blob, None, and the placeholder is gone (a miss)."""
+        missing, damaged or undecodable blob, None, and the placeholder is gone (a miss).
+        Nothing here waits for the GPU: the copy and decode are queued on the current stream."""
         stored: Stored = node.evp
-        enc = self.tiers[stored.tier].get(stored.blob, device=self.device)
+        codec = get_codec(stored.codec)
         try:
+            unpack = codec.unpack_host if codec.has_host_stage else None
+            enc = self.tiers[stored.tier].get(stored.blob, device=self.device, unpack=unpack)
             if enc is None:
                 raise CodecError("missing or damaged blob")
             k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
             v = torch.empty_like(k)
-            get_codec(stored.codec).decode(enc, k, v)
+            codec.device_codec.decode(enc, k, v)
         except CodecError as e:
             self.stats.miss(stored.tier.label, str(e))
             self._drop_placeholder(node)
@@ -547,14 +550,19 @@ class EvicPressRadixCache(RadixCache):
         return 0
 
     def _put(self, stored: Stored, node: TreeNode, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Encode on the device and hand the blob to its tier, which copies it out (and
+        entropy-codes it) without the scheduler waiting; the seconds counted are the
+        scheduler's own."""
         t0 = time.perf_counter()
-        enc = get_codec(stored.codec).encode(k, v)
+        codec = get_codec(stored.codec)
+        enc = codec.device_codec.encode(k, v)
         meta = None
         if stored.tier == Tier.DISK:  # enough to re-attach the blob to a new tree after a restart
             meta = {"tokens": list(self._path_tokens(node)), "own": len(node.key), "extra_key": node.key.extra_key,
                     "codec": stored.codec}
         try:
-            self.tiers[stored.tier].put(stored.blob, enc, meta)
+            self.tiers[stored.tier].put(stored.blob, enc, meta,
+                                        pack=codec.pack_host if codec.has_host_stage else None)
         except TierError as e:
             log.warning("evicpress: %s tier refused %d tokens (%s); dropping them instead", stored.tier.label,
                         len(node.key), e)
@@ -654,7 +662,7 @@ class EvicPressRadixCache(RadixCache):
             for tier, store in self.tiers.items():
                 u = store.usage()
                 tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
-                                     "entries": u.entries}
+                                     "entries": u.entries, **u.counters}
             return {
                 "policy": self.settings.policy,
                 "weights": {"alpha": self.settings.alpha, "quality_floor": self.settings.quality_floor},

@@ -1,4 +1,8 @@
-"""Counters the cache keeps for ``/evicpress/status`` and Prometheus."""
+"""Counters the cache keeps for ``/evicpress/status`` and Prometheus.
+
+Seconds (evict, encode, load) are the scheduler thread's own: the copies and kernels they
+queue run on the GPU afterwards, overlapped with forward passes where possible.
+"""
 
 from __future__ import annotations
 

@@ -120,6 +120,24 @@ class KVCodec(ABC):
     def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Reconstruct into caller-given tensors (shape ``enc.shape``), on their device."""
 
+    @property
+    def device_codec(self) -> "KVCodec":
+        """The part of this codec that runs where the KV is (itself, unless it has a host stage)."""
+        return self
+
+    @property
+    def has_host_stage(self) -> bool:
+        return self.device_codec is not self
+
+    def pack_host(self, enc: EncodedKV) -> EncodedKV:
+        """The host stage of encoding, applied to :attr:`device_codec`'s output once it is in
+        host memory (a tier does it off the scheduler thread); none by default."""
+        return enc
+
+    def unpack_host(self, enc: EncodedKV) -> EncodedKV:
+        """Undo :meth:`pack_host` on host bytes; the result goes to :attr:`device_codec`."""
+        return enc
+
     def ratio(self, shape: KVShape) -> float:
         """Compression ratio against the uncompressed KV (>1 means smaller)."""
         return shape.raw_nbytes / self.nbytes(shape)

@@ -8,11 +8,17 @@ a tier only refuses what does not fit, and reports a damaged entry as a miss.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..codecs import EncodedKV
+
+#: A codec's CPU stage (entropy coding) that a tier applies to host bytes before storing
+#: them, and its inverse applied after reading: :meth:`KVCodec.pack_host` / ``unpack_host``.
+Pack = Callable[[EncodedKV], EncodedKV]
+Unpack = Callable[[EncodedKV], EncodedKV]
 
 
 class TierError(RuntimeError):
@@ -28,6 +34,7 @@ class TierUsage:
     used_bytes: int
     capacity_bytes: int
     entries: int
+    counters: dict[str, int] = field(default_factory=dict)  # tier-specific events worth watching
 
     @property
     def free_bytes(self) -> int:
@@ -41,18 +48,22 @@ class StorageTier(ABC):
     name: str
 
     @abstractmethod
-    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None, pack: Pack | None = None) -> None:
         """Store ``enc`` under ``key`` (replacing any entry of that key); a persistent
-        tier keeps ``meta`` with it.
+        tier keeps ``meta`` with it; ``pack`` is applied to the bytes on the host first.
 
-        Raises :class:`TierFullError` when it does not fit and :class:`TierError` on an
-        I/O failure; in both cases the tier is unchanged.
+        Returns without waiting for the bytes to leave the GPU. Raises
+        :class:`TierFullError` when it does not fit and :class:`TierError` on an I/O
+        failure; in both cases the tier is unchanged. A tier that writes in the
+        background may instead lose the entry later (it then reads as a miss).
         """
 
     @abstractmethod
-    def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
-        """A copy of the entry on ``device``, or None if absent or damaged (damaged
-        entries are removed)."""
+    def get(self, key: str, device: torch.device | str = "cpu", unpack: Unpack | None = None) -> EncodedKV | None:
+        """A copy of the entry on ``device`` (through ``unpack`` when given, so in the form
+        ``put`` was handed), or None if absent or damaged (damaged entries are removed).
+        On a GPU the copy may still be in flight, ordered before later work on the current
+        stream."""
 
     @abstractmethod
     def delete(self, key: str) -> bool:

@@ -9,6 +9,10 @@ or cannot be parsed is a *miss*: it is deleted and never returned. Writes go to 
 temporary file that is renamed into place, so a crash leaves either the old state or
 the new one, never half a blob. The index is rebuilt from the files' headers on
 start-up, so entries written before a restart are found after it.
+
+Writes are behind the scheduler: ``put`` reserves room and queues the blob; one writer
+thread copies it off the GPU (on its own stream), entropy-codes it if asked and writes
+it, so the scheduler never waits for the GPU or the disk to store a context.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import struct
 import threading
 import uuid
@@ -26,8 +31,9 @@ from pathlib import Path
 import torch
 import xxhash
 
-from ..codecs import EncodedKV, KVShape
-from .base import StorageTier, TierError, TierFullError, TierUsage
+from ..codecs import CodecError, EncodedKV, KVShape
+from . import transfer
+from .base import Pack, StorageTier, TierError, TierFullError, TierUsage, Unpack
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ MAGIC = b"EVICKV01"
 _LEN = struct.Struct("<I")
 _SUM = struct.Struct("<Q")
 SUFFIX = ".kv"
+HEADER_SLACK = 64  # a packed blob's header may state a longer byte count than the estimate
 TMP_PREFIX = ".tmp-"
 
 
@@ -47,6 +54,18 @@ class _Entry:
     path: Path
     size: int  # file size, what counts against capacity
     meta: dict | None = None  # the caller's own description of the blob, kept in the header
+
+
+@dataclass
+class _Write:
+    """A put waiting for the writer thread."""
+
+    key: str
+    enc: EncodedKV  # as handed to put; its payload may still be on the GPU
+    meta: dict | None
+    pack: Pack | None
+    reserved: int  # bytes of capacity held for the file
+    ready: torch.cuda.Event | None  # recorded on the producer's stream: the payload is final after it
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -101,7 +120,7 @@ class DiskTier(StorageTier):
 
     name = "disk"
 
-    def __init__(self, root: str | os.PathLike, capacity_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike, capacity_bytes: int, max_pending_bytes: int = 1 << 30) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"disk tier capacity must be >= 0, got {capacity_bytes}")
         self.root = Path(root)
@@ -110,11 +129,19 @@ class DiskTier(StorageTier):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TierError(f"disk tier: cannot create {self.root}: {e.strerror}") from e
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards everything below; notified as writes finish
         self._entries: dict[str, _Entry] = {}
+        self._pending: dict[str, _Write] = {}
         self._used = 0
         self._reserved = 0
+        self._queued_bytes = 0
+        self.max_pending_bytes = max_pending_bytes
+        self.failed_writes = 0
+        self.last_error: str | None = None
         self._rebuild_index()
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._queue: queue.Queue[_Write] = queue.Queue()
+        threading.Thread(target=self._writer, name=f"evicpress-disk-writer:{self.root}", daemon=True).start()
 
     # -- index ---------------------------------------------------------------
 
@@ -143,63 +170,133 @@ class DiskTier(StorageTier):
 
     # -- StorageTier -----------------------------------------------------------
 
-    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
-        """Store ``enc``; ``meta`` (JSON-able) is kept with it and survives restarts."""
-        header = _encode_header(key, enc, meta)
-        size = _expected_size(len(header), enc.nbytes)
-        with self._lock:
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None, pack: Pack | None = None) -> None:
+        """Queue ``enc`` for writing; ``meta`` (JSON-able) is kept with it and survives restarts.
+
+        Room is reserved here (a full tier raises :class:`TierFullError` at once); the copy
+        off the GPU, ``pack`` and the write run on the writer thread. Until written, the entry
+        is served from ``enc`` itself. A write that fails later (disk full, I/O error) loses
+        only this entry, which then reads as a miss, and is counted in ``failed_writes``.
+        Blocks only while more than ``max_pending_bytes`` are waiting to be written.
+        """
+        bound = enc.nbytes if pack is None else enc.nbytes + enc.nbytes // 128 + 4096  # zstd's worst case
+        reserve = _expected_size(len(_encode_header(key, enc, meta)) + HEADER_SLACK, bound)
+        ready = None
+        if enc.payload.is_cuda:  # the bytes are final once the work queued so far has run
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(enc.payload.device))
+        with self._changed:
             old = self._entries.get(key)
             freed = old.size if old else 0
-            if self._used + self._reserved - freed + size > self.capacity:
+            if self._used + self._reserved - freed + reserve > self.capacity:
                 raise TierFullError(
-                    f"disk tier: {size} bytes do not fit ({self._used}/{self.capacity} used at {self.root})"
+                    f"disk tier: {reserve} bytes do not fit ({self._used + self._reserved}/{self.capacity} "
+                    f"used at {self.root})"
                 )
-            self._reserved += size
+            while self._queued_bytes and self._queued_bytes + enc.nbytes > self.max_pending_bytes:
+                self._changed.wait()
+            job = _Write(key, enc, meta, pack, reserve, ready)
+            self._pending[key] = job
+            self._reserved += reserve
+            self._queued_bytes += enc.nbytes
+        self._queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every queued write has finished (or failed)."""
+        self._queue.join()
+
+    def _writer(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._write(job)
+            finally:
+                with self._changed:
+                    self._queued_bytes -= job.enc.nbytes
+                    self._changed.notify_all()
+                self._queue.task_done()
+
+    def _write(self, job: "_Write") -> None:
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            payload = enc.payload.cpu().numpy().tobytes()
+            if not self._is_pending(job):
+                return  # deleted before its turn
+            enc = job.enc
+            if enc.payload.is_cuda:
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(job.ready)
+                    enc = enc.to("cpu")  # waits for this stream only
+            if job.pack is not None:
+                enc = job.pack(enc)
+            header = _encode_header(job.key, enc, job.meta)
+            size = _expected_size(len(header), enc.nbytes)
+            if size > job.reserved:
+                raise TierFullError(f"packed to {size} bytes, more than the {job.reserved} reserved")
+            payload = enc.payload.numpy()
             digest = xxhash.xxh64(header)
             digest.update(payload)
             with open(tmp, "wb") as f:
                 f.write(MAGIC + _LEN.pack(len(header)) + header)
                 f.write(payload)
                 f.write(_SUM.pack(digest.intdigest()))
-            path = self._path_for(key)
-            os.replace(tmp, path)
-        except OSError as e:
+            with self._changed:
+                if self._pending.get(job.key) is not job:
+                    return  # deleted while being written
+                path = self._path_for(job.key)
+                os.replace(tmp, path)
+                old = self._entries.get(job.key)
+                if old is not None:
+                    self._used -= old.size
+                self._entries[job.key] = _Entry(path, size, job.meta)
+                self._used += size
+                self._settle(job)
+        except Exception as e:  # the writer must survive anything one entry does
+            why = getattr(e, "strerror", None) or str(e)
+            log.warning("disk tier: writing %r under %s failed (%s); the entry is lost (a miss)", job.key,
+                        self.root, why)
+            with self._changed:
+                self.failed_writes += 1
+                self.last_error = f"writing {job.key!r}: {why}"
+                if self._pending.get(job.key) is job:
+                    self._settle(job)
+        finally:
             tmp.unlink(missing_ok=True)
-            with self._lock:
-                self._reserved -= size
-            raise TierError(f"disk tier: writing {key!r} under {self.root} failed: {e.strerror or e}") from e
-        with self._lock:
-            self._reserved -= size
-            old = self._entries.get(key)
-            if old is not None:
-                self._used -= old.size
-            self._entries[key] = _Entry(path, size, meta)
-            self._used += size
+
+    def _is_pending(self, job: "_Write") -> bool:
+        with self._changed:
+            return self._pending.get(job.key) is job
+
+    def _settle(self, job: "_Write") -> None:
+        """Forget a queued write and its reservation (lock held)."""
+        del self._pending[job.key]
+        self._reserved -= job.reserved
 
     def meta(self, key: str) -> dict | None:
         """What the caller stored with ``key`` (from the index: no file read)."""
-        with self._lock:
-            e = self._entries.get(key)
+        with self._changed:
+            e = self._pending.get(key) or self._entries.get(key)
             return e.meta if e else None
 
-    def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
-        with self._lock:
+    def get(self, key: str, device: torch.device | str = "cpu", unpack: Unpack | None = None) -> EncodedKV | None:
+        with self._changed:
+            job = self._pending.get(key)
             e = self._entries.get(key)
+        if job is not None:  # not written yet: serve the bytes put was handed (already unpacked)
+            return EncodedKV(job.enc.codec, job.enc.shape, transfer.to_device(job.enc.payload, device))
         if e is None:
             return None
         try:
             enc = self._read(e.path, key)
+            if unpack is not None:
+                enc = unpack(enc)
         except FileNotFoundError:
             self._forget(key, e, unlink=False)
             return None
-        except (OSError, CorruptEntry) as err:
+        except (OSError, CorruptEntry, CodecError) as err:
             log.warning("disk tier: entry %r is damaged (%s); treating it as a miss", key, err)
             self._forget(key, e, unlink=True)
             return None
-        return enc.to(device)
+        return EncodedKV(enc.codec, enc.shape, transfer.to_device(enc.payload, device))
 
     def _read(self, path: Path, key: str) -> EncodedKV:
         with open(path, "rb") as f:
@@ -220,7 +317,7 @@ class DiskTier(StorageTier):
         return EncodedKV(header["codec"], shape, torch.frombuffer(bytearray(payload), dtype=torch.uint8))
 
     def _forget(self, key: str, entry: _Entry, unlink: bool) -> None:
-        with self._lock:
+        with self._changed:
             if self._entries.get(key) is entry:
                 del self._entries[key]
                 self._used -= entry.size
@@ -228,22 +325,27 @@ class DiskTier(StorageTier):
             entry.path.unlink(missing_ok=True)
 
     def delete(self, key: str) -> bool:
-        with self._lock:
+        with self._changed:
+            job = self._pending.get(key)
+            if job is not None:
+                self._settle(job)  # the writer skips or discards it
             e = self._entries.pop(key, None)
-            if e is None:
-                return False
-            self._used -= e.size
-        e.path.unlink(missing_ok=True)
-        return True
+            if e is not None:
+                self._used -= e.size
+        if e is not None:
+            e.path.unlink(missing_ok=True)
+        return job is not None or e is not None
 
     def contains(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
+        with self._changed:
+            return key in self._pending or key in self._entries
 
     def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._entries)
+        with self._changed:
+            return list(dict.fromkeys([*self._entries, *self._pending]))
 
     def usage(self) -> TierUsage:
-        with self._lock:
-            return TierUsage(self._used, self.capacity, len(self._entries))
+        """Bytes written plus bytes reserved for queued writes (so planners never overfill)."""
+        with self._changed:
+            return TierUsage(self._used + self._reserved, self.capacity, len(set(self._entries) | set(self._pending)),
+                             {"failed_writes": self.failed_writes, "queued_writes": len(self._pending)})

@@ -5,6 +5,11 @@ the reference H100 host, against 8 GB/s pageable), but ``cudaHostAlloc`` costs
 milliseconds per call, far too slow to do per entry. So the tier pins one arena of
 its whole capacity up front and hands out byte ranges of it with a first-fit free
 list that merges neighbours on release.
+
+Copies in and out are asynchronous (:mod:`.transfer`): a put returns before its bytes
+have left the GPU, and each entry keeps the event that says when they have. A GPU get
+is queued behind that event; only host-side reads of the arena (a CPU get, compaction)
+wait for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..codecs import EncodedKV, KVShape
-from .base import StorageTier, TierFullError, TierUsage
+from . import transfer
+from .base import Pack, StorageTier, TierFullError, TierUsage, Unpack
 
 ALIGN = 256  # keeps every blob start aligned for any dtype view and for DMA
 
@@ -70,6 +76,13 @@ class _Entry:
     shape: KVShape
     offset: int
     nbytes: int
+    ready: torch.cuda.Event | None  # fires once the bytes are in the arena (None: they are)
+
+    def wait(self) -> None:
+        """Block until the arena holds this entry's bytes (host-side reads only)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
 
 class HostTier(StorageTier):
@@ -87,12 +100,15 @@ class HostTier(StorageTier):
         self._entries: dict[str, _Entry] = {}
         self._used = 0
         self._lock = threading.Lock()
+        self.compactions = 0  # each one waits for the GPU and moves every blob: worth watching
 
     @property
     def pinned(self) -> bool:
         return self._arena.is_pinned()
 
-    def put(self, key: str, enc: EncodedKV, meta: dict | None = None) -> None:
+    def put(self, key: str, enc: EncodedKV, meta: dict | None = None, pack: Pack | None = None) -> None:
+        if pack is not None:  # an entropy coder needs the bytes on the CPU first: this one waits
+            enc = pack(enc.to("cpu"))
         with self._lock:
             # Allocate before releasing any entry of the same key, so a failed
             # replacement leaves the old blob in place.
@@ -109,9 +125,9 @@ class HostTier(StorageTier):
             if old is not None:
                 self._release(key, old)
             n = enc.nbytes
-            # One copy per entry; from a GPU this is a single DMA into pinned memory.
-            self._arena[offset : offset + n].copy_(enc.payload.reshape(-1))
-            self._entries[key] = _Entry(enc.codec, enc.shape, offset, n)
+            # One copy per entry; from a GPU a single DMA into pinned memory, not waited for.
+            ready = transfer.copy_out(enc.payload.reshape(-1), self._arena[offset : offset + n])
+            self._entries[key] = _Entry(enc.codec, enc.shape, offset, n, ready)
             self._used += n
 
     def _compact(self) -> None:
@@ -119,6 +135,11 @@ class HostTier(StorageTier):
 
         Blobs only move towards lower offsets, so copying in offset order never overwrites
         a blob that has not moved yet (overlapping ranges go through a temporary copy)."""
+        self.compactions += 1
+        for e in self._entries.values():
+            e.wait()
+        if torch.cuda.is_available():  # GPU reads of blobs about to move must be done
+            torch.cuda.synchronize()
         cursor = 0
         for key, e in sorted(self._entries.items(), key=lambda kv: kv[1].offset):
             if e.offset != cursor:
@@ -135,17 +156,22 @@ class HostTier(StorageTier):
         self._alloc.free(entry.offset, entry.nbytes)
         self._used -= entry.nbytes
 
-    def get(self, key: str, device: torch.device | str = "cpu") -> EncodedKV | None:
+    def get(self, key: str, device: torch.device | str = "cpu", unpack: Unpack | None = None) -> EncodedKV | None:
+        device = torch.device(device)
         with self._lock:
             e = self._entries.get(key)
             if e is None:
                 return None
             view = self._arena[e.offset : e.offset + e.nbytes]
-            # A copy, so the caller keeps valid bytes even if the entry is deleted next.
-            payload = view.to(device, copy=True, non_blocking=self.pinned and torch.device(device).type == "cuda")
-        if payload.is_cuda:
-            torch.cuda.current_stream(payload.device).synchronize()
-        return EncodedKV(e.codec, e.shape, payload)
+            # A copy, so the caller keeps valid bytes even if the entry is deleted next; a
+            # freed range is rewritten only by a later put, whose copy is queued after this one.
+            if unpack is None and device.type == "cuda" and self.pinned:
+                return EncodedKV(e.codec, e.shape, transfer.copy_in(view, device, after=e.ready))
+            e.wait()
+            host = EncodedKV(e.codec, e.shape, view)
+            if unpack is not None:
+                host = unpack(host)
+            return EncodedKV(host.codec, host.shape, transfer.to_device(host.payload, device))
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -165,4 +191,4 @@ class HostTier(StorageTier):
 
     def usage(self) -> TierUsage:
         with self._lock:
-            return TierUsage(self._used, self.capacity, len(self._entries))
+            return TierUsage(self._used, self.capacity, len(self._entries), {"compactions": self.compactions})
