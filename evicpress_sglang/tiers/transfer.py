@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Sequence
 
 import torch
 
@@ -67,22 +68,25 @@ def _for(device: torch.device) -> _Streams:
         return _streams[device]
 
 
-def copy_out(src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
-    """Copy ``src`` into the host tensor ``dst`` (pinned, same size) once the work queued so
-    far on the current stream is done, without waiting for it here.
+def copy_out(src: torch.Tensor, dsts: Sequence[torch.Tensor]) -> torch.cuda.Event | None:
+    """Copy 1-D ``src`` into the host tensors ``dsts`` (pinned; their sizes add up to its size,
+    in order) once the work queued so far on the current stream is done, without waiting here.
 
-    Returns the event after which ``dst`` holds the bytes, or None when the copy is already
+    Returns the event after which ``dsts`` hold the bytes, or None when the copy is already
     complete (``src`` on the CPU). ``src`` stays valid for the copy however the caller drops it.
     """
+    parts = src.split([d.numel() for d in dsts])
     if not src.is_cuda:
-        dst.copy_(src)
+        for d, part in zip(dsts, parts):
+            d.copy_(part)
         return None
     s = _for(src.device)
     nbytes = src.numel() * src.element_size()
     s.make_room(nbytes)
     s.copy_out.wait_stream(torch.cuda.current_stream(src.device))
     with torch.cuda.stream(s.copy_out):
-        dst.copy_(src, non_blocking=True)
+        for d, part in zip(dsts, parts):
+            d.copy_(part, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
     src.record_stream(s.copy_out)  # the caching allocator must not reuse src before the copy ran
@@ -91,19 +95,23 @@ def copy_out(src: torch.Tensor, dst: torch.Tensor) -> torch.cuda.Event | None:
     return done
 
 
-def copy_in(src: torch.Tensor, device: torch.device | str, after: torch.cuda.Event | None = None) -> torch.Tensor:
-    """A copy of host tensor ``src`` on ``device``. ``after`` is the event that makes ``src``
-    valid (from :func:`copy_out`); on a GPU the copy is queued on the current stream behind it
-    and this returns at once, so ``src`` must be pinned and must not change until the current
-    stream has passed the copy."""
+def copy_in(srcs: Sequence[torch.Tensor], device: torch.device | str,
+            after: torch.cuda.Event | None = None) -> torch.Tensor:
+    """The host tensors ``srcs`` (1-D uint8) joined into one tensor on ``device``. ``after``
+    is the event that makes them valid (from :func:`copy_out`); on a GPU the copies are queued
+    on the current stream behind it and this returns at once, so ``srcs`` must be pinned and
+    must not change until the current stream has passed the copies."""
     device = torch.device(device)
     if device.type != "cuda":
         if after is not None:
             after.synchronize()
-        return src.to(device, copy=True)
+        return torch.cat(list(srcs)).to(device)
     if after is not None:
         torch.cuda.current_stream(device).wait_event(after)
-    return src.to(device, copy=True, non_blocking=True)
+    out = torch.empty(sum(t.numel() for t in srcs), dtype=torch.uint8, device=device)
+    for part, src in zip(out.split([t.numel() for t in srcs]), srcs):
+        part.copy_(src, non_blocking=True)
+    return out
 
 
 def upload(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -139,5 +147,5 @@ def to_device(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A copy of ``src`` on ``device`` by the cheapest of the paths above."""
     device = torch.device(device)
     if src.device.type == "cpu" and device.type == "cuda":
-        return copy_in(src, device) if src.is_pinned() else upload(src, device)
+        return copy_in([src], device) if src.is_pinned() else upload(src, device)
     return src.to(device, copy=True)
