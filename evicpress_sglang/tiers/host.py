@@ -36,7 +36,6 @@ class ArenaAllocator:
     """First-fit allocation of byte ranges in ``[0, capacity)``; not thread-safe."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         usable = capacity - capacity % ALIGN  # so that every free range is a multiple of ALIGN
         self._free: list[tuple[int, int]] = [(0, usable)] if usable > 0 else []  # sorted (offset, size)
 
@@ -177,7 +176,7 @@ class HostTier(StorageTier):
             views = self._views(e.extents)
             # A copy, so the caller keeps valid bytes even if the entry is deleted next; a
             # freed range is rewritten only by a later put, whose copy is queued after this one.
-            if unpack is None and device.type == "cuda" and self.pinned:
+            if unpack is None and (device.type != "cuda" or self.pinned):
                 return EncodedKV(e.codec, e.shape, transfer.copy_in(views, device, after=e.ready))
             e.wait()
             host = EncodedKV(e.codec, e.shape, torch.cat(views))
