@@ -1,7 +1,10 @@
 """KV codecs, chosen by name.
 
-A codec name is a base quantizer optionally followed by ``+zstd``:
-``bf16``, ``fp8``, ``int8``, ``int4``, ``int2``, ``bf16+zstd``, ``int4+zstd``, ...
+A codec name is ``[<selector>:<ratio>+]<quantizer>[+zstd]``: an optional token-dropping
+stage (``knorm``, ``keydiff``, ``streaming``; see :mod:`.drop`), a quantizer (``bf16``,
+``fp8``, ``int8``, ``int4``, ``int2``; bf16 when only a dropping stage is named) and
+optional lossless entropy coding. Examples: ``int4``, ``int4+zstd``, ``keydiff:0.6``,
+``keydiff:0.6+int8+zstd``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from functools import cache
 
 from .base import CodecError, EncodedKV, KVCodec, KVShape
+from .drop import SELECTORS, DropCodec, parse_selector
 from .fp8 import FP8Codec
 from .identity import IdentityCodec
 from .int8 import Int8Codec
@@ -23,7 +27,8 @@ LOSSLESS_STAGES = ("zstd",)
 
 
 def codec_names(with_zstd: bool = True) -> list[str]:
-    """Every codec name the registry builds (without token dropping)."""
+    """Every quantizer name the registry builds, with and without zstd (dropping stages
+    take any ratio, so they are not enumerated)."""
     names = list(QUANTIZERS)
     return names + [f"{n}+zstd" for n in QUANTIZERS] if with_zstd else names
 
@@ -32,16 +37,30 @@ def codec_names(with_zstd: bool = True) -> list[str]:
 def get_codec(name: str) -> KVCodec:
     """Build (once) the codec called ``name``; unknown names are a :class:`CodecError`
     that lists the valid ones."""
-    parts = name.strip().split("+")
-    base, stages = parts[0], parts[1:]
-    if base not in QUANTIZERS or any(s not in LOSSLESS_STAGES for s in stages) or len(stages) > 1:
+    name = name.strip()
+    stages = name.split("+")
+    selector = parse_selector(stages[0])
+    if selector is not None:
+        stages = stages[1:]
+        if not stages or stages[0] not in QUANTIZERS:
+            stages = ["bf16", *stages]
+    base, rest = stages[0], stages[1:]
+    if base not in QUANTIZERS or rest not in ([], ["zstd"]):
         raise CodecError(
-            f"unknown codec {name!r}; valid: {', '.join(QUANTIZERS)}, each optionally followed by '+zstd'"
+            f"unknown codec {name!r}; valid: [<{'|'.join(SELECTORS)}>:<ratio>+]<{'|'.join(QUANTIZERS)}>[+zstd], "
+            "e.g. int4, int4+zstd, keydiff:0.6+int8"
         )
     codec: KVCodec = QUANTIZERS[base]()
-    if stages:
+    if selector is not None:
+        codec = DropCodec(selector, codec, name.removesuffix("+zstd"))
+    if rest:
         codec = ZstdCodec(codec)
     return codec
 
 
-__all__ = ["CodecError", "EncodedKV", "KVCodec", "KVShape", "codec_names", "get_codec"]
+def drops_tokens(codec: KVCodec) -> bool:
+    """True when decoding yields fewer tokens than were encoded (a dropping stage)."""
+    return isinstance(codec.device_codec, DropCodec)
+
+
+__all__ = ["CodecError", "DropCodec", "EncodedKV", "KVCodec", "KVShape", "codec_names", "drops_tokens", "get_codec"]

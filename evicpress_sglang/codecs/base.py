@@ -120,6 +120,10 @@ class KVCodec(ABC):
     def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Reconstruct into caller-given tensors (shape ``enc.shape``), on their device."""
 
+    def output_shape(self, shape: KVShape) -> KVShape:
+        """Shape of the decoded KV: ``shape`` itself unless the codec drops tokens."""
+        return shape
+
     @property
     def device_codec(self) -> "KVCodec":
         """The part of this codec that runs where the KV is (itself, unless it has a host stage)."""
@@ -208,8 +212,7 @@ def check_decodable(codec: KVCodec, enc: EncodedKV, out_k: torch.Tensor, out_v: 
         raise CodecError("payload must be a 1-D uint8 tensor")
     if codec.fixed_rate and enc.nbytes != codec.nbytes(enc.shape):
         raise CodecError(f"payload has {enc.nbytes} bytes, codec {codec.name} expects {codec.nbytes(enc.shape)}")
+    want = codec.output_shape(enc.shape)
     for name, out in (("out_k", out_k), ("out_v", out_v)):
-        if tuple(out.shape) != enc.shape.tensor_shape or out.dtype != enc.shape.dtype:
-            raise CodecError(
-                f"{name} is {tuple(out.shape)}/{out.dtype}, blob holds {enc.shape.tensor_shape}/{enc.shape.dtype}"
-            )
+        if tuple(out.shape) != want.tensor_shape or out.dtype != want.dtype:
+            raise CodecError(f"{name} is {tuple(out.shape)}/{out.dtype}, blob decodes to {want.tensor_shape}/{want.dtype}")

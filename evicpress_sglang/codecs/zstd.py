@@ -28,6 +28,9 @@ class ZstdCodec(KVCodec):
     def nbytes(self, shape: KVShape) -> int:
         return self.inner.nbytes(shape)
 
+    def output_shape(self, shape: KVShape) -> KVShape:
+        return self.inner.output_shape(shape)
+
     @property
     def device_codec(self) -> KVCodec:
         return self.inner

@@ -17,14 +17,21 @@ from .cost import CostModel
 
 #: Quality assumed for a codec before the profiler has measured it on a context:
 #: deliberately pessimistic, so unprofiled contexts are compressed only when it pays.
-PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0.75}
+PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0.75, "zstd": 1.0}
+#: Quality lost per unit of drop ratio, before profiling: half the ratio for the
+#: key-scored selectors, more for a fixed window that ignores content.
+PRIOR_DROP_LOSS = {"knorm": 0.5, "keydiff": 0.5, "streaming": 0.7}
 
 
 def prior_quality(codec: str | None) -> float:
+    """The product of the codec's stages' priors (a dropping stage then a quantizer)."""
     if codec is None:
         return 1.0
-    base = codec.split("+")[0]
-    return PRIOR_QUALITY.get(base, 0.5)
+    q = 1.0
+    for stage in codec.split("+"):
+        name, _, ratio = stage.partition(":")
+        q *= 1.0 - PRIOR_DROP_LOSS.get(name, 1.0) * float(ratio) if ratio else PRIOR_QUALITY.get(stage, 0.5)
+    return max(q, 0.0)
 
 
 class ContextTable:

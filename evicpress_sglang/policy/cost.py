@@ -27,7 +27,8 @@ GB = 1e9
 
 
 def _base(codec: str) -> str:
-    return codec.split("+")[0]
+    """The codec without its lossless host stage: what runs on the GPU."""
+    return codec.removesuffix("+zstd")
 
 
 #: Decode throughput, bytes of *uncompressed* KV per second, until measured: what
@@ -63,7 +64,13 @@ class CostModel:
     def decode_s_per_raw_byte(self, codec: str, layout: KVShape) -> float:
         """Seconds of decoding per byte of uncompressed KV (GPU dequant + CPU zstd)."""
         base = _base(codec)
-        s = 0.0 if base == "bf16" else 1.0 / self.decode_rate.get(base, DEFAULT_DECODE_RATE.get(base, 100 * GB))
+        if base in self.decode_rate:
+            s = 1.0 / self.decode_rate[base]
+        else:  # unmeasured: the quantizer's reference rate over the tokens it keeps
+            ref = layout.with_tokens(1024)
+            kept = get_codec(base).output_shape(ref).tokens / ref.tokens
+            quantizer = base.split("+")[-1] if ":" not in base.split("+")[-1] else "bf16"
+            s = 0.0 if quantizer == "bf16" else kept / DEFAULT_DECODE_RATE.get(quantizer, 100 * GB)
         if codec.endswith("+zstd"):
             ref = layout.with_tokens(1024)
             s += get_codec(base).nbytes(ref) / ref.raw_nbytes / self.zstd_bps
@@ -145,10 +152,11 @@ def calibrate(
     g = torch.Generator(device="cpu").manual_seed(0)
     k = (torch.randn(shape.tensor_shape, generator=g) * 2).to(device=device, dtype=shape.dtype)
     v = torch.randn(shape.tensor_shape, generator=g).to(device=device, dtype=shape.dtype)
-    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
     for name in codecs:
         codec = get_codec(name)
         enc = codec.encode(k, v)
+        out_k = torch.empty(codec.output_shape(shape).tensor_shape, dtype=shape.dtype, device=device)
+        out_v = torch.empty_like(out_k)
         if codec.fixed_rate:
             if name != "bf16":
                 model.decode_rate[name] = _rate(shape.raw_nbytes, lambda: codec.decode(enc, out_k, out_v))

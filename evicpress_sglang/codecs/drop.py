@@ -1,0 +1,170 @@
+"""Token dropping: keep a subset of a context's tokens, then quantize what is kept.
+
+A dropping codec is ``<selector>:<ratio>`` optionally followed by a quantizer, e.g.
+``keydiff:0.6`` or ``keydiff:0.6+int8`` (and ``+zstd`` on top of that). It removes
+``floor(ratio * tokens)`` tokens, chosen only from what the KV cache holds at eviction
+time (no queries are available then), and hands the kept tokens to the inner codec.
+
+The payload starts with the kept tokens' *positions* (int32, ascending, relative to
+the start of the context) because keys carry rotary position embeddings: a request that
+continues a dropped context must use positions that follow the original length, and a
+context that is dropped again composes its positions (``encode(..., positions=...)``).
+
+Selection is per context, shared by every layer and head, unlike kvpress, which prunes
+per head: SGLang's KV pool gives a token one slot in every layer, so a per-head choice
+would need per-head page tables. Scores are standardised per (layer, head) before they
+are averaged, so no single layer or head decides alone.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from .base import SEGMENT_ALIGN, CodecError, EncodedKV, KVCodec, KVShape, check_decodable
+
+POSITION_DTYPE = torch.int32
+
+
+def _aligned(n: int) -> int:
+    return -(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN
+
+
+class TokenSelector(ABC):
+    """Which tokens of a context to keep, from its keys alone."""
+
+    name: str
+
+    def __init__(self, ratio: float) -> None:
+        if not 0.0 <= ratio < 1.0:
+            raise CodecError(f"{self.name}: drop ratio must be in [0, 1), got {ratio}")
+        self.ratio = ratio
+
+    def kept(self, tokens: int) -> int:
+        """How many of ``tokens`` survive: at least one, fixed by the count alone so that
+        sizes are known before encoding."""
+        return max(1, tokens - math.floor(self.ratio * tokens)) if tokens else 0
+
+    def select(self, k: torch.Tensor) -> torch.Tensor:
+        """Ascending indices (int64, on ``k``'s device) of the tokens to keep."""
+        tokens, keep = k.shape[1], self.kept(k.shape[1])
+        if keep >= tokens:
+            return torch.arange(tokens, device=k.device)
+        chosen = self.choose(k, keep)
+        return torch.sort(chosen).values
+
+    @abstractmethod
+    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
+        """``keep`` token indices of ``k`` ([layers, tokens, heads, head_dim]), any order."""
+
+
+def _standardised(score: torch.Tensor) -> torch.Tensor:
+    """[layers, tokens, heads] scores -> one per token, each (layer, head) weighted alike."""
+    score = score.float()
+    mean = score.mean(dim=1, keepdim=True)
+    std = score.std(dim=1, keepdim=True).clamp_min(1e-6) if score.shape[1] > 1 else torch.ones_like(mean)
+    return ((score - mean) / std).mean(dim=(0, 2))
+
+
+class KNormSelector(TokenSelector):
+    """Keep the tokens with the *smallest* key L2 norm (Devoto et al. 2024, kvpress
+    ``KnormPress``): low-norm keys draw the most attention."""
+
+    name = "knorm"
+
+    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
+        norm = k.float().norm(dim=-1)  # [layers, tokens, heads]
+        return torch.topk(-_standardised(norm), keep).indices
+
+
+class KeyDiffSelector(TokenSelector):
+    """Keep the tokens whose keys differ most from the context's mean key direction
+    (KeyDiff, kvpress ``KeyDiffPress``): distinctive keys carry the information."""
+
+    name = "keydiff"
+
+    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(k.float(), dim=-1)
+        anchor = torch.nn.functional.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
+        similarity = (unit * anchor).sum(dim=-1)  # [layers, tokens, heads]
+        return torch.topk(-_standardised(similarity), keep).indices
+
+
+class StreamingSelector(TokenSelector):
+    """Attention sinks plus a recent window (StreamingLLM): the first ``SINKS`` tokens of
+    the context and as many of its last tokens as the ratio allows."""
+
+    name = "streaming"
+    SINKS = 4
+
+    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
+        tokens = k.shape[1]
+        sinks = min(self.SINKS, keep)
+        head = torch.arange(sinks, device=k.device)
+        tail = torch.arange(tokens - (keep - sinks), tokens, device=k.device)
+        return torch.cat([head, tail])
+
+
+SELECTORS: dict[str, type[TokenSelector]] = {c.name: c for c in (KNormSelector, KeyDiffSelector, StreamingSelector)}
+
+
+class DropCodec(KVCodec):
+    """Token selection followed by an inner fixed-rate codec on the kept tokens."""
+
+    def __init__(self, selector: TokenSelector, inner: KVCodec, name: str) -> None:
+        if not inner.fixed_rate:
+            raise CodecError(f"{name}: token dropping goes before '+zstd', not after it")
+        self.selector = selector
+        self.inner = inner
+        self.name = name
+        self.lossless = False
+
+    def output_shape(self, shape: KVShape) -> KVShape:
+        return shape.with_tokens(self.selector.kept(shape.tokens))
+
+    def nbytes(self, shape: KVShape) -> int:
+        kept = self.output_shape(shape)
+        return _aligned(kept.tokens * 4) + self.inner.nbytes(kept)
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> EncodedKV:
+        """``positions``: where the given tokens sit in the context (default 0..tokens-1);
+        a context dropped before passes the positions its kept tokens had."""
+        shape = KVShape.of(k)
+        idx = self.selector.select(k)
+        if positions is None:
+            kept_pos = idx
+        else:
+            if positions.numel() != shape.tokens:
+                raise CodecError(f"{positions.numel()} positions for {shape.tokens} tokens")
+            kept_pos = positions.to(k.device, torch.int64)[idx]
+        inner = self.inner.encode(k[:, idx], v[:, idx])
+        head = torch.zeros(_aligned(idx.numel() * 4), dtype=torch.uint8, device=k.device)
+        head[: idx.numel() * 4] = kept_pos.to(POSITION_DTYPE).view(torch.uint8)
+        return EncodedKV(self.name, shape, torch.cat([head, inner.payload]))
+
+    def positions(self, enc: EncodedKV) -> torch.Tensor:
+        """The kept tokens' positions in the context (int64, the payload's device)."""
+        kept = self.output_shape(enc.shape).tokens
+        return enc.payload[: kept * 4].view(POSITION_DTYPE).to(torch.int64)
+
+    def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Writes the kept tokens (``output_shape`` of the blob's shape) into the outputs."""
+        check_decodable(self, enc, out_k, out_v)
+        kept = self.output_shape(enc.shape)
+        payload = enc.payload.to(out_k.device)
+        inner = EncodedKV(self.inner.name, kept, payload[_aligned(kept.tokens * 4):])
+        self.inner.decode(inner, out_k, out_v)
+
+
+def parse_selector(stage: str) -> TokenSelector | None:
+    """``keydiff:0.6`` -> its selector; None when ``stage`` is not a dropping stage."""
+    name, sep, ratio = stage.partition(":")
+    if not sep or name not in SELECTORS:
+        return None
+    try:
+        value = float(ratio)
+    except ValueError:
+        raise CodecError(f"{stage!r}: drop ratio must be a number") from None
+    return SELECTORS[name](value)

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from evicpress_sglang.codecs import CodecError, KVShape, drops_tokens, get_codec
+from evicpress_sglang.codecs.drop import StreamingSelector
+from evicpress_sglang.policy import CostModel, prior_quality
+
+
+def _kv(tokens=100, layers=3, heads=2, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(layers, tokens, heads, dim, generator=g)
+    v = torch.randn(layers, tokens, heads, dim, generator=g)
+    return k.to(torch.bfloat16), v.to(torch.bfloat16)
+
+
+def _decode(codec, enc):
+    shape = codec.output_shape(enc.shape)
+    out_k = torch.empty(shape.tensor_shape, dtype=shape.dtype)
+    out_v = torch.empty_like(out_k)
+    codec.decode(enc, out_k, out_v)
+    return out_k, out_v
+
+
+@pytest.mark.parametrize("name", ["knorm:0.3", "keydiff:0.6", "streaming:0.9", "keydiff:0.6+int8", "knorm:0.3+int4",
+                                  "keydiff:0.3+fp8", "keydiff:0.6+int4+zstd"])
+@pytest.mark.parametrize("tokens", [1, 7, 100, 257])
+def test_sizes_are_exact_and_kept_count_follows_the_ratio(name, tokens):
+    codec = get_codec(name)
+    k, v = _kv(tokens)
+    enc = codec.encode(k, v)
+    ratio = float(name.split("+")[0].split(":")[1])
+    kept = codec.output_shape(KVShape.of(k)).tokens
+    assert kept == max(1, tokens - int(ratio * tokens))
+    if codec.fixed_rate:
+        assert enc.nbytes == codec.nbytes(KVShape.of(k))
+    else:  # zstd on top: inflates to exactly the inner codec's size
+        assert codec.unpack_host(enc).nbytes == codec.nbytes(KVShape.of(k))
+    out_k, out_v = _decode(codec, enc)
+    assert out_k.shape[1] == kept and torch.isfinite(out_k.float()).all()
+    pos = codec.device_codec.positions(codec.unpack_host(enc) if codec.has_host_stage else enc)
+    assert pos.numel() == kept and torch.all(pos[1:] > pos[:-1]) and 0 <= int(pos[0]) and int(pos[-1]) < tokens
+    assert drops_tokens(codec)
+
+
+def test_bf16_inner_returns_exactly_the_kept_tokens():
+    codec = get_codec("keydiff:0.6")
+    k, v = _kv(90)
+    enc = codec.encode(k, v)
+    pos = codec.positions(enc)
+    out_k, out_v = _decode(codec, enc)
+    assert torch.equal(out_k, k[:, pos]) and torch.equal(out_v, v[:, pos])
+
+
+def test_quantized_inner_stays_within_its_error_on_the_kept_tokens():
+    k, v = _kv(128)
+    codec = get_codec("knorm:0.3+int8")
+    enc = codec.encode(k, v)
+    pos = codec.positions(enc)
+    out_k, _ = _decode(codec, enc)
+    err = (out_k.float() - k[:, pos].float()).abs().max().item()
+    assert err < 0.05 * k.float().abs().max().item()
+
+
+def test_knorm_keeps_the_smallest_keys():
+    k, v = _kv(50)
+    k[:, :10] *= 10  # ten loud tokens in every layer and head
+    pos = get_codec("knorm:0.2").positions(get_codec("knorm:0.2").encode(k, v))
+    assert set(range(10)).isdisjoint(pos.tolist())
+
+
+def test_keydiff_keeps_the_distinctive_keys():
+    k, v = _kv(60)
+    common = torch.randn(k.shape[-1])
+    k = (common.expand_as(k.float()) + 0.05 * k.float()).to(torch.bfloat16)  # nearly identical keys...
+    odd = [3, 17, 41]
+    k[:, odd] = -k[:, odd]  # ...except three pointing the other way
+    codec = get_codec("keydiff:0.9")
+    pos = codec.positions(codec.encode(k, v)).tolist()
+    assert set(odd) <= set(pos) and len(pos) == 6
+
+
+def test_streaming_keeps_sinks_and_the_recent_window():
+    k, v = _kv(40)
+    pos = get_codec("streaming:0.5").positions(get_codec("streaming:0.5").encode(k, v)).tolist()
+    sinks = StreamingSelector.SINKS
+    assert pos == list(range(sinks)) + list(range(40 - (20 - sinks), 40))
+
+
+def test_redropping_composes_positions():
+    k, v = _kv(100)
+    first = get_codec("keydiff:0.5")
+    enc = first.encode(k, v)
+    pos1 = first.positions(enc)
+    k1, v1 = _decode(first, enc)
+    second = get_codec("streaming:0.5+int8")
+    enc2 = second.encode(k1, v1, positions=pos1)
+    pos2 = second.positions(enc2)
+    assert pos2.numel() == 25 and set(pos2.tolist()) <= set(pos1.tolist())
+    assert torch.equal(pos2[: StreamingSelector.SINKS], pos1[: StreamingSelector.SINKS])
+    with pytest.raises(CodecError, match="positions"):
+        second.encode(k1, v1, positions=pos1[:-1])
+
+
+def test_damaged_or_foreign_blobs_are_refused():
+    k, v = _kv(64)
+    codec = get_codec("keydiff:0.3+int4")
+    enc = codec.encode(k, v)
+    enc.payload = enc.payload[:-16]
+    with pytest.raises(CodecError, match="bytes"):
+        _decode(codec, enc)
+    with pytest.raises(CodecError, match="written by"):
+        _decode(codec, get_codec("keydiff:0.6+int4").encode(k, v))
+    full = (torch.empty_like(k), torch.empty_like(v))  # the caller must size outputs for the kept tokens
+    with pytest.raises(CodecError, match="decodes to"):
+        codec.decode(codec.encode(k, v), *full)
+
+
+@pytest.mark.parametrize("bad", ["keydiff:1.0", "keydiff:-0.1", "keydiff:abc", "snap:0.3", "int4+keydiff:0.3",
+                                 "keydiff:0.3+zstd+int4"])
+def test_bad_names_are_clear_errors(bad):
+    with pytest.raises(CodecError):
+        get_codec(bad)
+
+
+def test_policy_sees_dropping_codecs_as_smaller_faster_and_lossier():
+    layout = KVShape(30, 4096, 3, 64, torch.bfloat16)
+    cost = CostModel()
+    plain, dropped = cost.stored_nbytes("int8", layout), cost.stored_nbytes("keydiff:0.6+int8", layout)
+    assert dropped < 0.45 * plain
+    assert cost.decode_s_per_raw_byte("keydiff:0.6+int8", layout) < cost.decode_s_per_raw_byte("int8", layout)
+    assert prior_quality("keydiff:0.6+int8") < prior_quality("keydiff:0.3+int8") < prior_quality("int8")
