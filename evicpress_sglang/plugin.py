@@ -1,6 +1,7 @@
 """The SGLang plugin: loaded by SGLang in every process (entry point group
 ``sglang.srt.plugins``), it registers the ``evicpress`` radix-cache backend, teaches
-the scheduler the admin requests, and adds the admin endpoints to the HTTP server."""
+the scheduler the admin requests, adds the admin endpoints to the HTTP server, and
+shifts the positions of requests served from token-dropped contexts."""
 
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def _time_prefill(original, worker, batch=None, *args, **kwargs):
     return around_forward(original, worker, batch, *args, **kwargs)
 
 
+def _shift_positions(forward_batch, cls, *args, **kwargs):
+    """After ``ForwardBatch.init_new``: positions of requests served from token-dropped contexts."""
+    from .backend.dropped import shift_positions
+
+    batch = kwargs["batch"] if "batch" in kwargs else args[0]
+    shift_positions(forward_batch, batch)
+    return forward_batch
+
+
 def load() -> None:
     """Entry point; idempotent (SGLang may call plugin loading more than once)."""
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
@@ -77,6 +87,8 @@ def load() -> None:
                               HookType.AROUND)
         HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation",
                               _time_prefill, HookType.AROUND)
+        HookRegistry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+                              _shift_positions, HookType.AFTER)
         if multiprocessing.current_process().name == "MainProcess":  # where the HTTP server runs
             HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch,
                                   HookType.BEFORE)

@@ -53,6 +53,9 @@ class Settings:
     #: Pinning it lets a small model stand in for a large one in policy studies.
     prefill_s_per_token: float | None = None
     verify: bool = False  # debug: fingerprint node KV at insert, check it at eviction and after load-back
+    #: False only to measure what wrong positions cost: requests continuing a token-dropped
+    #: context then take positions that follow the kept tokens instead of the original length.
+    shift_positions: bool = True
 
     @property
     def active_disk_codecs(self) -> list[str]:
@@ -89,7 +92,7 @@ def _coerce(name: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise SettingsError(f"{name}: expected seconds per token in (0, 1) or null, got {value!r}")
         return float(value)
-    if name == "verify":
+    if name in ("verify", "shift_positions"):
         if not isinstance(value, bool):
             raise SettingsError(f"{name}: expected true or false, got {value!r}")
         return value

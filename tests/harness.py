@@ -63,15 +63,19 @@ class FakeReq:
 
 @dataclass
 class Served:
-    reused: int  # tokens taken from the cache (GPU + loaded back)
+    reused: int  # slots taken from the cache (GPU + loaded back)
     loaded: int  # of which loaded back from host/disk
-    k: torch.Tensor  # the KV the request ran with
+    k: torch.Tensor  # the KV the request ran with, one entry per slot
     v: torch.Tensor
+    offset: int = 0  # tokens of its prefix that had no slot (token-dropped contexts)
+    positions: torch.Tensor | None = None  # the position each slot's KV belongs to
 
 
 def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True, between=None) -> Served:
     """``load_back=False``: the scheduler skipped the load (no room yet), so the request
-    recomputes the host/disk part itself."""
+    recomputes the host/disk part itself. A request continuing a token-dropped context
+    computes its new tokens at positions shifted by the cache's offset, as the
+    ``ForwardBatch.init_new`` hook makes the model do."""
     req = FakeReq(array("q", tokens), extra_key=extra_key)
     m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
     prefix, last = m.device_indices, m.last_device_node
@@ -87,7 +91,10 @@ def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: boo
         prefix, last, loaded = torch.cat([prefix, new]), new_last, len(new)
     cache.inc_lock_ref(last)
     req.last_node = last
-    need = len(tokens) - len(prefix)
+    offset = getattr(req, "evp_pos_offset", 0)
+    physical = len(req.origin_input_ids)
+    assert physical == len(tokens) - offset
+    need = physical - len(prefix)
     alloc = cache.token_to_kv_pool_allocator
     if need > alloc.available_size():
         cache.evict(EvictParams(num_tokens=need - alloc.available_size()))
@@ -95,17 +102,32 @@ def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: boo
     assert slots is not None, "pool exhausted"
     pool = alloc.get_kvcache()
     k, v = (t.to(DEVICE) for t in expected_kv(tokens))
-    for layer in range(LAYERS):  # "compute" the new tokens
-        pool.k_buffer[layer][slots] = k[layer, len(prefix):]
-        pool.v_buffer[layer][slots] = v[layer, len(prefix):]
+    for layer in range(LAYERS):  # "compute" the new tokens at their logical positions
+        pool.k_buffer[layer][slots] = k[layer, len(prefix) + offset:]
+        pool.v_buffer[layer][slots] = v[layer, len(prefix) + offset:]
     indices = torch.cat([prefix, slots]).to(torch.int64)
     used_k = torch.stack([pool.k_buffer[layer][indices] for layer in range(LAYERS)])
     used_v = torch.stack([pool.v_buffer[layer][indices] for layer in range(LAYERS)])
-    cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(tokens)] = indices.to(torch.int32)
+    positions = torch.cat([path_positions(cache, last), torch.arange(len(prefix) + offset, len(tokens))])
+    cache.req_to_token_pool.req_to_token[req.req_pool_idx, :physical] = indices.to(torch.int32)
     req.cache_protected_len = len(prefix)
-    req.kv_committed_len = len(tokens)
-    cache.cache_finished_req(req, kv_len_to_handle=len(tokens))
-    return Served(len(prefix), loaded, used_k, used_v)
+    req.kv_committed_len = physical
+    cache.cache_finished_req(req, kv_len_to_handle=physical)
+    return Served(len(prefix), loaded, used_k, used_v, offset, positions)
+
+
+def path_positions(cache, node) -> torch.Tensor:
+    """The position of each slot on the path from the root to ``node``."""
+    parts, start = [], 0
+    path = []
+    while node is not cache.root_node:
+        path.append(node)
+        node = node.parent
+    for n in reversed(path):
+        kept = getattr(n, "evp_kept", None)
+        parts.append(start + (kept.cpu() if kept is not None else torch.arange(len(n.value))))
+        start += len(n.key)
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 def free_slots_accounted(cache) -> bool:

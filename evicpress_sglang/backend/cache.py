@@ -13,6 +13,12 @@ The tree is SGLang's. What changes is eviction and what an evicted node becomes:
 * **insert** revives a placeholder that a request has just recomputed (its blob is
   dropped, the fresh exact KV kept).
 
+A context stored with a token-dropping codec comes back as a *dropped node*: its key
+is all ``n`` tokens, its value only the ``m`` kept slots (``evp_kept`` holds their
+positions). It is used whole or not at all (never split), SGLang's size accounting is
+corrected to count its slots, and a request whose path runs through it is served
+through a physical view with shifted positions (:mod:`.dropped`).
+
 Invariant: a placeholder's children are placeholders (a context is never on a faster
 tier than its prefix), so a match is always a run of GPU nodes followed by a run of
 placeholders. A tier failure or a damaged blob is a miss: the placeholder and
@@ -28,7 +34,7 @@ import time
 import uuid
 from array import array
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -42,11 +48,11 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-from ..codecs import CodecError, get_codec
+from ..codecs import CodecError, drops_tokens, get_codec, subset_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
 from ..settings import Settings, SettingsError, validate_policy_name
 from ..tiers import DiskTier, HostTier, StorageTier, TierError
-from . import kv_io, prefill_timer
+from . import dropped, kv_io, prefill_timer
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -57,12 +63,38 @@ class Stored:
     """Where a placeholder's KV is: a blob in a tier, encoded with a codec."""
 
     tier: Tier
-    codec: str
+    codec: str  # the blob's codec: the configuration's, or keep+<it> for a dropped node's kept tokens
     blob: str  # key in the tier
+
+    @property
+    def whole_only(self) -> bool:
+        """The blob holds a subset of the tokens: usable only as a whole."""
+        return drops_tokens(get_codec(self.codec))
+
+
+class Decoded(NamedTuple):
+    k: torch.Tensor  # [layers, slots, heads, head_dim]
+    v: torch.Tensor
+    nbytes: int  # of the blob
+    positions: Optional[torch.Tensor]  # of the slots within the node, for a token subset
+
+
+#: Prefix of a blob codec that stores an already token-dropped node under a plain codec.
+KEEP = "keep+"
 
 
 def _placeholder(node: TreeNode) -> bool:
     return getattr(node, "evp", None) is not None
+
+
+def _dropped(node: TreeNode) -> bool:
+    """On the GPU with only its kept tokens' slots."""
+    return getattr(node, "evp_kept", None) is not None
+
+
+def _missing_slots(node: TreeNode) -> int:
+    """Tokens of the key that have no slot (SGLang counts len(key) per node)."""
+    return len(node.key) - len(node.value) if _dropped(node) else 0
 
 
 class EvicPressRadixCache(RadixCache):
@@ -85,6 +117,9 @@ class EvicPressRadixCache(RadixCache):
         self.tiers: dict[Tier, StorageTier] = {Tier.HOST: HostTier(settings.host_bytes)}
         if settings.disk_dir:
             self.tiers[Tier.DISK] = DiskTier(settings.disk_dir, settings.disk_bytes)
+        if any(drops_tokens(get_codec(c)) for c in settings.stored_codecs) and (self.page_size != 1 or self.is_eagle):
+            raise SettingsError("evicpress: token-dropping codecs need --page-size 1 and no EAGLE speculative decoding")
+        dropped.SHIFT = settings.shift_positions
         configs = build_configs(settings.host_codecs, settings.active_disk_codecs)
         self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
@@ -151,10 +186,17 @@ class EvicPressRadixCache(RadixCache):
     def _set_config(self, node: TreeNode, config: int) -> None:
         self.table.assign[self.table.row_of[node.id]] = config
 
-    def _config_index(self, tier: Tier, codec: str) -> int:
-        return next(i for i, c in enumerate(self.table.configs) if c.tier == tier and c.codec == codec)
+    def _config_index(self, tier: Tier, codec: str) -> int | None:
+        """The configuration a blob of ``codec`` in ``tier`` belongs to (a keep+ blob: the
+        configuration whose codec stores a token subset that way); None if not enabled."""
+        here = [(i, c.codec) for i, c in enumerate(self.table.configs) if c.tier == tier]
+        exact = [i for i, c in here if c == codec]
+        subset = [i for i, c in here if codec.startswith(KEEP) and subset_codec(c) == codec]
+        return (exact + subset + [None])[0]
 
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        if _dropped(child) or (_placeholder(child) and child.evp.whole_only):
+            raise RuntimeError(f"evicpress: node {child.id} holds a token subset and cannot be split")
         new_node = super()._split_node(key, child, split_len)
         if getattr(self, "_ready", False) and self.settings.verify and getattr(child, "evp_fp", None) is not None:
             for part in (new_node, child):  # both halves get their own reference
@@ -166,8 +208,42 @@ class EvicPressRadixCache(RadixCache):
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._drop_placeholders_below(node)
+        missing = 0 if node.evicted else _missing_slots(node)
         super()._delete_leaf(node)
+        self.evictable_size_ += missing  # SGLang took len(key); the node held fewer slots
+        node.evp_kept = None
         self._forget(node)
+
+    # SGLang moves len(key) tokens between evictable and protected per node; a dropped
+    # node holds fewer slots, so the difference is given back after each walk.
+
+    def inc_lock_ref(self, node: TreeNode):
+        fix = self._lock_fix(node, 0)
+        result = super().inc_lock_ref(node)
+        self.evictable_size_ += fix
+        self.protected_size_ -= fix
+        if fix and result.delta is not None:
+            result.delta += fix
+        return result
+
+    def dec_lock_ref(self, node: TreeNode, params=None):
+        fix = self._lock_fix(node, 1)
+        result = super().dec_lock_ref(node, params)
+        self.evictable_size_ -= fix
+        self.protected_size_ += fix
+        if fix and result.delta is not None:
+            result.delta -= fix
+        return result
+
+    def _lock_fix(self, node: TreeNode, lock_ref: int) -> int:
+        """Missing slots of dropped nodes on the path whose lock count is ``lock_ref``
+        (those SGLang is about to move between evictable and protected)."""
+        fix = 0
+        while node is not None and node is not self.root_node:
+            if node.lock_ref == lock_ref:
+                fix += _missing_slots(node)
+            node = node.parent
+        return fix
 
     def _forget(self, node: TreeNode) -> None:
         if node.id in self.table:
@@ -193,28 +269,63 @@ class EvicPressRadixCache(RadixCache):
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         with self.lock:
-            result = super().match_prefix(params)
-            key = params.key
-            if self.disable or len(key) == 0:
-                return result
-            node = result.last_device_node
-            matched = len(result.device_indices)
-            key = key.page_aligned(self.page_size)[matched:]
-            host_hit, best = 0, node
-            while len(key) > 0:
-                child = node.children.get(key.child_key(self.page_size))
-                if child is None or not _placeholder(child):
-                    break
-                n = child.key.match(key, page_size=self.page_size)
-                host_hit += n
-                best = child
-                if n < len(child.key):
-                    break
-                node, key = child, key[n:]
-            self._count_hit(params.req, result.last_device_node, best)
-            if host_hit == 0:
-                return result
-            return result._replace(best_match_node=best, host_hit_length=host_hit)
+            req = params.req
+            old = dropped.restore_logical(req) if req is not None else None
+            if old is not None:  # match what the request really says, not its last physical view
+                key = params.key
+                limit = len(key) + old.offset
+                params = MatchPrefixParams(key=RadixKey((req.origin_input_ids + req.output_ids)[:limit], key.extra_key,
+                                                        is_bigram=key.is_bigram), cow_mamba=params.cow_mamba, req=req)
+            result = self._match(params)
+            if req is not None:
+                self._adopt_view(req, result.last_device_node)
+            return result
+
+    def _match(self, params: MatchPrefixParams) -> MatchResult:
+        """SGLang's match over GPU nodes, continued through placeholders (host_hit_length)."""
+        result = super().match_prefix(params)
+        key = params.key
+        if self.disable or len(key) == 0:
+            return result
+        node = result.last_device_node
+        key = key.page_aligned(self.page_size)[self._logical_len(node):]
+        host_hit, best = 0, node
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or not _placeholder(child):
+                break
+            n = child.key.match(key, page_size=self.page_size)
+            if n < len(child.key) and child.evp.whole_only:
+                break
+            host_hit += n
+            best = child
+            if n < len(child.key):
+                break
+            node, key = child, key[n:]
+        self._count_hit(params.req, result.last_device_node, best)
+        if host_hit == 0:
+            return result
+        return result._replace(best_match_node=best, host_hit_length=host_hit)
+
+    def _logical_len(self, node: TreeNode) -> int:
+        """Tokens on the path from the root to ``node`` (slots may be fewer)."""
+        n = 0
+        while node is not self.root_node:
+            n, node = n + len(node.key), node.parent
+        return n
+
+    def _adopt_view(self, req, last: TreeNode) -> None:
+        """Give ``req`` (logical) the physical view its matched path needs, if any."""
+        path = []
+        while last is not self.root_node:
+            path.append(last)
+            last = last.parent
+        path.reverse()
+        deepest = max((i for i, n in enumerate(path) if _dropped(n)), default=None)
+        if deepest is None:
+            return
+        upto = path[: deepest + 1]
+        dropped.to_physical(req, sum(len(n.key) for n in upto), sum(len(n.value) for n in upto), upto[-1])
 
     def _match_prefix_helper(self, node: TreeNode, key: RadixKey):
         """SGLang's walk over GPU nodes, stopping at the first placeholder (whose KV is not
@@ -226,8 +337,10 @@ class EvicPressRadixCache(RadixCache):
             child = node.children.get(key.child_key(self.page_size))
             if child is None or _placeholder(child):
                 break
-            child.last_access_time = access_time
             prefix_len = child.key.match(key, page_size=self.page_size)
+            if prefix_len < len(child.key) and _dropped(child):
+                break  # used whole or not at all
+            child.last_access_time = access_time
             if prefix_len < len(child.key):
                 node = self._split_node(child.key, child, prefix_len)
                 value.append(node.value)
@@ -271,7 +384,7 @@ class EvicPressRadixCache(RadixCache):
             loaded: list[torch.Tensor] = []
             held: list[TreeNode] = []
             last = node  # the deepest GPU node
-            wanted = params.host_hit_length
+            wanted = params.host_hit_length  # tokens; a dropped node yields fewer slots
             try:
                 for p in chain:
                     slots = self._load(p)
@@ -281,22 +394,25 @@ class EvicPressRadixCache(RadixCache):
                     held.append(p)
                     loaded.append(slots)
                     last = p
-                got = sum(len(s) for s in loaded)
-                if got > wanted:  # the last node was matched only in part: split it
+                got = sum(len(p.key) for p in held)
+                if got > wanted:  # the last node was matched only in part (never a dropped one): split it
                     keep = len(last.key) - (got - wanted)
                     last = self._split_node(last.key, last, keep)
                     loaded[-1] = last.value
             finally:
                 for p in held:
                     self.dec_lock_ref(p)
+            if params.req is not None and loaded:
+                dropped.restore_logical(params.req)
+                self._adopt_view(params.req, last)
             if not loaded:
                 return torch.empty((0,), dtype=torch.int64, device=self.device), last
-            return torch.cat(loaded)[:wanted], last
+            return torch.cat(loaded), last
 
-    def _read(self, node: TreeNode) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
-        """A placeholder's KV decoded on the cache's device, and the blob's size; on a
-        missing, damaged or undecodable blob, None, and the placeholder is gone (a miss).
-        Nothing here waits for the GPU: the copy and decode are queued on the current stream."""
+    def _read(self, node: TreeNode) -> Optional[Decoded]:
+        """A placeholder's KV decoded on the cache's device; on a missing, damaged or
+        undecodable blob, None, and the placeholder is gone (a miss). Nothing here waits
+        for the GPU: the copy and decode are queued on the current stream."""
         stored: Stored = node.evp
         codec = get_codec(stored.codec)
         try:
@@ -304,24 +420,29 @@ class EvicPressRadixCache(RadixCache):
             enc = self.tiers[stored.tier].get(stored.blob, device=self.device, unpack=unpack)
             if enc is None:
                 raise CodecError("missing or damaged blob")
-            k = torch.empty(enc.shape.tensor_shape, dtype=self.layout.dtype, device=self.device)
+            if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.whole_only):
+                raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
+            device_codec = codec.device_codec
+            k = torch.empty(device_codec.output_shape(enc.shape).tensor_shape, dtype=self.layout.dtype,
+                            device=self.device)
             v = torch.empty_like(k)
-            codec.device_codec.decode(enc, k, v)
+            device_codec.decode(enc, k, v)
+            positions = device_codec.positions(enc) if stored.whole_only else None
         except CodecError as e:
             self.stats.miss(stored.tier.label, str(e))
             self._drop_placeholder(node)
             return None
-        return k, v, enc.nbytes
+        return Decoded(k, v, enc.nbytes, positions)
 
     def _load(self, node: TreeNode) -> Optional[torch.Tensor]:
         """Decode one placeholder into new pool slots; None on a miss or when no room is left."""
         stored: Stored = node.evp
-        n = len(node.key)
         t0 = time.perf_counter()
         read = self._read(node)
         if read is None:
             return None
-        k, v, nbytes = read
+        k, v, nbytes, positions = read
+        n = k.shape[1]  # slots: fewer than len(node.key) for a token-dropped blob
         if self.token_to_kv_pool_allocator.available_size() < n:
             self._evict_with(n, protect=node)
         slots = self.token_to_kv_pool_allocator.alloc(n)
@@ -331,6 +452,9 @@ class EvicPressRadixCache(RadixCache):
         self.tiers[stored.tier].delete(stored.blob)
         node.value = slots.to(torch.int64)
         node.evp = None
+        node.evp_kept = positions
+        if positions is not None:
+            self.table.set_stored_tokens(node.id, n)
         if get_codec(stored.codec).lossless:
             self._verify(node, "by store + load-back")
         elif self.settings.verify:
@@ -339,7 +463,7 @@ class EvicPressRadixCache(RadixCache):
         self._set_config(node, self.table.gpu_config)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
-        self.stats.loaded(stored.tier.label, stored.codec, n, nbytes, time.perf_counter() - t0)
+        self.stats.loaded(stored.tier.label, stored.codec, len(node.key), nbytes, time.perf_counter() - t0)
         return node.value
 
     # -- insert --------------------------------------------------------------------
@@ -347,11 +471,74 @@ class EvicPressRadixCache(RadixCache):
     def insert(self, params):
         with self.lock:
             result = super().insert(params)
-            if result.last_device_node is not None:
-                self._register(result.last_device_node)
-                if self.settings.verify:
-                    self._fingerprint_path(result.last_device_node)
+            self._after_insert(result.last_device_node)
             return result
+
+    def _after_insert(self, last: TreeNode | None) -> None:
+        if last is not None and last is not self.root_node:
+            self._register(last)
+            if self.settings.verify:
+                self._fingerprint_path(last)
+
+    def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int):
+        """SGLang's, with the request's KV inserted under its logical tokens (see
+        :meth:`_insert_req`) and only what the tree did not take freed."""
+        if self.disable:
+            return super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+        with self.lock:
+            kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len_to_handle]
+            dup_end = held_end = kv_len_to_handle
+            if is_insert and not self.disable_finished_insert:
+                dup_end, held_end, _ = self._insert_req(req, kv_len_to_handle, chunked=False)
+            start = req.cache_protected_len
+            self.token_to_kv_pool_allocator.free_segments([(kv[start:dup_end], start), (kv[held_end:], held_end)])
+            if req.last_node is not None:
+                self.dec_lock_ref(req.last_node)
+
+    def cache_unfinished_req(self, req, chunked: bool = False):
+        """SGLang's, for a request between prefill chunks: insert what is computed, then
+        point the request at the tree's slots for it (the tree may hold fewer)."""
+        if self.disable:
+            return
+        with self.lock:
+            n = len(req.get_fill_ids())
+            kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :n]
+            dup_end, held_end, _ = self._insert_req(req, n, chunked)
+            start = req.cache_protected_len
+            self.token_to_kv_pool_allocator.free_segment(kv[start:dup_end], start_pos=start)
+            new_indices, new_last = self._held_path(req, held_end)
+            self.req_to_token_pool.write((req.req_pool_idx, slice(start, len(new_indices))), new_indices[start:])
+            req.cache_protected_len = len(new_indices)
+            self.inc_lock_ref(new_last)
+            self.dec_lock_ref(req.last_node)
+            req.prefix_indices = torch.cat([new_indices, kv[len(new_indices):]]) if len(new_indices) < n else new_indices
+            req.last_node = new_last
+
+    def _insert_req(self, req, slots: int, chunked: bool) -> tuple[int, int, TreeNode]:
+        """Insert the KV in the first ``slots`` slots of ``req``'s row. Returns, in slots:
+        where the duplicates of the tree's own slots end (free them), where what the tree
+        now holds ends (free from there on), and the deepest node."""
+        view = dropped.view_of(req)
+        kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :slots]
+        if view is None:
+            start, base, tokens = self.root_node, 0, (req.origin_input_ids + req.output_ids)[:slots]
+        else:  # below the deepest dropped node, slots and tokens line up again
+            start, base = view.anchor, view.physical_prefix
+            tokens = dropped.logical_tokens(req, view, slots)[view.logical_prefix:]
+        key = RadixKey(tokens, req.extra_key, is_bigram=self.is_eagle).page_aligned(self.page_size)
+        values = kv[base : base + len(key)].to(dtype=torch.int64, copy=True)
+        prefix, last = self._insert_helper(start, key, values, getattr(req, "priority", 0) or 0, chunked)
+        held = len(key) if self._insert_stop is None else self._insert_stop
+        self._after_insert(last)
+        return base + prefix, base + held, last
+
+    def _held_path(self, req, slots: int) -> tuple[torch.Tensor, TreeNode]:
+        """The tree's slots (and deepest node) for the first ``slots`` slots of ``req``."""
+        view = dropped.view_of(req)
+        fill = (req.origin_input_ids + req.output_ids)[:slots] if view is None else dropped.logical_tokens(req, view, slots)
+        m = self._match(MatchPrefixParams(key=RadixKey(fill, req.extra_key, is_bigram=self.is_eagle)))
+        assert len(m.device_indices) == slots, (len(m.device_indices), slots)
+        return m.device_indices, m.last_device_node
 
     # -- verification (debug) -------------------------------------------------------
 
@@ -378,7 +565,12 @@ class EvicPressRadixCache(RadixCache):
 
     def _insert_helper(self, node: TreeNode, key: RadixKey, value, priority: int = 0, chunked: bool = False):
         """Before SGLang's insert walks the tree, revive the placeholders on the key's path
-        with the KV the request has just computed (exact, so better than the blob)."""
+        with the KV the request has just computed (exact, so better than the blob).
+
+        A dropped node the key runs into only in part cannot be split: unused, it is
+        removed with its subtree; in use, the insert stops in front of it and
+        ``_insert_stop`` says how many tokens the tree now holds."""
+        self._insert_stop = None
         walk, rest, offset = node, key, 0
         revived_from = None
         while len(rest) > 0:
@@ -386,6 +578,12 @@ class EvicPressRadixCache(RadixCache):
             if child is None:
                 break
             n = child.key.match(rest, page_size=self.page_size)
+            if _dropped(child) and n < len(child.key):
+                if child.lock_ref == 0:
+                    self._remove_subtree(child)
+                    break
+                self._insert_stop = offset
+                return super()._insert_helper(node, key[:offset], value[:offset], priority, chunked)
             if _placeholder(child):
                 if n < len(child.key):  # only part of it was recomputed: it is a miss
                     self._drop_placeholder(child)
@@ -402,11 +600,22 @@ class EvicPressRadixCache(RadixCache):
             prefix_len = min(prefix_len, revived_from)
         return prefix_len, last
 
+    def _remove_subtree(self, node: TreeNode) -> None:
+        """Drop an unlocked node and everything below it (children first)."""
+        if _placeholder(node):
+            self._drop_placeholder(node)
+            return
+        for child in list(node.children.values()):
+            self._remove_subtree(child)
+        self._drop(node)
+
     def _revive(self, node: TreeNode, value: torch.Tensor) -> None:
         stored: Stored = node.evp
         self.tiers[stored.tier].delete(stored.blob)
         node.evp = None
         node.value = value.clone()
+        if node.id in self.table:
+            self.table.set_stored_tokens(node.id, len(node.key))
         if self.settings.verify:
             node.evp_fp = self._fingerprint(node)
         self.evictable_size_ += len(node.key)
@@ -521,13 +730,15 @@ class EvicPressRadixCache(RadixCache):
             return 0
         self._verify(node, "between insert and eviction")
         k, v = kv_io.gather(self.kvpool, node.value)
-        stored = Stored(target.tier, target.codec, uuid.uuid4().hex)
-        if not self._put(stored, node, k, v):
+        positions = getattr(node, "evp_kept", None)
+        stored = Stored(target.tier, self._blob_codec(target.codec, positions), uuid.uuid4().hex)
+        if not self._put(stored, node, k, v, positions):
             return self._drop(node)
         n = len(node.value)
         self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
         node.value = None
         node.evp = stored
+        node.evp_kept = None
         self.evictable_size_ -= n
         self._after_store(node, config)
         return n
@@ -537,25 +748,33 @@ class EvicPressRadixCache(RadixCache):
         read = self._read(node)
         if read is None:
             return 0
-        k, v, _ = read
         # The KV is in memory now: free the old blob first, so recompressing inside a full
         # tier does not need room for both copies at once.
         self.tiers[stored.tier].delete(stored.blob)
-        new = Stored(target.tier, target.codec, uuid.uuid4().hex)
-        if not self._put(new, node, k, v):
+        new = Stored(target.tier, self._blob_codec(target.codec, read.positions), uuid.uuid4().hex)
+        if not self._put(new, node, read.k, read.v, read.positions):
             self._drop_placeholder(node)  # its KV is gone with the old blob: a miss from now on
             return 0
         node.evp = new
         self._after_store(node, config)
         return 0
 
-    def _put(self, stored: Stored, node: TreeNode, k: torch.Tensor, v: torch.Tensor) -> bool:
+    @staticmethod
+    def _blob_codec(codec: str, positions: torch.Tensor | None) -> str:
+        """A token subset is stored with its positions and is not dropped again (keep+<quantizer>)."""
+        return codec if positions is None else subset_codec(codec)
+
+    def _put(self, stored: Stored, node: TreeNode, k: torch.Tensor, v: torch.Tensor,
+             positions: torch.Tensor | None = None) -> bool:
         """Encode on the device and hand the blob to its tier, which copies it out (and
         entropy-codes it) without the scheduler waiting; the seconds counted are the
-        scheduler's own."""
+        scheduler's own. ``positions``: those of a token subset's tokens in the node."""
         t0 = time.perf_counter()
         codec = get_codec(stored.codec)
-        enc = codec.device_codec.encode(k, v)
+        if stored.whole_only:
+            enc = codec.device_codec.encode(k, v, positions=positions)
+        else:
+            enc = codec.device_codec.encode(k, v)
         meta = None
         if stored.tier == Tier.DISK:  # enough to re-attach the blob to a new tree after a restart
             meta = {"tokens": list(self._path_tokens(node)), "own": len(node.key), "extra_key": node.key.extra_key,
@@ -598,10 +817,9 @@ class EvicPressRadixCache(RadixCache):
         if disk is None:
             return
         entries = []
-        disk_codecs = {c.codec for c in self.table.configs if c.tier == Tier.DISK}
         for blob in disk.keys():
             meta = disk.meta(blob)
-            if not meta or meta.get("codec") not in disk_codecs:
+            if not meta or self._config_index(Tier.DISK, str(meta.get("codec"))) is None:
                 disk.delete(blob)
                 continue
             entries.append((len(meta["tokens"]), blob, meta))

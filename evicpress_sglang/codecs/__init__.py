@@ -58,9 +58,18 @@ def get_codec(name: str) -> KVCodec:
     return codec
 
 
+def subset_codec(name: str) -> str:
+    """The codec that stores a context *already* token-dropped when ``name`` is chosen for
+    it: its quantizer (and zstd) over the kept tokens, keeping their positions. A context
+    is dropped at most once; later moves change only how it is quantized."""
+    stages = [s for s in name.split("+") if parse_selector(s) is None]
+    return "+".join(["keep", *(stages if stages and stages[0] in QUANTIZERS else ["bf16", *stages])])
+
+
 def drops_tokens(codec: KVCodec) -> bool:
     """True when decoding yields fewer tokens than were encoded (a dropping stage)."""
     return isinstance(codec.device_codec, DropCodec)
 
 
-__all__ = ["CodecError", "DropCodec", "EncodedKV", "KVCodec", "KVShape", "codec_names", "drops_tokens", "get_codec"]
+__all__ = ["CodecError", "DropCodec", "EncodedKV", "KVCodec", "KVShape", "codec_names", "drops_tokens", "get_codec",
+           "subset_codec"]

@@ -107,6 +107,19 @@ class StreamingSelector(TokenSelector):
         return torch.cat([head, tail])
 
 
+class KeepAllSelector(TokenSelector):
+    """Keeps every token: ``keep+<quantizer>`` stores a context that was token-dropped
+    before under a plain quantizer, with the positions its tokens already have."""
+
+    name = "keep"
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
+        return torch.arange(keep, device=k.device)
+
+
 SELECTORS: dict[str, type[TokenSelector]] = {c.name: c for c in (KNormSelector, KeyDiffSelector, StreamingSelector)}
 
 
@@ -159,7 +172,9 @@ class DropCodec(KVCodec):
 
 
 def parse_selector(stage: str) -> TokenSelector | None:
-    """``keydiff:0.6`` -> its selector; None when ``stage`` is not a dropping stage."""
+    """``keydiff:0.6`` (or ``keep``) -> its selector; None when ``stage`` is not a dropping stage."""
+    if stage == KeepAllSelector.name:
+        return KeepAllSelector()
     name, sep, ratio = stage.partition(":")
     if not sep or name not in SELECTORS:
         return None

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..codecs import KVShape
+from ..codecs import KVShape, subset_codec
 from .configs import Config, Tier
 from .cost import CostModel
 
@@ -94,16 +94,23 @@ class ContextTable:
         self._set_tokens(r, tokens)
         return r
 
-    def _set_tokens(self, r: int, tokens: int) -> None:
+    def set_stored_tokens(self, key: object, stored: int) -> None:
+        """The context now holds KV for only ``stored`` of its tokens (token dropping):
+        sizes follow what is stored, re-prefill still costs every token."""
+        r = self.row_of[key]
+        self._set_tokens(r, int(self.tokens[r]), stored)
+
+    def _set_tokens(self, r: int, tokens: int, stored: int | None = None) -> None:
         self.tokens[r] = tokens
-        shape = self.layout.with_tokens(tokens)
+        subset = stored is not None and stored < tokens
+        shape = self.layout.with_tokens(stored if subset else tokens)
         for j, cfg in enumerate(self.configs):
             if cfg.tier == Tier.DROP:
                 self.sizes[r, j] = 0.0
             elif cfg.tier == Tier.GPU:
                 self.sizes[r, j] = shape.raw_nbytes
-            else:
-                self.sizes[r, j] = self.cost.stored_nbytes(cfg.codec, shape)
+            else:  # a token subset is not dropped again, only quantized
+                self.sizes[r, j] = self.cost.stored_nbytes(subset_codec(cfg.codec) if subset else cfg.codec, shape)
 
     def split(self, child: object, prefix: object, prefix_tokens: int) -> None:
         """``child`` is cut in two: its first ``prefix_tokens`` become context ``prefix``,

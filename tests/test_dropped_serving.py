@@ -1,0 +1,201 @@
+"""Serving from token-dropped contexts: kept slots, shifted positions, whole-node use,
+with real SGLang pools on CPU (the GPU run is in bench/results/)."""
+
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from evicpress_sglang.backend import dropped
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.settings import Settings, SettingsError
+from harness import FakeReq, expected_kv, free_slots_accounted, make_params, serve
+
+TOKEN_BYTES = 2 * 4 * 2 * 64 * 2
+
+
+def _cache(tmp_path, policy="static:keydiff:0.5", pool=256, page_size=1, **kw):
+    s = Settings(**({"policy": policy, "host_bytes": 400 * TOKEN_BYTES, "disk_dir": str(tmp_path / "disk"),
+                     "disk_bytes": 10**8, "host_codecs": ["bf16", "keydiff:0.5"],
+                     "disk_codecs": ["keydiff:0.5+zstd"]} | kw))
+    return EvicPressRadixCache(make_params(pool, page_size), s)
+
+
+def _docs(n, length=100):
+    return [list(range(1000 * i, 1000 * i + length)) for i in range(n)]
+
+
+def _ran_with(r, tokens):
+    """The request's KV is the true KV of the positions its slots stand for."""
+    k, v = expected_kv(tokens)
+    return torch.equal(r.k, k[:, r.positions]) and torch.equal(r.v, v[:, r.positions])
+
+
+def _dropped_nodes(cache):
+    out, stack = [], [cache.root_node]
+    while stack:
+        for c in stack.pop().children.values():
+            stack.append(c)
+            if getattr(c, "evp_kept", None) is not None:
+                out.append(c)
+    return out
+
+
+def _evict_doc0(cache, docs):
+    for doc in docs:
+        serve(cache, doc + [1])
+    assert cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
+
+
+def test_loaded_dropped_context_serves_kept_slots_at_original_positions(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    r = serve(cache, docs[0] + [1, 7])
+    assert r.loaded == 51 and r.reused == 51 and r.offset == 50  # 101 tokens, half dropped
+    assert r.positions[-1] == 101 and _ran_with(r, docs[0] + [1, 7])
+    assert free_slots_accounted(cache)
+    (node,) = _dropped_nodes(cache)
+    assert len(node.key) == 101 and len(node.value) == 51
+
+    again = serve(cache, docs[0] + [1, 8])  # now a GPU hit on the dropped node
+    assert again.loaded == 0 and again.reused == 51 and again.offset == 50 and _ran_with(again, docs[0] + [1, 8])
+    longer = serve(cache, docs[0] + [1, 7, 9])  # reuses the continuation cached under it
+    assert longer.reused == 52 and longer.offset == 50 and _ran_with(longer, docs[0] + [1, 7, 9])
+    assert free_slots_accounted(cache)
+
+
+def test_a_dropped_node_is_never_split_and_a_diverging_request_is_exact(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    (node,) = _dropped_nodes(cache)
+    r = serve(cache, docs[0][:60] + [5555])  # diverges inside the dropped context
+    assert r.offset == 0 and _ran_with(r, docs[0][:60] + [5555])
+    assert _dropped_nodes(cache) == [] and free_slots_accounted(cache)  # the unused subset made way
+    hit = serve(cache, docs[0][:60] + [5556])
+    assert hit.reused == 60 and _ran_with(hit, docs[0][:60] + [5556])
+
+
+def test_a_dropped_node_in_use_blocks_the_insert_without_leaking(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    (node,) = _dropped_nodes(cache)
+    cache.inc_lock_ref(node)  # another request runs on it
+    assert free_slots_accounted(cache)
+    r = serve(cache, docs[0][:60] + [5555])
+    assert _ran_with(r, docs[0][:60] + [5555]) and _dropped_nodes(cache) == [node]
+    cache.dec_lock_ref(node)
+    assert free_slots_accounted(cache)
+
+
+@pytest.mark.parametrize("policy", ["static:keydiff:0.5", "static:bf16"])
+def test_evicting_a_dropped_node_again_keeps_its_tokens_and_positions(tmp_path, policy):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    (node,) = _dropped_nodes(cache)
+    first = set((node.evp_kept).tolist())
+    cache.set_policy(policy)
+    for i, doc in enumerate(docs[1:] + _docs(5)[3:]):
+        serve(cache, doc + [2, i])
+    assert node.evicted and node.evp.codec == "keep+bf16"  # stored again from its kept slots, not dropped twice
+    r = serve(cache, docs[0] + [1, 7, 3])
+    assert r.loaded == 52 and r.offset == 50 and _ran_with(r, docs[0] + [1, 7, 3])
+    assert set(node.evp_kept.tolist()) == first and free_slots_accounted(cache)
+
+
+def test_dropped_blobs_on_disk_survive_a_restart(tmp_path):
+    kw = dict(host_codecs=["keydiff:0.5"], disk_codecs=["keydiff:0.5"], host_bytes=60 * TOKEN_BYTES)
+    cache = _cache(tmp_path, **kw)
+    docs = _docs(4)
+    for doc in docs:
+        serve(cache, doc + [1])
+    assert cache.stats.stores.get("disk:keep+bf16", 0) >= 1  # moved down as the subset it already is
+    cache.tiers[next(t for t in cache.tiers if t.label == "disk")].flush()
+    fresh = _cache(tmp_path, **kw)
+    r = serve(fresh, docs[0] + [1, 7])
+    assert r.loaded == 51 and r.offset == 50 and _ran_with(r, docs[0] + [1, 7])
+
+
+def test_chunked_prefill_over_a_dropped_context(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])  # doc0 is now a dropped node on the GPU
+    tokens = docs[0] + [1] + list(range(50, 70))
+    req = FakeReq(array("q", tokens))
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=req))
+    assert req.evp_pos_offset == 50 and len(req.origin_input_ids) == len(tokens) - 50
+    cache.inc_lock_ref(m.last_device_node)
+    req.last_node, req.cache_protected_len = m.last_device_node, len(m.device_indices)
+    chunk = len(m.device_indices) + 8  # the first chunk computes 8 of the 20 new tokens
+    slots = _alloc(cache, 8)
+    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx]
+    row[:chunk] = torch.cat([m.device_indices, slots]).to(torch.int32)
+    req.get_fill_ids = lambda: req.full_untruncated_fill_ids[:chunk]
+    cache.cache_unfinished_req(req, chunked=True)
+    assert len(req.prefix_indices) == chunk and req.cache_protected_len == chunk
+    assert torch.equal(req.prefix_indices[-8:], slots)  # the tree took the chunk's slots as they are
+    assert req.last_node.parent is m.last_device_node and len(req.last_node.key) == 8
+    probe = FakeReq(array("q", tokens[:109] + [4242]))
+    hit = cache.match_prefix(MatchPrefixParams(key=RadixKey(probe.origin_input_ids), req=probe))
+    assert len(hit.device_indices) == 51 + 8 and probe.evp_pos_offset == 50
+    rest = _alloc(cache, len(req.origin_input_ids) - chunk)
+    row[chunk:len(req.origin_input_ids)] = rest.to(torch.int32)
+    cache.cache_finished_req(req, kv_len_to_handle=len(req.origin_input_ids))
+    assert free_slots_accounted(cache)
+
+
+def test_a_request_gets_its_logical_tokens_back_when_the_dropped_node_is_gone(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    tokens = array("q", docs[0] + [1, 5])
+    req = FakeReq(array("q", tokens))
+    cache.match_prefix(MatchPrefixParams(key=RadixKey(req.origin_input_ids), req=req))
+    assert req.evp_pos_offset == 50
+    cache.reset()  # the dropped node goes away before the request is scheduled
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(req.origin_input_ids), req=req))
+    assert req.origin_input_ids == tokens and req.evp_pos_offset == 0 and len(m.device_indices) == 0
+
+
+def _alloc(cache, n):
+    alloc = cache.token_to_kv_pool_allocator
+    if alloc.available_size() < n:
+        cache.evict(EvictParams(num_tokens=n - alloc.available_size()))
+    return alloc.alloc(n)
+
+
+def _fb(mode, positions, extend_seq_lens=None):
+    return SimpleNamespace(forward_mode=mode, positions=torch.tensor(positions),
+                           extend_seq_lens=None if extend_seq_lens is None else torch.tensor(extend_seq_lens))
+
+
+def test_positions_are_shifted_per_request_in_extend_and_decode(monkeypatch):
+    batch = SimpleNamespace(reqs=[SimpleNamespace(evp_pos_offset=0), SimpleNamespace(evp_pos_offset=10),
+                                  SimpleNamespace()])
+    fb = _fb(ForwardMode.EXTEND, [0, 1, 2, 5, 6, 3], [3, 2, 1])
+    dropped.shift_positions(fb, batch)
+    assert fb.positions.tolist() == [0, 1, 2, 15, 16, 3]
+    fb = _fb(ForwardMode.DECODE, [7, 9, 4])
+    dropped.shift_positions(fb, batch)
+    assert fb.positions.tolist() == [7, 19, 4]
+    monkeypatch.setattr(dropped, "SHIFT", False)  # the deliberately broken variant
+    fb = _fb(ForwardMode.DECODE, [7, 9, 4])
+    dropped.shift_positions(fb, batch)
+    assert fb.positions.tolist() == [7, 9, 4]
+
+
+def test_dropping_codecs_need_page_size_one(tmp_path):
+    with pytest.raises(SettingsError, match="page-size 1"):
+        _cache(tmp_path, page_size=4)
