@@ -69,31 +69,46 @@ def test_loaded_dropped_context_serves_kept_slots_at_original_positions(tmp_path
     assert free_slots_accounted(cache)
 
 
-def test_a_dropped_node_is_never_split_and_a_diverging_request_is_exact(tmp_path):
+def test_a_dropped_node_splits_at_its_kept_positions(tmp_path):
     cache = _cache(tmp_path)
     docs = _docs(3)
     _evict_doc0(cache, docs)
     serve(cache, docs[0] + [1, 7])
     (node,) = _dropped_nodes(cache)
-    r = serve(cache, docs[0][:60] + [5555])  # diverges inside the dropped context
-    assert r.offset == 0 and _ran_with(r, docs[0][:60] + [5555])
-    assert _dropped_nodes(cache) == [] and free_slots_accounted(cache)  # the unused subset made way
-    hit = serve(cache, docs[0][:60] + [5556])
-    assert hit.reused == 60 and _ran_with(hit, docs[0][:60] + [5556])
-
-
-def test_a_dropped_node_in_use_blocks_the_insert_without_leaking(tmp_path):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])
-    (node,) = _dropped_nodes(cache)
-    cache.inc_lock_ref(node)  # another request runs on it
+    below = int((node.evp_kept < 60).sum())
+    r = serve(cache, docs[0][:60] + [5555])  # diverges inside the dropped context: reuses its first 60 tokens
+    assert r.reused == below and r.offset == 60 - below and _ran_with(r, docs[0][:60] + [5555])
+    head = next(n for n in _dropped_nodes(cache) if n.parent is cache.root_node)
+    assert len(head.key) == 60 and len(head.value) == below
+    again = serve(cache, docs[0] + [1, 7, 8])  # the whole context, now two dropped nodes, still lines up
+    assert again.reused == 52 and again.offset == 50 and _ran_with(again, docs[0] + [1, 7, 8])
     assert free_slots_accounted(cache)
+
+
+def test_a_placeholder_loaded_in_part_is_split_after_loading(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    r = serve(cache, docs[0][:70] + [4242])
+    assert 0 < r.loaded < 51 and r.offset == 70 - r.loaded and _ran_with(r, docs[0][:70] + [4242])
+    assert free_slots_accounted(cache)
+
+
+def test_an_unsplittable_dropped_node_is_removed_or_blocks_the_insert(tmp_path, monkeypatch):
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    (node,) = _dropped_nodes(cache)
+    monkeypatch.setattr(EvicPressRadixCache, "_splittable", lambda self, n, s: getattr(n, "evp_kept", None) is None)
+    cache.inc_lock_ref(node)  # another request runs on it: the insert stops in front of it
     r = serve(cache, docs[0][:60] + [5555])
-    assert _ran_with(r, docs[0][:60] + [5555]) and _dropped_nodes(cache) == [node]
+    assert r.reused == 0 and _ran_with(r, docs[0][:60] + [5555]) and _dropped_nodes(cache) == [node]
     cache.dec_lock_ref(node)
     assert free_slots_accounted(cache)
+    r = serve(cache, docs[0][:60] + [5555])  # unused now: it makes way for the exact KV
+    assert r.reused == 0 and _dropped_nodes(cache) == [] and free_slots_accounted(cache)
+    assert serve(cache, docs[0][:60] + [5556]).reused == 60
 
 
 @pytest.mark.parametrize("policy", ["static:keydiff:0.5", "static:bf16"])

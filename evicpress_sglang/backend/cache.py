@@ -15,9 +15,11 @@ The tree is SGLang's. What changes is eviction and what an evicted node becomes:
 
 A context stored with a token-dropping codec comes back as a *dropped node*: its key
 is all ``n`` tokens, its value only the ``m`` kept slots (``evp_kept`` holds their
-positions). It is used whole or not at all (never split), SGLang's size accounting is
-corrected to count its slots, and a request whose path runs through it is served
-through a physical view with shifted positions (:mod:`.dropped`).
+positions, ascending). Splitting it at token ``s`` gives the prefix the kept slots below
+``s``, which is exactly that prefix dropped; a split that would leave a side without
+slots is refused and the node is then used whole or not at all. SGLang's size
+accounting is corrected to count slots, and a request whose path runs through a dropped
+node is served through a physical view with shifted positions (:mod:`.dropped`).
 
 Invariant: a placeholder's children are placeholders (a context is never on a faster
 tier than its prefix), so a match is always a run of GPU nodes followed by a run of
@@ -67,8 +69,8 @@ class Stored:
     blob: str  # key in the tier
 
     @property
-    def whole_only(self) -> bool:
-        """The blob holds a subset of the tokens: usable only as a whole."""
+    def token_subset(self) -> bool:
+        """The blob holds a subset of the tokens, with their positions."""
         return drops_tokens(get_codec(self.codec))
 
 
@@ -195,16 +197,35 @@ class EvicPressRadixCache(RadixCache):
         return (exact + subset + [None])[0]
 
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
-        if _dropped(child) or (_placeholder(child) and child.evp.whole_only):
-            raise RuntimeError(f"evicpress: node {child.id} holds a token subset and cannot be split")
+        if _placeholder(child) or not self._splittable(child, split_len):
+            raise RuntimeError(f"evicpress: node {child.id} cannot be split at {split_len}")
+        value, kept = child.value, getattr(child, "evp_kept", None)
         new_node = super()._split_node(key, child, split_len)
+        if kept is not None:  # slots follow the kept positions, not the token count
+            cut = self._kept_below(child, split_len, kept)
+            new_node.value, child.value = value[:cut].clone(), value[cut:].clone()
+            new_node.evp_kept, child.evp_kept = kept[:cut], kept[cut:] - split_len
         if getattr(self, "_ready", False) and self.settings.verify and getattr(child, "evp_fp", None) is not None:
             for part in (new_node, child):  # both halves get their own reference
                 part.evp_fp = None if part.value is None else self._fingerprint(part)
         if child.id in self.table:
             self.table.split(child.id, new_node.id, split_len)
             self.nodes[new_node.id] = new_node
+            if kept is not None:
+                self.table.set_stored_tokens(new_node.id, len(new_node.value))
+                self.table.set_stored_tokens(child.id, len(child.value))
         return new_node
+
+    @staticmethod
+    def _kept_below(node: TreeNode, split_len: int, kept: torch.Tensor | None = None) -> int:
+        """Kept slots of a dropped node before token ``split_len`` (reads the positions back
+        from the GPU: only done when such a node is split)."""
+        kept = node.evp_kept if kept is None else kept
+        return int((kept < split_len).sum())
+
+    def _splittable(self, node: TreeNode, split_len: int) -> bool:
+        """A dropped node splits only where both sides keep at least one slot."""
+        return not _dropped(node) or 0 < self._kept_below(node, split_len) < len(node.value)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._drop_placeholders_below(node)
@@ -295,8 +316,6 @@ class EvicPressRadixCache(RadixCache):
             if child is None or not _placeholder(child):
                 break
             n = child.key.match(key, page_size=self.page_size)
-            if n < len(child.key) and child.evp.whole_only:
-                break
             host_hit += n
             best = child
             if n < len(child.key):
@@ -338,8 +357,8 @@ class EvicPressRadixCache(RadixCache):
             if child is None or _placeholder(child):
                 break
             prefix_len = child.key.match(key, page_size=self.page_size)
-            if prefix_len < len(child.key) and _dropped(child):
-                break  # used whole or not at all
+            if prefix_len < len(child.key) and not self._splittable(child, prefix_len):
+                break
             child.last_access_time = access_time
             if prefix_len < len(child.key):
                 node = self._split_node(child.key, child, prefix_len)
@@ -395,10 +414,14 @@ class EvicPressRadixCache(RadixCache):
                     loaded.append(slots)
                     last = p
                 got = sum(len(p.key) for p in held)
-                if got > wanted:  # the last node was matched only in part (never a dropped one): split it
+                if got > wanted:  # the last node was matched only in part: split it
                     keep = len(last.key) - (got - wanted)
-                    last = self._split_node(last.key, last, keep)
-                    loaded[-1] = last.value
+                    if self._splittable(last, keep):
+                        last = self._split_node(last.key, last, keep)
+                        loaded[-1] = last.value
+                    else:  # a token subset with nothing (or everything) below the split: unused
+                        loaded.pop()
+                        last = last.parent
             finally:
                 for p in held:
                     self.dec_lock_ref(p)
@@ -420,14 +443,14 @@ class EvicPressRadixCache(RadixCache):
             enc = self.tiers[stored.tier].get(stored.blob, device=self.device, unpack=unpack)
             if enc is None:
                 raise CodecError("missing or damaged blob")
-            if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.whole_only):
+            if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):
                 raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
             device_codec = codec.device_codec
             k = torch.empty(device_codec.output_shape(enc.shape).tensor_shape, dtype=self.layout.dtype,
                             device=self.device)
             v = torch.empty_like(k)
             device_codec.decode(enc, k, v)
-            positions = device_codec.positions(enc) if stored.whole_only else None
+            positions = device_codec.positions(enc) if stored.token_subset else None
         except CodecError as e:
             self.stats.miss(stored.tier.label, str(e))
             self._drop_placeholder(node)
@@ -578,7 +601,7 @@ class EvicPressRadixCache(RadixCache):
             if child is None:
                 break
             n = child.key.match(rest, page_size=self.page_size)
-            if _dropped(child) and n < len(child.key):
+            if n < len(child.key) and not self._splittable(child, n):
                 if child.lock_ref == 0:
                     self._remove_subtree(child)
                     break
@@ -771,7 +794,7 @@ class EvicPressRadixCache(RadixCache):
         scheduler's own. ``positions``: those of a token subset's tokens in the node."""
         t0 = time.perf_counter()
         codec = get_codec(stored.codec)
-        if stored.whole_only:
+        if stored.token_subset:
             enc = codec.device_codec.encode(k, v, positions=positions)
         else:
             enc = codec.device_codec.encode(k, v)
