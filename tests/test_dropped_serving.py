@@ -214,3 +214,28 @@ def test_positions_are_shifted_per_request_in_extend_and_decode(monkeypatch):
 def test_dropping_codecs_need_page_size_one(tmp_path):
     with pytest.raises(SettingsError, match="page-size 1"):
         _cache(tmp_path, page_size=4)
+
+
+@pytest.mark.parametrize("in_use", [False, True])
+def test_a_request_that_computed_a_dropped_context_itself_never_misaligns(tmp_path, in_use):
+    """Matched before another request loaded the dropped context, it recomputed all of
+    it: its insert must not count the tree's fewer slots as duplicates of its own."""
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+
+    def load_it():
+        serve(cache, docs[0] + [1, 7])
+        if in_use:
+            cache.inc_lock_ref(_dropped_nodes(cache)[0])
+
+    r = serve(cache, docs[0] + [1, 9], load_back=False, between=load_it)
+    assert r.reused == 0 and _ran_with(r, docs[0] + [1, 9]) and free_slots_accounted(cache)
+    if in_use:  # left as it was, the request's own KV went back to the pool
+        (node,) = _dropped_nodes(cache)
+        cache.dec_lock_ref(node)
+    else:  # the unused subset took the exact KV
+        assert _dropped_nodes(cache) == []
+    again = serve(cache, docs[0] + [1, 9, 4])
+    assert _ran_with(again, docs[0] + [1, 9, 4]) and free_slots_accounted(cache)
+    assert again.reused == (51 if in_use else 102)

@@ -590,9 +590,11 @@ class EvicPressRadixCache(RadixCache):
         """Before SGLang's insert walks the tree, revive the placeholders on the key's path
         with the KV the request has just computed (exact, so better than the blob).
 
-        A dropped node the key runs into only in part cannot be split: unused, it is
-        removed with its subtree; in use, the insert stops in front of it and
-        ``_insert_stop`` says how many tokens the tree now holds."""
+        The request computed the tokens of any dropped node on the path itself, with all
+        slots, so the tree's slots there would not line up with its own: an unused dropped
+        node takes the request's exact KV (or, matched in part, is removed with its
+        subtree); one in use stops the insert in front of it, and ``_insert_stop`` says
+        how many tokens the tree now holds."""
         self._insert_stop = None
         walk, rest, offset = node, key, 0
         revived_from = None
@@ -601,12 +603,15 @@ class EvicPressRadixCache(RadixCache):
             if child is None:
                 break
             n = child.key.match(rest, page_size=self.page_size)
-            if n < len(child.key) and not self._splittable(child, n):
-                if child.lock_ref == 0:
+            if _dropped(child):
+                if child.lock_ref > 0:
+                    self._insert_stop = offset
+                    return super()._insert_helper(node, key[:offset], value[:offset], priority, chunked)
+                if n < len(child.key):
                     self._remove_subtree(child)
                     break
-                self._insert_stop = offset
-                return super()._insert_helper(node, key[:offset], value[:offset], priority, chunked)
+                self._undrop(child, value[offset : offset + n])
+                revived_from = offset if revived_from is None else revived_from
             if _placeholder(child):
                 if n < len(child.key):  # only part of it was recomputed: it is a miss
                     self._drop_placeholder(child)
@@ -631,6 +636,15 @@ class EvicPressRadixCache(RadixCache):
         for child in list(node.children.values()):
             self._remove_subtree(child)
         self._drop(node)
+
+    def _undrop(self, node: TreeNode, value: torch.Tensor) -> None:
+        """An unused dropped node takes a request's exact KV for all its tokens."""
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self.evictable_size_ += len(value) - len(node.value)
+        node.value, node.evp_kept = value.clone(), None
+        if node.id in self.table:
+            self.table.set_stored_tokens(node.id, len(node.key))
+            self.table.present_quality[self.table.row_of[node.id]] = 1.0
 
     def _revive(self, node: TreeNode, value: torch.Tensor) -> None:
         stored: Stored = node.evp
