@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,23 @@ def test_policy_sees_dropping_codecs_as_smaller_faster_and_lossier():
     assert dropped < 0.45 * plain
     assert cost.decode_s_per_raw_byte("keydiff:0.6+int8", layout) < cost.decode_s_per_raw_byte("int8", layout)
     assert prior_quality("keydiff:0.6+int8") < prior_quality("keydiff:0.3+int8") < prior_quality("int8")
+
+
+def test_evicpress_places_a_context_with_a_dropping_codec_when_its_quality_allows():
+    """Token dropping is just another codec to the policy: chosen where its measured
+    quality and size make it the best use of the tier, never below the floor."""
+    from evicpress_sglang.policy import ContextTable, Weights, build_configs, make_policy
+
+    layout = KVShape(32, 0, 8, 128, torch.bfloat16)
+    table = ContextTable(build_configs(["bf16", "int8", "keydiff:0.6+int8"], []), layout, CostModel())
+    for i in range(4):
+        table.insert(f"c{i}", 8192, now=0.0)
+    table.set_quality("c0", "keydiff:0.6+int8", 0.97)  # tolerant context
+    table.set_quality("c1", "keydiff:0.6+int8", 0.5)  # intolerant one
+    pol = make_policy("evicpress", table, Weights(alpha=2.0, quality_floor=0.9))
+    per_ctx = table.sizes[0, table.gpu_config]
+    host = next(j for j, c in enumerate(table.configs) if c.label == "host:keydiff:0.6+int8")
+    rows, assign = pol.place(np.array([0.0, 1.5 * table.sizes[0, host] + 2 * 0.52 * per_ctx, 0.0]), now=1.0)
+    label = {table.keys[r]: table.configs[a].label for r, a in zip(rows, assign)}
+    assert label["c0"] == "host:keydiff:0.6+int8"
+    assert label["c1"] != "host:keydiff:0.6+int8"

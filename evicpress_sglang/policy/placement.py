@@ -195,16 +195,22 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
         own = S[cur_c, rows]
         u_cur = U[cur_c, rows]
         parent_t = np.where(p.parent[rows] >= 0, p.tier_of[assign[np.maximum(p.parent[rows], 0)]], 0)
-        gain = np.full(rows.size, -np.inf)
+        gain = np.zeros(rows.size)  # only gains above zero count
         choice = np.full(rows.size, -1, dtype=np.int64)
         add = np.zeros(rows.size)
-        for j, t in enumerate(p.tier_of):
-            extra = S[j, rows] - np.where(cur_t == t, own, 0.0)
-            g = U[j, rows] - u_cur
-            better = (g > gain) & (g > 0) & (cur_t >= t) & (parent_t <= t) & (extra <= free[t] + 1e-9)
-            gain = np.where(better, g, gain)
-            choice = np.where(better, j, choice)
-            add = np.where(better, extra, add)
+        for t in np.unique(p.tier_of):  # what depends on the tier alone, once per tier
+            reachable = (cur_t >= t) & (parent_t <= t)
+            if not reachable.any():
+                continue
+            own_here = np.where(cur_t == t, own, 0.0)
+            room = free[t] + 1e-9
+            for j in np.flatnonzero(p.tier_of == t):
+                extra = S[j, rows] - own_here
+                g = U[j, rows] - u_cur
+                better = (g > gain) & reachable & (extra <= room)
+                gain = np.where(better, g, gain)
+                choice = np.where(better, j, choice)
+                add = np.where(better, extra, add)
         cand = np.flatnonzero(choice >= 0)
         if cand.size == 0:
             return
