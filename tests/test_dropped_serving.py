@@ -51,6 +51,16 @@ def _evict_doc0(cache, docs):
     assert cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
 
 
+def _doc0_dropped_on_gpu(tmp_path):
+    """A cache whose first document came back from host memory as a dropped node."""
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    serve(cache, docs[0] + [1, 7])
+    (node,) = _dropped_nodes(cache)
+    return cache, docs, node
+
+
 def test_loaded_dropped_context_serves_kept_slots_at_original_positions(tmp_path):
     cache = _cache(tmp_path)
     docs = _docs(3)
@@ -70,11 +80,7 @@ def test_loaded_dropped_context_serves_kept_slots_at_original_positions(tmp_path
 
 
 def test_a_dropped_node_splits_at_its_kept_positions(tmp_path):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])
-    (node,) = _dropped_nodes(cache)
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
     below = int((node.evp_kept < 60).sum())
     r = serve(cache, docs[0][:60] + [5555])  # diverges inside the dropped context: reuses its first 60 tokens
     assert r.reused == below and r.offset == 60 - below and _ran_with(r, docs[0][:60] + [5555])
@@ -95,11 +101,7 @@ def test_a_placeholder_loaded_in_part_is_split_after_loading(tmp_path):
 
 
 def test_an_unsplittable_dropped_node_is_removed_or_blocks_the_insert(tmp_path, monkeypatch):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])
-    (node,) = _dropped_nodes(cache)
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
     monkeypatch.setattr(EvicPressRadixCache, "_splittable", lambda self, n, s: getattr(n, "evp_kept", None) is None)
     cache.inc_lock_ref(node)  # another request runs on it: the insert stops in front of it
     r = serve(cache, docs[0][:60] + [5555])
@@ -113,11 +115,7 @@ def test_an_unsplittable_dropped_node_is_removed_or_blocks_the_insert(tmp_path, 
 
 @pytest.mark.parametrize("policy", ["static:keydiff:0.5", "static:bf16"])
 def test_evicting_a_dropped_node_again_keeps_its_tokens_and_positions(tmp_path, policy):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])
-    (node,) = _dropped_nodes(cache)
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
     first = set((node.evp_kept).tolist())
     cache.set_policy(policy)
     for i, doc in enumerate(docs[1:] + _docs(5)[3:]):
@@ -142,10 +140,7 @@ def test_dropped_blobs_on_disk_survive_a_restart(tmp_path):
 
 
 def test_chunked_prefill_over_a_dropped_context(tmp_path):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])  # doc0 is now a dropped node on the GPU
+    cache, docs, _ = _doc0_dropped_on_gpu(tmp_path)
     tokens = docs[0] + [1] + list(range(50, 70))
     req = FakeReq(array("q", tokens))
     m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=req))
@@ -171,10 +166,7 @@ def test_chunked_prefill_over_a_dropped_context(tmp_path):
 
 
 def test_a_request_gets_its_logical_tokens_back_when_the_dropped_node_is_gone(tmp_path):
-    cache = _cache(tmp_path)
-    docs = _docs(3)
-    _evict_doc0(cache, docs)
-    serve(cache, docs[0] + [1, 7])
+    cache, docs, _ = _doc0_dropped_on_gpu(tmp_path)
     tokens = array("q", docs[0] + [1, 5])
     req = FakeReq(array("q", tokens))
     cache.match_prefix(MatchPrefixParams(key=RadixKey(req.origin_input_ids), req=req))

@@ -94,6 +94,12 @@ def _dropped(node: TreeNode) -> bool:
     return getattr(node, "evp_kept", None) is not None
 
 
+def _kept_below(kept: torch.Tensor, split_len: int) -> int:
+    """Kept slots of a dropped node before token ``split_len`` (reads the positions back
+    from the GPU: only done when such a node is split)."""
+    return int((kept < split_len).sum())
+
+
 def _missing_slots(node: TreeNode) -> int:
     """Tokens of the key that have no slot (SGLang counts len(key) per node)."""
     return len(node.key) - len(node.value) if _dropped(node) else 0
@@ -202,7 +208,7 @@ class EvicPressRadixCache(RadixCache):
         value, kept = child.value, getattr(child, "evp_kept", None)
         new_node = super()._split_node(key, child, split_len)
         if kept is not None:  # slots follow the kept positions, not the token count
-            cut = self._kept_below(child, split_len, kept)
+            cut = _kept_below(kept, split_len)
             new_node.value, child.value = value[:cut].clone(), value[cut:].clone()
             new_node.evp_kept, child.evp_kept = kept[:cut], kept[cut:] - split_len
         if getattr(self, "_ready", False) and self.settings.verify and getattr(child, "evp_fp", None) is not None:
@@ -216,16 +222,9 @@ class EvicPressRadixCache(RadixCache):
                 self.table.set_stored_tokens(child.id, len(child.value))
         return new_node
 
-    @staticmethod
-    def _kept_below(node: TreeNode, split_len: int, kept: torch.Tensor | None = None) -> int:
-        """Kept slots of a dropped node before token ``split_len`` (reads the positions back
-        from the GPU: only done when such a node is split)."""
-        kept = node.evp_kept if kept is None else kept
-        return int((kept < split_len).sum())
-
     def _splittable(self, node: TreeNode, split_len: int) -> bool:
         """A dropped node splits only where both sides keep at least one slot."""
-        return not _dropped(node) or 0 < self._kept_below(node, split_len) < len(node.value)
+        return not _dropped(node) or 0 < _kept_below(node.evp_kept, split_len) < len(node.value)
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._drop_placeholders_below(node)
