@@ -49,6 +49,7 @@ class Settings:
     disk_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_DISK_CODECS))
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
+    held_out_queries: int = 4  # per context, a sample of the queries that reused it (for the quality profiler)
     #: seconds per token to re-prefill a dropped context; unset = learnt from the server's prefills.
     #: Pinning it lets a small model stand in for a large one in policy studies.
     prefill_s_per_token: float | None = None
@@ -96,7 +97,7 @@ def _coerce(name: str, value):
         if not isinstance(value, bool):
             raise SettingsError(f"{name}: expected true or false, got {value!r}")
         return value
-    if name == "status_top":
+    if name in ("status_top", "held_out_queries"):
         if not isinstance(value, int) or value < 0:
             raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")
         return value

@@ -53,6 +53,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from ..codecs import CodecError, drops_tokens, get_codec, subset_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
 from ..settings import Settings, SettingsError, validate_policy_name
+from ..profiler import HeldOutQueries
 from ..tiers import DiskTier, HostTier, StorageTier, TierError
 from . import dropped, kv_io, prefill_timer
 from .stats import Stats
@@ -131,6 +132,7 @@ class EvicPressRadixCache(RadixCache):
         configs = build_configs(settings.host_codecs, settings.active_disk_codecs)
         self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
+        self.queries = HeldOutQueries(settings.held_out_queries)
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
@@ -178,6 +180,7 @@ class EvicPressRadixCache(RadixCache):
             tier.clear()
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
+        self.queries = HeldOutQueries(self.settings.held_out_queries)
         self.set_policy(self.settings.policy)
 
     def _register(self, node: TreeNode) -> None:
@@ -269,6 +272,7 @@ class EvicPressRadixCache(RadixCache):
         if node.id in self.table:
             self.table.remove(node.id)
         self.nodes.pop(node.id, None)
+        self.queries.forget(node.id)
 
     def _drop_placeholders_below(self, node: TreeNode) -> None:
         for child in list(node.children.values()):
@@ -320,7 +324,7 @@ class EvicPressRadixCache(RadixCache):
             if n < len(child.key):
                 break
             node, key = child, key[n:]
-        self._count_hit(params.req, result.last_device_node, best)
+        self._count_hit(params.req, node, best)
         if host_hit == 0:
             return result
         return result._replace(best_match_node=best, host_hit_length=host_hit)
@@ -367,14 +371,17 @@ class EvicPressRadixCache(RadixCache):
             node, key = child, key[prefix_len:]
         return value, node
 
-    def _count_hit(self, req, last_device: TreeNode, deepest: TreeNode) -> None:
+    def _count_hit(self, req, reused: TreeNode, deepest: TreeNode) -> None:
         """One hit per request for every context on its matched path (the scheduler may
-        match a waiting request many times)."""
+        match a waiting request many times); what it asks after the deepest context it
+        reuses whole is a held-out query of that context."""
         if req is None or req.rid in self._counted_rids:
             return
         self._counted_rids[req.rid] = None
         if len(self._counted_rids) > 100_000:
             self._counted_rids.pop(next(iter(self._counted_rids)))
+        if reused is not self.root_node:
+            self.queries.offer(reused.id, req.origin_input_ids[self._logical_len(reused):])
         now = time.monotonic()
         node = deepest
         while node is not self.root_node:
@@ -946,6 +953,7 @@ class EvicPressRadixCache(RadixCache):
             out.append({"node": int(t.keys[r]), "tokens": int(t.tokens[r]), "config": cfg.label,
                         "frequency": float(freq[top[i]]),
                         "quality": float(t.present_quality[r]),
+                        "held_out_queries": len(self.queries.queries(t.keys[r])),
                         "utility": None if util is None else float(util[i, t.assign[r]])})
         return out
 

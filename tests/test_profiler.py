@@ -1,0 +1,59 @@
+"""Held-out queries per context (the first part of the quality profiler, issue 5)."""
+
+from array import array
+from collections import Counter
+
+import pytest
+
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.profiler import HeldOutQueries
+from evicpress_sglang.settings import Settings, SettingsError, from_mapping
+from harness import make_params, serve
+
+
+def test_reservoir_keeps_a_uniform_sample_of_k():
+    kept = Counter()
+    trials = 3000
+    for seed in range(trials):
+        r = HeldOutQueries(k=3, seed=seed)
+        for q in range(10):
+            r.offer("doc", [q, 100 + q])
+        assert len(r.queries("doc")) == 3 and r.seen("doc") == 10
+        kept.update(int(q[0]) for q in r.queries("doc"))
+    for q in range(10):  # each query kept with probability 3/10
+        assert abs(kept[q] / trials - 0.3) < 0.04, (q, kept[q])
+
+
+def test_reservoir_limits_length_and_forgets():
+    r = HeldOutQueries(k=2, max_tokens=4)
+    r.offer("a", list(range(10)))
+    r.offer("a", [])
+    assert r.queries("a") == [array("q", [0, 1, 2, 3])] and r.seen("a") == 1
+    r.forget("a")
+    assert r.queries("a") == [] and len(r) == 0
+    none = HeldOutQueries(k=0)
+    none.offer("a", [1])
+    assert none.queries("a") == []
+    with pytest.raises(ValueError):
+        HeldOutQueries(k=-1)
+
+
+def test_the_cache_keeps_what_requests_asked_after_a_reused_prefix(tmp_path):
+    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=2, status_top=5))
+    doc = list(range(500, 600))
+    serve(cache, doc + [1, 2, 3])  # nothing reused yet: no query recorded
+    assert len(cache.queries) == 0
+    serve(cache, doc + [7, 8])
+    serve(cache, doc + [9])
+    node = next(n for n in cache.root_node.children.values())
+    assert len(node.key) == 100 and cache.queries.seen(node.id) == 2
+    assert sorted(q.tolist() for q in cache.queries.queries(node.id)) == [[7, 8], [9]]
+    top = {p["node"]: p["held_out_queries"] for p in cache.status()["placements"]}
+    assert top[node.id] == 2
+    cache.reset()
+    assert len(cache.queries) == 0
+
+
+def test_held_out_queries_setting_is_validated():
+    with pytest.raises(SettingsError, match="held_out_queries"):
+        from_mapping({"held_out_queries": -1})
