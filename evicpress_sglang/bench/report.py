@@ -9,27 +9,11 @@ floor violation.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-
-def tokens(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def token_f1(a: str, b: str) -> float:
-    """SQuAD-style token F1; two empty answers agree fully."""
-    ta, tb = tokens(a), tokens(b)
-    if not ta and not tb:
-        return 1.0
-    common = sum((Counter(ta) & Counter(tb)).values())
-    if common == 0:
-        return 0.0
-    p, r = common / len(ta), common / len(tb)
-    return 2 * p * r / (p + r)
+from ..profiler.scores import token_f1
 
 
 def _pct(x: np.ndarray, q: float) -> float | None:
