@@ -82,10 +82,6 @@ class Decoded(NamedTuple):
     positions: Optional[torch.Tensor]  # of the slots within the node, for a token subset
 
 
-#: Prefix of a blob codec that stores an already token-dropped node under a plain codec.
-KEEP = "keep+"
-
-
 def _placeholder(node: TreeNode) -> bool:
     return getattr(node, "evp", None) is not None
 
@@ -202,7 +198,7 @@ class EvicPressRadixCache(RadixCache):
         configuration whose codec stores a token subset that way); None if not enabled."""
         here = [(i, c.codec) for i, c in enumerate(self.table.configs) if c.tier == tier]
         exact = [i for i, c in here if c == codec]
-        subset = [i for i, c in here if codec.startswith(KEEP) and subset_codec(c) == codec]
+        subset = [i for i, c in here if subset_codec(c) == codec]
         return (exact + subset + [None])[0]
 
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
@@ -231,7 +227,7 @@ class EvicPressRadixCache(RadixCache):
 
     def _delete_leaf(self, node: TreeNode) -> None:
         self._drop_placeholders_below(node)
-        missing = 0 if node.evicted else _missing_slots(node)
+        missing = _missing_slots(node)
         super()._delete_leaf(node)
         self.evictable_size_ += missing  # SGLang took len(key); the node held fewer slots
         node.evp_kept = None
@@ -329,20 +325,23 @@ class EvicPressRadixCache(RadixCache):
             return result
         return result._replace(best_match_node=best, host_hit_length=host_hit)
 
+    def _path(self, node: TreeNode) -> list[TreeNode]:
+        """The nodes from the root's child down to ``node``."""
+        path = []
+        while node is not self.root_node:
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        return path
+
     def _logical_len(self, node: TreeNode) -> int:
         """Tokens on the path from the root to ``node`` (slots may be fewer)."""
-        n = 0
-        while node is not self.root_node:
-            n, node = n + len(node.key), node.parent
-        return n
+        return sum(len(n.key) for n in self._path(node))
 
     def _adopt_view(self, req, last: TreeNode) -> None:
-        """Give ``req`` (logical) the physical view its matched path needs, if any."""
-        path = []
-        while last is not self.root_node:
-            path.append(last)
-            last = last.parent
-        path.reverse()
+        """Give ``req``, from its logical tokens, the physical view the path to ``last`` needs, if any."""
+        dropped.restore_logical(req)
+        path = self._path(last)
         deepest = max((i for i, n in enumerate(path) if _dropped(n)), default=None)
         if deepest is None:
             return
@@ -432,7 +431,6 @@ class EvicPressRadixCache(RadixCache):
                 for p in held:
                     self.dec_lock_ref(p)
             if params.req is not None and loaded:
-                dropped.restore_logical(params.req)
                 self._adopt_view(params.req, last)
             if not loaded:
                 return torch.empty((0,), dtype=torch.int64, device=self.device), last
@@ -549,11 +547,12 @@ class EvicPressRadixCache(RadixCache):
         now holds ends (free from there on), and the deepest node."""
         view = dropped.view_of(req)
         kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :slots]
+        tokens = dropped.logical_tokens(req, slots)
         if view is None:
-            start, base, tokens = self.root_node, 0, (req.origin_input_ids + req.output_ids)[:slots]
+            start, base = self.root_node, 0
         else:  # below the deepest dropped node, slots and tokens line up again
             start, base = view.anchor, view.physical_prefix
-            tokens = dropped.logical_tokens(req, view, slots)[view.logical_prefix:]
+            tokens = tokens[view.logical_prefix:]
         key = RadixKey(tokens, req.extra_key, is_bigram=self.is_eagle).page_aligned(self.page_size)
         values = kv[base : base + len(key)].to(dtype=torch.int64, copy=True)
         prefix, last = self._insert_helper(start, key, values, getattr(req, "priority", 0) or 0, chunked)
@@ -563,8 +562,7 @@ class EvicPressRadixCache(RadixCache):
 
     def _held_path(self, req, slots: int) -> tuple[torch.Tensor, TreeNode]:
         """The tree's slots (and deepest node) for the first ``slots`` slots of ``req``."""
-        view = dropped.view_of(req)
-        fill = (req.origin_input_ids + req.output_ids)[:slots] if view is None else dropped.logical_tokens(req, view, slots)
+        fill = dropped.logical_tokens(req, slots)
         m = self._match(MatchPrefixParams(key=RadixKey(fill, req.extra_key, is_bigram=self.is_eagle)))
         assert len(m.device_indices) == slots, (len(m.device_indices), slots)
         return m.device_indices, m.last_device_node
@@ -702,7 +700,7 @@ class EvicPressRadixCache(RadixCache):
         placed, new = self.policy.place(cap, time.monotonic(), movable)
         old = t.assign[placed]
         moves = [(int(r), int(c)) for r, c, o in zip(placed, new, old) if c != o and self._is_demotion(r, o, c)]
-        depth = {r: self._depth(self.nodes[t.keys[r]]) for r, _ in moves}
+        depth = {r: len(self._path(self.nodes[t.keys[r]])) for r, _ in moves}
         # Slowest destination first, so a tier is emptied before it is filled; within one
         # destination, recompressions of what the tier already holds (they free room) before
         # new arrivals, and children before parents (a node leaves the GPU only as a leaf).
@@ -736,12 +734,6 @@ class EvicPressRadixCache(RadixCache):
         if t_new != t_old:
             return t_new > t_old
         return t_new != Tier.GPU and self.table.sizes[row, new] < self.table.sizes[row, old]
-
-    def _depth(self, node: TreeNode) -> int:
-        d = 0
-        while node is not self.root_node:
-            node, d = node.parent, d + 1
-        return d
 
     def _move(self, node: TreeNode, config: int) -> int:
         """Carry out one demotion; returns GPU tokens freed."""
@@ -842,13 +834,9 @@ class EvicPressRadixCache(RadixCache):
         self._update_leaf_status(node.parent)
 
     def _path_tokens(self, node: TreeNode) -> array:
-        parts = []
-        while node is not self.root_node:
-            parts.append(node.key.token_ids)
-            node = node.parent
         out = array("q")
-        for p in reversed(parts):
-            out.extend(p)
+        for n in self._path(node):
+            out.extend(n.key.token_ids)
         return out
 
     # -- restart -------------------------------------------------------------------

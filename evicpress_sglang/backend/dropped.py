@@ -76,18 +76,17 @@ def restore_logical(req) -> RequestView | None:
     return view
 
 
-def logical_tokens(req, view: RequestView, physical_len: int):
+def logical_tokens(req, physical_len: int):
     """The logical tokens whose KV the first ``physical_len`` slots of ``req`` hold."""
+    view = view_of(req)
+    if view is None:
+        return (req.origin_input_ids + req.output_ids)[:physical_len]
     return (view.logical + req.output_ids)[: physical_len + view.offset]
-
-
-def position_offsets(reqs) -> list[int]:
-    return [getattr(r, "evp_pos_offset", 0) for r in reqs]
 
 
 def shift_positions(forward_batch, batch) -> None:
     """Add each request's offset to the positions SGLang computed from slot counts."""
-    offsets = position_offsets(batch.reqs)
+    offsets = [getattr(r, "evp_pos_offset", 0) for r in batch.reqs]
     if not SHIFT or not any(offsets) or forward_batch.positions is None:
         return
     pos = forward_batch.positions

@@ -23,13 +23,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .base import SEGMENT_ALIGN, CodecError, EncodedKV, KVCodec, KVShape, check_decodable
+from .base import CodecError, EncodedKV, KVCodec, KVShape, _aligned, check_decodable
 
 POSITION_DTYPE = torch.int32
-
-
-def _aligned(n: int) -> int:
-    return -(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN
 
 
 class TokenSelector(ABC):

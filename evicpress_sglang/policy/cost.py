@@ -68,8 +68,9 @@ class CostModel:
             s = 1.0 / self.decode_rate[base]
         else:  # unmeasured: the quantizer's reference rate over the tokens it keeps
             ref = layout.with_tokens(1024)
-            kept = get_codec(base).output_shape(ref).tokens / ref.tokens
-            quantizer = base.split("+")[-1] if ":" not in base.split("+")[-1] else "bf16"
+            device_codec = get_codec(base)
+            kept = device_codec.output_shape(ref).tokens / ref.tokens
+            quantizer = getattr(device_codec, "inner", device_codec).name  # a dropping codec's quantizer
             s = 0.0 if quantizer == "bf16" else kept / DEFAULT_DECODE_RATE.get(quantizer, 100 * GB)
         if codec.endswith("+zstd"):
             ref = layout.with_tokens(1024)
