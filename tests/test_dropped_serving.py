@@ -231,3 +231,11 @@ def test_a_request_that_computed_a_dropped_context_itself_never_misaligns(tmp_pa
     again = serve(cache, docs[0] + [1, 9, 4])
     assert _ran_with(again, docs[0] + [1, 9, 4]) and free_slots_accounted(cache)
     assert again.reused == (51 if in_use else 102)
+
+
+def test_shift_positions_setting_must_be_a_boolean():
+    from evicpress_sglang.settings import from_mapping
+
+    with pytest.raises(SettingsError, match="shift_positions"):
+        from_mapping({"shift_positions": "no"})
+    assert from_mapping({"shift_positions": False}).shift_positions is False
