@@ -32,6 +32,7 @@ def _add_status(result, scheduler, *args, **kwargs):
     cache = _evicpress_cache(scheduler)
     if cache is not None:
         result.internal_state["evicpress"] = cache.status()
+        result.internal_state["evicpress_profile"] = cache.profiling.outbox()
     return result
 
 
@@ -39,7 +40,7 @@ def _set_state(original, scheduler, recv_req, *args, **kwargs):
     """Around ``Scheduler.set_internal_state``: take the ``evicpress_*`` keys, pass the rest on."""
     from sglang.srt.managers.io_struct import SetInternalStateReq, SetInternalStateReqOutput
 
-    from .admin import apply_policy_request
+    from .admin import apply_policy_request, apply_profile_request
 
     ours = {k: v for k, v in recv_req.server_args.items() if k.startswith("evicpress_")}
     if not ours:
@@ -49,9 +50,13 @@ def _set_state(original, scheduler, recv_req, *args, **kwargs):
         log.warning("evicpress: policy change asked for, but this server does not run the evicpress cache")
         return SetInternalStateReqOutput(updated=False)
     try:
-        apply_policy_request(cache, ours)
+        if any(k.startswith("evicpress_profile") for k in ours):
+            if not apply_profile_request(cache, ours, idle=not scheduler.waiting_queue):
+                return SetInternalStateReqOutput(updated=False)
+        else:
+            apply_policy_request(cache, ours)
     except ValueError as e:
-        log.warning("evicpress: policy change refused: %s", e)
+        log.warning("evicpress: request refused: %s", e)
         return SetInternalStateReqOutput(updated=False)
     rest = {k: v for k, v in recv_req.server_args.items() if k not in ours}
     if rest:
@@ -95,8 +100,29 @@ def load() -> None:
     install_routes()  # in case SGLang loads plugins after the HTTP module is up
 
 
+_profiler = None  # this HTTP process's quality profiler, once the server is launched
+
+
 def _before_launch(*args, **kwargs):
+    """Before ``launch_server``: start the quality profiler (it waits until the server
+    answers) and add the admin endpoints."""
+    global _profiler
+    server_args = kwargs["server_args"] if "server_args" in kwargs else args[0]
+    if getattr(server_args, "radix_cache_backend", None) == BACKEND and _profiler is None:
+        from .profiler.runner import start_in_server
+        from .settings import load_settings
+
+        settings = load_settings()
+        host = server_args.host if server_args.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        _profiler = start_in_server(f"http://{host}:{server_args.port}", settings, server_args.api_key,
+                                    settings.admin_key or getattr(server_args, "admin_api_key", None))
     install_routes()
+
+
+def _get_profiler():
+    if _profiler is None:
+        raise RuntimeError("evicpress: the profiler starts with the server (--radix-cache-backend evicpress)")
+    return _profiler
 
 
 def install_routes() -> bool:
@@ -107,5 +133,5 @@ def install_routes() -> bool:
     if not any(getattr(r, "path", "") == "/evicpress/status" for r in http.app.routes):
         from .admin import add_routes
 
-        add_routes(http.app, lambda: http._global_state.tokenizer_manager)
+        add_routes(http.app, lambda: http._global_state.tokenizer_manager, _get_profiler)
     return True

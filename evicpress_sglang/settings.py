@@ -14,6 +14,7 @@ naming the setting.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,14 @@ class Settings:
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
     held_out_queries: int = 4  # per context, a sample of the queries that reused it (for the quality profiler)
+    #: Quality profiler: the share of time its requests may be in flight (0 = no background
+    #: profiling; POST /evicpress/profile still works), the score the policy uses, the length
+    #: of the reference answers, when a profile is old, and the shortest context worth it.
+    profile_share: float = 0.05
+    profile_score: str = "top1"  # top1 | likelihood | f1 | similarity (see profiler.runner)
+    profile_answer_tokens: int = 24
+    profile_max_age_s: float = 1800.0
+    profile_min_tokens: int = 128
     #: seconds per token to re-prefill a dropped context; unset = learnt from the server's prefills.
     #: Pinning it lets a small model stand in for a large one in policy studies.
     prefill_s_per_token: float | None = None
@@ -97,7 +106,22 @@ def _coerce(name: str, value):
         if not isinstance(value, bool):
             raise SettingsError(f"{name}: expected true or false, got {value!r}")
         return value
-    if name in ("status_top", "held_out_queries"):
+    if name in ("profile_share", "profile_max_age_s"):
+        hi = 1.0 if name == "profile_share" else math.inf
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi or (
+                name == "profile_max_age_s" and value == 0):
+            raise SettingsError(f"{name}: expected a number in {'[0, 1]' if hi == 1.0 else '(0, inf)'}, got {value!r}")
+        return float(value)
+    if name == "profile_score":
+        from .profiler.runner import SCORES
+
+        if value not in SCORES:
+            raise SettingsError(f"{name}: expected one of {', '.join(SCORES)}, got {value!r}")
+        return value
+    if name in ("profile_answer_tokens", "profile_min_tokens") and (isinstance(value, bool) or
+                                                                    not isinstance(value, int) or value < 1):
+        raise SettingsError(f"{name}: expected a whole number >= 1, got {value!r}")
+    if name in ("status_top", "held_out_queries", "profile_answer_tokens", "profile_min_tokens"):
         if not isinstance(value, int) or value < 0:
             raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")
         return value

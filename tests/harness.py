@@ -10,14 +10,18 @@ from __future__ import annotations
 import itertools
 from array import array
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
+from sglang.srt.managers.io_struct import GetInternalStateReqOutput, SetInternalStateReqOutput
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from evicpress_sglang import plugin
 
 LAYERS, HEADS, DIM = 4, 2, 64
 DEVICE = "cpu"  # bench/cuda_exactness.py runs the same scenario with pools on "cuda"
@@ -134,3 +138,38 @@ def free_slots_accounted(cache) -> bool:
     """SGLang's idle check: every pool slot is free or held by the tree."""
     alloc = cache.token_to_kv_pool_allocator
     return alloc.available_size() + cache.evictable_size() + cache.protected_size() == alloc.size
+
+
+class FakeScheduler:
+    """The two Scheduler methods the plugin hooks, wrapped exactly as HookRegistry does (admin tests)."""
+
+    def __init__(self, cache):
+        self.tree_cache = cache
+        self.other_updates = []
+        self.waiting_queue = []
+
+    def _get(self, req):
+        return GetInternalStateReqOutput(internal_state={"model": "x"})
+
+    def _set(self, req):
+        self.other_updates.append(dict(req.server_args))
+        return SetInternalStateReqOutput(updated=True)
+
+    def get_internal_state(self, req):
+        return plugin._add_status(self._get(req), self, req)
+
+    def set_internal_state(self, req):
+        return plugin._set_state(FakeScheduler._set, self, req)
+
+
+class FakeTokenizerManager:
+    def __init__(self, scheduler, **server_args):
+        self.scheduler = scheduler
+        self.server_args = SimpleNamespace(api_key=None, admin_api_key=None) if not server_args else \
+            SimpleNamespace(**({"api_key": None, "admin_api_key": None} | server_args))
+
+    async def get_internal_state(self):
+        return [self.scheduler.get_internal_state(None).internal_state]
+
+    async def set_internal_state(self, obj):
+        return [self.scheduler.set_internal_state(obj).updated]

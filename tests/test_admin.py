@@ -2,53 +2,16 @@
 real hooks (SGLang's plugin wrappers) around a real evicpress cache."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sglang.srt.managers.io_struct import GetInternalStateReqOutput, SetInternalStateReqOutput
 
-from evicpress_sglang import plugin
 from evicpress_sglang.admin import add_routes, parse_policy_request, policy_choices
 from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.cli import serve_command
 from evicpress_sglang.settings import ENV, Settings, SettingsError, load_settings
-from harness import make_params, serve
-
-
-class FakeScheduler:
-    """The two Scheduler methods the plugin hooks, wrapped exactly as HookRegistry does."""
-
-    def __init__(self, cache):
-        self.tree_cache = cache
-        self.other_updates = []
-
-    def _get(self, req):
-        return GetInternalStateReqOutput(internal_state={"model": "x"})
-
-    def _set(self, req):
-        self.other_updates.append(dict(req.server_args))
-        return SetInternalStateReqOutput(updated=True)
-
-    def get_internal_state(self, req):
-        return plugin._add_status(self._get(req), self, req)
-
-    def set_internal_state(self, req):
-        return plugin._set_state(FakeScheduler._set, self, req)
-
-
-class FakeTokenizerManager:
-    def __init__(self, scheduler, **server_args):
-        self.scheduler = scheduler
-        self.server_args = SimpleNamespace(api_key=None, admin_api_key=None) if not server_args else \
-            SimpleNamespace(**({"api_key": None, "admin_api_key": None} | server_args))
-
-    async def get_internal_state(self):
-        return [self.scheduler.get_internal_state(None).internal_state]
-
-    async def set_internal_state(self, obj):
-        return [self.scheduler.set_internal_state(obj).updated]
+from harness import FakeTokenizerManager, FakeScheduler, make_params, serve
 
 
 @pytest.fixture
@@ -60,7 +23,7 @@ def client(tmp_path, monkeypatch):
         serve(cache, list(range(100 * i, 100 * i + 90)))
     tm = FakeTokenizerManager(FakeScheduler(cache))
     app = FastAPI()
-    add_routes(app, lambda: tm)
+    add_routes(app, lambda: tm, lambda: None)
     return TestClient(app), cache, tm
 
 
@@ -172,9 +135,13 @@ def test_admin_routes_reach_sglangs_http_app_when_it_launches():
         "from sglang.srt.plugins import load_plugins; load_plugins()\n"
         "import sglang.srt.entrypoints.http_server as h\n"
         "assert getattr(h.launch_server, '__wrapped__', None) is not None, 'launch_server not hooked'\n"
-        "from evicpress_sglang.plugin import _before_launch; _before_launch()\n"
+        "from types import SimpleNamespace as N\n"
+        "from evicpress_sglang import plugin\n"
+        "plugin._before_launch(N(radix_cache_backend='evicpress', host='0.0.0.0', port=31234, api_key=None,"
+        " admin_api_key=None))\n"
         "paths = {getattr(r, 'path', '') for r in h.app.routes}\n"
-        "assert {'/evicpress/status', '/evicpress/policy'} <= paths, paths\n"
+        "assert {'/evicpress/status', '/evicpress/policy', '/evicpress/profile'} <= paths, paths\n"
+        "assert plugin._profiler.client.url == 'http://127.0.0.1:31234', plugin._profiler.client.url\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -56,6 +56,7 @@ from ..settings import Settings, SettingsError, validate_policy_name
 from ..profiler import HeldOutQueries
 from ..tiers import DiskTier, HostTier, StorageTier, TierError
 from . import dropped, kv_io, prefill_timer
+from .profiling import ProfileStaging, parse_namespace
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class EvicPressRadixCache(RadixCache):
         self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
         self.queries = HeldOutQueries(settings.held_out_queries)
+        self.profiling = ProfileStaging(self)
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
@@ -177,6 +179,7 @@ class EvicPressRadixCache(RadixCache):
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
         self.queries = HeldOutQueries(self.settings.held_out_queries)
+        self.profiling = ProfileStaging(self)
         self.set_policy(self.settings.policy)
 
     def _register(self, node: TreeNode) -> None:
@@ -269,6 +272,7 @@ class EvicPressRadixCache(RadixCache):
             self.table.remove(node.id)
         self.nodes.pop(node.id, None)
         self.queries.forget(node.id)
+        self.profiling.forget(node.id)
 
     def _drop_placeholders_below(self, node: TreeNode) -> None:
         for child in list(node.children.values()):
@@ -296,9 +300,14 @@ class EvicPressRadixCache(RadixCache):
                 limit = len(key) + old.offset
                 params = MatchPrefixParams(key=RadixKey((req.origin_input_ids + req.output_ids)[:limit], key.extra_key,
                                                         is_bigram=key.is_bigram), cow_mamba=params.cow_mamba, req=req)
+            profiling = req is not None and parse_namespace(params.key.extra_key) is not None
+            if profiling:
+                self.profiling.ensure(params.key)
             result = self._match(params)
             if req is not None:
                 self._adopt_view(req, result.last_device_node)
+            if profiling:
+                self.profiling.matched(params.key, self._logical_len(result.last_device_node) + result.host_hit_length)
             return result
 
     def _match(self, params: MatchPrefixParams) -> MatchResult:
@@ -374,7 +383,7 @@ class EvicPressRadixCache(RadixCache):
         """One hit per request for every context on its matched path (the scheduler may
         match a waiting request many times); what it asks after the deepest context it
         reuses whole is a held-out query of that context."""
-        if req is None or req.rid in self._counted_rids:
+        if req is None or req.rid in self._counted_rids or parse_namespace(req.extra_key) is not None:
             return
         self._counted_rids[req.rid] = None
         if len(self._counted_rids) > 100_000:
@@ -449,12 +458,7 @@ class EvicPressRadixCache(RadixCache):
                 raise CodecError("missing or damaged blob")
             if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):
                 raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
-            device_codec = codec.device_codec
-            k = torch.empty(device_codec.output_shape(enc.shape).tensor_shape, dtype=self.layout.dtype,
-                            device=self.device)
-            v = torch.empty_like(k)
-            device_codec.decode(enc, k, v)
-            positions = device_codec.positions(enc) if stored.token_subset else None
+            k, v, positions = kv_io.decode(codec.device_codec, enc, self.device)
         except CodecError as e:
             self.stats.miss(stored.tier.label, str(e))
             self._drop_placeholder(node)
@@ -503,7 +507,8 @@ class EvicPressRadixCache(RadixCache):
 
     def _after_insert(self, last: TreeNode | None) -> None:
         if last is not None and last is not self.root_node:
-            self._register(last)
+            if parse_namespace(last.key.extra_key) is None:  # profile copies are not contexts
+                self._register(last)
             if self.settings.verify:
                 self._fingerprint_path(last)
 
@@ -676,9 +681,9 @@ class EvicPressRadixCache(RadixCache):
         if self.disable or num_tokens <= 0:
             return EvictResult()
         start = time.perf_counter()
-        freed = 0
-        if self.policy is not None and len(self.table):
-            freed = self._evict_by_policy(num_tokens, protect)
+        freed = self.profiling.evict_idle(num_tokens)  # the profiler's copies go first
+        if self.policy is not None and len(self.table) and freed < num_tokens:
+            freed += self._evict_by_policy(num_tokens - freed, protect)
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
         self.stats.evict_seconds += time.perf_counter() - start
@@ -693,7 +698,7 @@ class EvicPressRadixCache(RadixCache):
         if protect is not None and protect.id in t:
             movable[np.searchsorted(rows, t.row_of[protect.id])] = False
         cap = np.array([
-            max(self._gpu_tokens() - num_tokens, 0) * self.token_bytes,
+            max(self._gpu_tokens() - self.profiling.held_tokens() - num_tokens, 0) * self.token_bytes,
             self._plannable(Tier.HOST),
             self._plannable(Tier.DISK),
         ], dtype=np.float64)
@@ -753,11 +758,15 @@ class EvicPressRadixCache(RadixCache):
             return 0
         if node.lock_ref > 0:
             return 0
+        self.stats.dropped += 1
+        return self._free_node(node)
+
+    def _free_node(self, node: TreeNode) -> int:
+        """Free an unlocked GPU leaf's slots and take it out of the tree; returns the slots freed."""
         n = len(node.value)
         self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
         self._delete_leaf(node)
         self._record_remove_event(node)
-        self.stats.dropped += 1
         return n
 
     def _store(self, node: TreeNode, target, config: int) -> int:
@@ -919,6 +928,7 @@ class EvicPressRadixCache(RadixCache):
                 "contexts": len(self.table),
                 "stats": self.stats.to_dict(),
                 "placements": self._top_placements(self.settings.status_top),
+                "profiler": self.profiling.status(),
                 "cost_model": {"prefill_s_per_token": self.cost.prefill_s_per_token, "host_bw": self.cost.host_bw,
                                "disk_bw": self.cost.disk_bw},
             }
@@ -942,6 +952,7 @@ class EvicPressRadixCache(RadixCache):
                         "frequency": float(freq[top[i]]),
                         "quality": float(t.present_quality[r]),
                         "held_out_queries": len(self.queries.queries(t.keys[r])),
+                        "profiled_quality": self.profiling.measured(t.keys[r]),
                         "utility": None if util is None else float(util[i, t.assign[r]])})
         return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs import KVShape
+from ..codecs import EncodedKV, KVCodec, KVShape, drops_tokens
 
 
 class UnsupportedPool(ValueError):
@@ -47,3 +47,13 @@ def scatter(pool, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
     for layer, (kb, vb) in enumerate(zip(pool.k_buffer, pool.v_buffer)):
         kb.index_copy_(0, idx, k[layer])
         vb.index_copy_(0, idx, v[layer])
+
+
+def decode(codec: KVCodec, enc: EncodedKV, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``enc`` decoded into fresh K and V on ``device``, plus, for a token-dropping codec,
+    the positions of the tokens it kept (else None)."""
+    shape = codec.output_shape(enc.shape)
+    k = torch.empty(shape.tensor_shape, dtype=shape.dtype, device=device)
+    v = torch.empty_like(k)
+    codec.decode(enc, k, v)
+    return k, v, codec.positions(enc) if drops_tokens(codec) else None

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..codecs import KVShape, subset_codec
+from ..codecs import KVShape, get_codec, subset_codec
 from .configs import Config, Tier
 from .cost import CostModel
 
@@ -21,6 +21,10 @@ PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0
 #: Quality lost per unit of drop ratio, before profiling: half the ratio for the
 #: key-scored selectors, more for a fixed window that ignores content.
 PRIOR_DROP_LOSS = {"knorm": 0.5, "keydiff": 0.5, "streaming": 0.7}
+#: Once the profiler has measured a codec on some contexts, unprofiled contexts assume the
+#: mean of those measurements, shrunk towards the conservative prior as if the prior were
+#: this many measurements (one lucky context does not make a codec look safe).
+PRIOR_WEIGHT = 2.0
 
 
 def prior_quality(codec: str | None) -> float:
@@ -59,6 +63,10 @@ class ContextTable:
         self.sizes = np.zeros((cap, c))
         self.quality = np.ones((cap, c))
         self.profiled = np.zeros(cap, dtype=bool)
+        # the codec that decides each configuration's quality (a lossless +zstd stage does not)
+        self._quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
+        self._prior_row = np.array([prior_quality(c) for c in self._quality_codec])
+        self._learnt: dict[str, tuple[float, int]] = {}  # codec -> (sum, count) of measured qualities
 
     # -- rows -------------------------------------------------------------------
 
@@ -90,7 +98,7 @@ class ContextTable:
         self.assign[r] = self.gpu_config
         self.present_quality[r] = 1.0
         self.profiled[r] = False
-        self.quality[r] = [prior_quality(cfg.codec) for cfg in self.configs]
+        self.quality[r] = self._prior_row
         self._set_tokens(r, tokens)
         return r
 
@@ -143,12 +151,22 @@ class ContextTable:
         self.last_time[r] = now
 
     def set_quality(self, key: object, codec: str, quality: float) -> None:
-        """A measured quality for one codec of one context (from the profiler)."""
+        """A measured quality for one codec (its device stage, e.g. ``int4`` for ``int4+zstd``)
+        of one context, from the profiler; it also moves the prior of unprofiled contexts."""
         r = self.row_of[key]
-        for j, cfg in enumerate(self.configs):
-            if cfg.codec == codec:
-                self.quality[r, j] = quality
+        cols = [j for j, c in enumerate(self._quality_codec) if c == codec]
+        self.quality[r, cols] = quality
         self.profiled[r] = True
+        total, n = self._learnt.get(codec, (0.0, 0))
+        self._learnt[codec] = (total + quality, n + 1)
+        self._prior_row[cols] = self.prior(codec)
+        unprofiled = np.flatnonzero(self.alive & ~self.profiled)
+        self.quality[np.ix_(unprofiled, cols)] = self._prior_row[cols]
+
+    def prior(self, codec: str) -> float:
+        """Quality assumed for ``codec`` on a context not yet profiled."""
+        total, n = self._learnt.get(codec, (0.0, 0))
+        return (total + PRIOR_WEIGHT * prior_quality(codec)) / (n + PRIOR_WEIGHT)
 
     def _decay(self, dt):
         return np.exp(-math.log(2) / self.half_life_s * np.maximum(dt, 0.0))

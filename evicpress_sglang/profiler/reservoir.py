@@ -42,6 +42,10 @@ class HeldOutQueries:
     def queries(self, context: Hashable) -> list[array]:
         return list(self._kept.get(context, ()))
 
+    def contexts(self) -> list[Hashable]:
+        """The contexts that have held-out queries."""
+        return list(self._kept)
+
     def seen(self, context: Hashable) -> int:
         """Queries ever offered for ``context`` (kept or not)."""
         return self._seen.get(context, 0)

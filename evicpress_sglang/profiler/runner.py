@@ -1,0 +1,167 @@
+"""The profiler loop: measure codecs on contexts with their held-out queries, report.
+
+A job (made by the scheduler, :mod:`evicpress_sglang.backend.profiling`) names a context,
+its tokens, its held-out queries and one cache namespace per variant (0 = exact KV, then
+one per lossy codec). For each query the profiler takes the greedy answer on the exact
+KV as the reference, then scores every codec's variant against it:
+
+* ``top1`` (default): share of the reference answer's tokens that stay the top-1 choice
+  when the answer is teacher-forced on the degraded KV, relative to the same on the exact
+  KV. One prefill per query and codec, no generation; it is 1.0 exactly when greedy
+  decoding on the degraded KV would reproduce the reference token for token, and falls
+  smoothly below that, which is the agreement the bench measures.
+* ``likelihood``: the reference answer's geometric-mean token likelihood on the degraded
+  KV over that on the exact KV (capped at 1); same cost as ``top1``.
+* ``f1``: token F1 of the degraded KV's greedy answer against the reference.
+* ``similarity``: the paper's MiniLM cosine similarity of the two answers; a small BERT
+  pass in this process per answer. Short answers about the same text score high even
+  when they differ, which compresses the scale the quality floor is set on.
+
+Pacing: after a job that kept the profiler busy ``b`` seconds it waits ``b * (1 - share) /
+share``, so its requests are in flight at most ``share`` of the time; the scheduler hands
+out jobs only while no user request waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from statistics import fmean
+
+from .client import ServerClient, ServerError
+from .scores import teacher_forced, token_f1
+
+log = logging.getLogger(__name__)
+
+SCORES = ("top1", "likelihood", "f1", "similarity")
+TEACHER_FORCED = {"top1", "likelihood"}
+GENERATED = {"f1", "similarity"}
+
+
+class Profiler:
+    def __init__(self, client: ServerClient, score: str = "top1", answer_tokens: int = 24, share: float = 0.05,
+                 poll_s: float = 5.0) -> None:
+        if score not in SCORES:
+            raise ValueError(f"profile score {score!r}: valid: {', '.join(SCORES)}")
+        self.client = client
+        self.score = score
+        self.answer_tokens = answer_tokens
+        self.share = share
+        self.poll_s = poll_s
+        self._similarity = None
+        self.lock = threading.Lock()  # one job at a time (background loop and admin trigger)
+
+    def measure(self, job: dict, queries: list[list[int]] | None = None,
+                scores: tuple[str, ...] | None = None) -> dict[int, dict[str, float]]:
+        """Mean of each score per lossy variant over ``queries`` (default: the job's
+        held-out ones). Variants are run one after the other, so at most the reference
+        and one degraded copy of the context are in the pool at a time."""
+        scores = tuple(scores or (self.score,))
+        unknown = set(scores) - set(SCORES)
+        if unknown:
+            raise ValueError(f"unknown score(s) {sorted(unknown)}; valid: {', '.join(SCORES)}")
+        queries = job["queries"] if queries is None else queries
+        prompts = [job["prefix"] + list(q) for q in queries]
+        ns = job["namespaces"]
+        refs = [self.client.answer(p, ns[0], self.answer_tokens) for p in prompts]
+        ref_tf = ([teacher_forced(*self._tf(p, r.ids, ns[0])) for p, r in zip(prompts, refs)]
+                  if TEACHER_FORCED & set(scores) else None)
+        out: dict[int, dict[str, float]] = {}
+        for variant in range(1, len(ns)):
+            got: dict[str, list[float]] = defaultdict(list)
+            for i, (p, ref) in enumerate(zip(prompts, refs)):
+                if ref_tf is not None:
+                    tf = teacher_forced(*self._tf(p, ref.ids, ns[variant]))
+                    got["top1"].append(_relative(tf["top1_agreement"], ref_tf[i]["top1_agreement"]))
+                    got["likelihood"].append(_relative(tf["likelihood"], ref_tf[i]["likelihood"]))
+                if GENERATED & set(scores):
+                    ans = self.client.answer(p, ns[variant], self.answer_tokens)
+                    got["f1"].append(token_f1(ans.text, ref.text))
+                    if "similarity" in scores:
+                        got["similarity"].append(self.similarity(ans.text, ref.text))
+            out[variant] = {s: fmean(got[s]) for s in scores if got[s]}
+        return out
+
+    def _tf(self, prompt: list[int], reference: list[int], namespace: str):
+        r = self.client.teacher_forced(prompt, reference, namespace)
+        return r.logprobs, r.top1, reference
+
+    def similarity(self, a: str, b: str) -> float:
+        if self._similarity is None:
+            from .scores import AnswerSimilarity
+
+            self._similarity = AnswerSimilarity()
+        return self._similarity(a, b)
+
+    def profile(self, job: dict) -> dict:
+        """Measure the job with the configured score and report it; the server's reply
+        (what it accepted) plus the scores."""
+        with self.lock:
+            measured = self.measure(job)
+            quality = {v: s[self.score] for v, s in measured.items() if self.score in s}
+            reply = self.client.report(job["job"], quality, len(job["queries"]))
+        return {"job": job["job"], "node": job["node"],
+                "scores": {job["codecs"][v]: s for v, s in measured.items()}, **reply}
+
+    def profile_node(self, node: int) -> dict:
+        """Profile one context now (the admin trigger). Raises :class:`ServerError` with
+        the scheduler's reason when it cannot be profiled."""
+        got = self.client.jobs(node=node)
+        if not got.get("jobs"):
+            reason = (got.get("refusal") or {}).get("reason", "no job was made")
+            raise ServerError(f"context {node}: {reason}")
+        return self.profile(got["jobs"][0])
+
+    def step(self) -> float:
+        """Fetch and run at most one job; the seconds it kept the profiler busy."""
+        got = self.client.jobs(want=1)
+        if not got.get("jobs"):
+            return 0.0
+        t0 = time.monotonic()
+        result = self.profile(got["jobs"][0])
+        log.info("evicpress profiler: context %s: %s", result["node"], result.get("measured"))
+        return time.monotonic() - t0
+
+    def pause_after(self, busy_s: float) -> float:
+        """Seconds to wait after ``busy_s`` of profiling to stay within the share."""
+        if busy_s <= 0:
+            return self.poll_s
+        return busy_s * (1.0 - self.share) / self.share
+
+    def run(self, stop: threading.Event) -> None:
+        """Profile until ``stop`` is set; server errors are logged and waited out."""
+        while not stop.is_set():
+            try:
+                wait = self.pause_after(self.step())
+            except ServerError as e:
+                log.warning("evicpress profiler: %s", e)
+                wait = self.poll_s
+            stop.wait(wait)
+
+
+def _relative(degraded: float, reference: float) -> float:
+    """``degraded`` as a share of what the exact KV scores, capped at 1."""
+    if reference <= 0:
+        return 1.0 if degraded <= 0 else min(1.0, degraded)
+    return min(1.0, degraded / reference)
+
+
+def start_in_server(url: str, settings, api_key: str | None, admin_key: str | None) -> Profiler:
+    """The profiler of a server's HTTP process; its background loop (a daemon thread that
+    starts once the server answers) runs unless ``profile_share`` is 0. The admin trigger
+    uses it either way."""
+    profiler = Profiler(ServerClient(url, api_key, admin_key), settings.profile_score,
+                        settings.profile_answer_tokens, settings.profile_share)
+    if settings.profile_share <= 0:
+        return profiler
+
+    def loop() -> None:
+        stop = threading.Event()
+        while not profiler.client.healthy():
+            stop.wait(2.0)
+        profiler.run(stop)
+
+    threading.Thread(target=loop, name="evicpress-profiler", daemon=True).start()
+    return profiler

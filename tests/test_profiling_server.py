@@ -1,0 +1,242 @@
+"""The quality profiler end to end on CPU: the real profiler loop, over the real admin
+routes and scheduler hooks, against a real evicpress cache with SGLang pools. Only the
+model is a stand-in: its answer is a function of the KV each request was served with
+(through the cache), so a degraded copy of a context answers differently."""
+
+import json
+from array import array
+
+import pytest
+import torch
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from evicpress_sglang.admin import add_routes
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.backend.profiling import NAMESPACE, parse_namespace
+from evicpress_sglang.policy.contexts import prior_quality
+from evicpress_sglang.profiler.client import ServerClient
+from evicpress_sglang.profiler.runner import Profiler
+from evicpress_sglang.settings import ENV, load_settings
+from harness import FakeScheduler, FakeTokenizerManager, free_slots_accounted, make_params, serve
+
+DOC = list(range(1000, 1160))  # a 160-token context
+ANSWER_TOKENS = 8
+
+
+def model_answer(k: torch.Tensor) -> list[int]:
+    """The stand-in model: token j is a rounded mean of one key channel over every slot it
+    attends to, so it moves with quantization error and with dropped tokens."""
+    layers = k.shape[0]
+    return [int(torch.round(k[j % layers, :, 0, j].float().mean() * 32)) % 1000 for j in range(ANSWER_TOKENS)]
+
+
+def make_app(cache, scheduler):
+    tm = FakeTokenizerManager(scheduler)
+    app = FastAPI()
+    state = {}
+
+    async def generate(request: Request):
+        body = await request.json()
+        ids = body["input_ids"]
+        if body.get("return_logprob"):  # teacher-forced: the model's choice at every position from the start
+            start = body["logprob_start_len"]
+            top = model_answer(serve(cache, ids[:start + 1], body.get("extra_key")).k)
+            n = len(ids) - start - 1
+            entries = [[0.0 if ids[start + 1 + j] == top[j] else -2.0, ids[start + 1 + j], None] for j in range(n)]
+            return {"text": "", "output_ids": [0], "meta_info": {
+                "input_token_logprobs": [[None, ids[start], None]] + entries,
+                "input_top_logprobs": [None] + [[[0.0, top[j], None]] for j in range(n)]}}
+        out = model_answer(serve(cache, ids, body.get("extra_key")).k)
+        state.setdefault("namespaces", []).append(body.get("extra_key"))
+        return {"text": " ".join(map(str, out)), "output_ids": out, "meta_info": {}}
+
+    app.add_api_route("/generate", generate, methods=["POST"])
+    holder = {}
+    add_routes(app, lambda: tm, lambda: holder["profiler"])
+    http = TestClient(app)
+    profiler = Profiler(ServerClient("http://testserver", http=http), answer_tokens=ANSWER_TOKENS, poll_s=0.0)
+    holder["profiler"] = profiler
+    return http, profiler, state
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    settings = {"host_bytes": "4MiB", "host_codecs": ["bf16", "int8", "int2", "keydiff:0.5"],
+                "profile_min_tokens": 32}
+    monkeypatch.setenv(ENV, json.dumps(settings))
+    cache = EvicPressRadixCache(make_params(1024), load_settings())
+    scheduler = FakeScheduler(cache)
+    http, profiler, state = make_app(cache, scheduler)
+    return cache, scheduler, http, profiler, state
+
+
+def ask(cache, doc, question):
+    return serve(cache, doc + [7, 8, 9] + question)
+
+
+def _find(cache, tokens):
+    return cache._find_exact(RadixKey(array("q", tokens)))
+
+
+def profile_namespaces(cache):
+    return [c for c in cache.root_node.children.values() if parse_namespace(c.key.extra_key) is not None]
+
+
+def test_a_reused_context_is_profiled_through_degraded_copies_served_by_the_cache(server):
+    cache, _, _, profiler, state = server
+    for q in ([1, 2, 3], [4, 5, 6], [11, 12]):  # the context is reused: its queries are held out
+        ask(cache, DOC, q)
+    node = _find(cache, DOC + [7, 8, 9])
+    assert node is not None and len(cache.queries.queries(node.id)) == 2
+    t = cache.table
+    row = t.row_of[node.id]
+    freq, n_rows, queries = float(t.freq[row]), len(t), cache.queries.queries(node.id)
+
+    busy = profiler.step()
+
+    assert busy > 0
+    rec = cache.profiling.records[node.id]
+    assert set(rec.quality) == {"int8", "int2", "keydiff:0.5"}
+    assert rec.quality["int2"] < 1.0 and rec.quality["int2"] <= rec.quality["int8"]
+    for codec, q in rec.quality.items():  # the policy now plans with the measurement
+        cols = [j for j, c in enumerate(t.configs) if c.codec == codec]
+        assert all(t.quality[row, j] == q for j in cols)
+    # every profile request ran in a profile namespace, each variant was really served
+    assert state["namespaces"] and all(ns.startswith(NAMESPACE) for ns in state["namespaces"])
+    assert cache.profiling.counts["staged"] >= 4 and cache.profiling.counts["variants_tainted"] == 0
+    # ... and left no trace: no copies, no table rows, no hits, no held-out queries, no leaked slots
+    assert profile_namespaces(cache) == [] and cache.profiling.held_tokens() == 0
+    assert len(t) == n_rows and float(t.freq[row]) == freq and cache.queries.queries(node.id) == queries
+    assert free_slots_accounted(cache)
+    assert profiler.step() == 0.0  # profiled with every query it has: nothing to do
+
+
+def test_scores_are_exact_for_a_lossless_variant_and_drop_for_a_lossy_one(server):
+    cache, _, http, profiler, _ = server
+    for q in ([1, 2, 3], [4, 5, 6], [11, 12]):
+        ask(cache, DOC, q)
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    job["codecs"].append("bf16")  # an extra lossless variant: must score 1.0 on every score
+    job["namespaces"].append(job["namespaces"][0].rsplit(":", 1)[0] + f":{len(job['codecs']) - 1}")
+    cache.profiling.jobs[job["job"]].codecs.append("bf16")
+    scores = profiler.measure(job, scores=("top1", "likelihood", "f1"))
+    exact = scores[len(job["codecs"]) - 1]
+    assert exact == {"top1": 1.0, "likelihood": 1.0, "f1": 1.0}
+    int2 = scores[job["codecs"].index("int2")]
+    assert all(0.0 <= v < 1.0 for v in int2.values()), int2
+
+
+def test_measured_qualities_become_the_prior_of_unprofiled_contexts(server):
+    cache, _, _, profiler, _ = server
+    other = list(range(3000, 3100))
+    ask(cache, other, [1])  # cached, never reused: no held-out query, not profiled
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    profiler.step()
+    measured = cache.profiling.records[_find(cache, DOC + [7, 8, 9]).id].quality["int2"]
+    t = cache.table
+    row = t.row_of[_find(cache, other + [7, 8, 9, 1]).id]
+    col = next(j for j, c in enumerate(t.configs) if c.codec == "int2")
+    want = (measured + 2.0 * prior_quality("int2")) / 3.0
+    assert t.quality[row, col] == pytest.approx(want) and t.prior("int2") == pytest.approx(want)
+
+
+def test_jobs_only_while_nothing_waits_and_again_when_new_queries_arrive(server):
+    cache, scheduler, _, profiler, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    scheduler.waiting_queue = ["a user request"]
+    assert profiler.step() == 0.0 and not cache.profiling.jobs
+    scheduler.waiting_queue = []
+    assert profiler.step() > 0
+    assert profiler.step() == 0.0
+    ask(cache, DOC, [21, 22])  # a new query: the estimate is now uncertain
+    assert profiler.step() > 0
+    cache.settings.profile_max_age_s = 1e-9  # and an old estimate is redone
+    assert profiler.step() > 0
+
+
+def test_a_variant_served_without_its_copy_is_discarded(server):
+    cache, _, http, profiler, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    node = _find(cache, DOC + [7, 8, 9])
+    row = cache.table.row_of[node.id]
+    before = cache.table.quality[row].copy()
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    cache.set_policy("off")
+    cache.evict(EvictParams(num_tokens=10_000))  # the context leaves the GPU: no copy can be made
+    cache.set_policy("evicpress")
+    result = profiler.profile(job)
+    assert result["measured"] == {} and set(result["discarded"]) == {"int8", "int2", "keydiff:0.5"}
+    assert cache.profiling.counts["variants_tainted"] == 3
+    assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
+    if node.id in cache.table:
+        assert (cache.table.quality[row] == before).all()
+
+
+def test_profile_copies_are_evicted_before_any_user_context(server):
+    cache, _, http, _, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    serve(cache, job["prefix"] + [5], extra_key=job["namespaces"][2])  # stages the int2 copy, left idle
+    held = cache.profiling.held_tokens()
+    assert held >= len(job["prefix"])
+    user_nodes = len(cache.table)
+    freed = cache.evict(EvictParams(num_tokens=held)).num_tokens_evicted
+    assert freed >= held and cache.profiling.held_tokens() == 0
+    assert len(cache.table) == user_nodes and _find(cache, DOC + [7, 8, 9]).value is not None
+
+
+def test_admin_trigger_profiles_one_context_or_says_why_not(server):
+    cache, _, http, _, _ = server
+    lonely = list(range(5000, 5100))
+    ask(cache, lonely, [1])
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    node = _find(cache, DOC + [7, 8, 9]).id
+    r = http.post("/evicpress/profile", json={"node": node})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["measured"]) == {"int8", "int2", "keydiff:0.5"}
+    status = http.get("/evicpress/status").json()
+    assert status["profiler"]["profiled_contexts"] == 1
+    assert any(p["node"] == node and p["profiled_quality"] for p in status["placements"])
+    no_queries = _find(cache, lonely + [7, 8, 9, 1]).id
+    r = http.post("/evicpress/profile", json={"node": no_queries})
+    assert r.status_code == 409 and "no held-out queries" in r.json()["error"]
+    r = http.post("/evicpress/profile", json={"node": 999_999})
+    assert r.status_code == 409 and "no such context" in r.json()["error"]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/evicpress/profile", {"nod": 3}, "node"),
+    ("/evicpress/profile", {"node": -1}, "whole number"),
+    ("/evicpress/profile/jobs", {"want": 0}, "want"),
+    ("/evicpress/profile/jobs", {"want": 1, "node": 2}, "want"),
+    ("/evicpress/profile/report", {"job": 1, "queries": 1, "quality": {"0": 0.5}}, "lossy variant"),
+    ("/evicpress/profile/report", {"job": 1, "queries": 1, "quality": {"1": 1.5}}, "[0, 1]"),
+    ("/evicpress/profile/report", {"job": 1, "quality": {}}, "exactly"),
+])
+def test_malformed_profiler_requests_are_400(server, path, body, message):
+    cache, _, http, _, _ = server
+    r = http.post(path, json=body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert not cache.profiling.jobs and not cache.profiling.records
+
+
+def test_a_report_for_an_unknown_job_is_refused(server):
+    _, _, http, _, _ = server
+    r = http.post("/evicpress/profile/report", json={"job": 77, "queries": 1, "quality": {"1": 0.5}})
+    assert r.status_code == 409
+
+
+def test_pacing_keeps_the_profilers_share():
+    p = Profiler(ServerClient("http://unused"), share=0.05, poll_s=3.0)
+    assert p.pause_after(2.0) == pytest.approx(38.0)  # busy 2 s of every 40
+    assert p.pause_after(0.0) == 3.0  # nothing to do: poll again later
+    with pytest.raises(ValueError, match="valid"):
+        Profiler(ServerClient("http://unused"), score="bleu")
