@@ -87,3 +87,17 @@ def test_minilm_similarity_sees_paraphrase_and_difference(similarity):
     other = similarity("Python lists are mutable sequences.", ref)
     assert para > 0.6 and other < 0.3 and para > other + 0.4
     assert similarity("", "") == 1.0
+
+
+def test_calibration_maths_rank_correlation_and_summary():
+    from evicpress_sglang.bench.calibration import spearman, summarise
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 2], [1, 1, 2, 2]) == pytest.approx(1.0)  # ties share ranks
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rows = [{"codec": c, "predicted": {"top1": p}, "actual": {"top1": a, "f1": a}}
+            for c, p, a in (("int4", 0.9, 0.8), ("int2", 0.5, 0.4), ("int4", 0.95, 0.9))]
+    s = summarise(rows)
+    assert s["pairs"] == 3 and s["spearman"] == {"top1->top1": pytest.approx(1.0)}
+    assert s["per_codec"]["int4"]["actual_top1"] == pytest.approx(0.85)

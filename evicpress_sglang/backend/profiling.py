@@ -73,12 +73,14 @@ class Job:
     queries: list[list[int]]
     codecs: list[str]  # per variant; 0 is the reference
     created: float
+    asked_for: bool = False  # made for one context on request (not handed to the background loop)
     served: set[int] = field(default_factory=set)  # variants some request ran on in full
     tainted: set[int] = field(default_factory=set)  # variants a request ran on only in part
 
     def to_dict(self) -> dict:
         return {"job": self.id, "node": self.node, "prefix": self.prefix, "queries": self.queries,
-                "codecs": self.codecs, "namespaces": [namespace(self.id, i) for i in range(len(self.codecs))]}
+                "codecs": self.codecs, "namespaces": [namespace(self.id, i) for i in range(len(self.codecs))],
+                "asked_for": self.asked_for}
 
 
 @dataclass
@@ -128,7 +130,7 @@ class ProfileStaging:
     def prepare_for(self, node_id: int) -> Job | None:
         """A job for one context now (the admin trigger), or None with :attr:`refusal` saying why."""
         self.refusal = None
-        existing = next((j for j in self.jobs.values() if j.node == node_id), None)
+        existing = next((j for j in self.jobs.values() if j.node == node_id and j.asked_for), None)
         if existing is not None:
             return existing
         if node_id not in self.cache.table:
@@ -138,7 +140,9 @@ class ProfileStaging:
             self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused)"}
             return None
         job = self._make(node_id, time.monotonic())
-        if job is None:
+        if job is not None:
+            job.asked_for = True
+        else:
             self.refusal = {"node": node_id, "reason": "its KV is not exact on the GPU (compressed, dropped, "
                                                        "or offloaded); it is profiled once it is recomputed"}
         return job

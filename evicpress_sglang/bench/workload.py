@@ -65,9 +65,8 @@ def _arrivals(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, n))
 
 
-def docqa(n_requests: int = 120, docs: int = 30, rate: float = 2.0, min_chars: int = 8000, max_chars: int = 64000,
-          zipf_s: float = 1.0, fact_share: float = 0.5, seed: int = 0) -> list[BenchRequest]:
-    rng = np.random.default_rng(seed)
+def doc_texts(rng: np.random.Generator, docs: int, min_chars: int, max_chars: int) -> tuple[list[str], list[int]]:
+    """``docs`` documents of real text, each with a planted access code; (texts, codes)."""
     corpus = _corpus()
     texts, codes = [], []
     for d in range(docs):
@@ -76,6 +75,21 @@ def docqa(n_requests: int = 120, docs: int = 30, rate: float = 2.0, min_chars: i
                       f"The access code for document {d} is {code}.")
         texts.append(f"Document {d} (from the Python library reference)\n\n{body}")
         codes.append(code)
+    return texts, codes
+
+
+def fact_question(d: int) -> str:
+    return f"What is the access code for document {d}? Reply with the number only."
+
+
+def docqa_prompt(text: str, question: str) -> str:
+    return f"{text}\n\nQuestion: {question}\nAnswer:"
+
+
+def docqa(n_requests: int = 120, docs: int = 30, rate: float = 2.0, min_chars: int = 8000, max_chars: int = 64000,
+          zipf_s: float = 1.0, fact_share: float = 0.5, seed: int = 0) -> list[BenchRequest]:
+    rng = np.random.default_rng(seed)
+    texts, codes = doc_texts(rng, docs, min_chars, max_chars)
     popularity = 1.0 / np.arange(1, docs + 1) ** zipf_s
     order = rng.permutation(docs)  # which document is most popular is random
     times = _arrivals(rng, n_requests, rate)
@@ -83,10 +97,10 @@ def docqa(n_requests: int = 120, docs: int = 30, rate: float = 2.0, min_chars: i
     for i, t in enumerate(times):
         d = int(order[rng.choice(docs, p=popularity / popularity.sum())])
         if rng.random() < fact_share:
-            q, truth = f"What is the access code for document {d}? Reply with the number only.", str(codes[d])
+            q, truth = fact_question(d), str(codes[d])
         else:
             q, truth = QUESTIONS[int(rng.integers(len(QUESTIONS)))], None
-        out.append(BenchRequest(i, round(float(t), 4), f"doc{d}", f"{texts[d]}\n\nQuestion: {q}\nAnswer:", truth))
+        out.append(BenchRequest(i, round(float(t), 4), f"doc{d}", docqa_prompt(texts[d], q), truth))
     return out
 
 

