@@ -4,7 +4,7 @@ measured on fresh queries? (issue 5's calibration check, on a real server.)
 1. One evicpress server (real SmolLM2 weights) with the background profiler on; documents
    of real text are each asked ``held_out`` questions, so every document's context holds
    held-out queries; the background profiler measures them (its default score, ``top1``).
-2. For every profiled document the bench asks the server for a job on that context and
+2. For every document's context the bench asks the server for a job on that context and
    runs the profiler's measurement twice with every score: on the held-out queries (the
    *prediction*) and on ``fresh`` questions the server never saw for that document (the
    *actual* quality), each against exact-KV answers for the same query.
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -106,56 +107,63 @@ def run(args: argparse.Namespace) -> dict:
                 requests.post(url + "/generate", json={"text": docqa_prompt(text, q), "sampling_params": {
                     "temperature": 0, "max_new_tokens": args.answer_tokens}}, timeout=600).raise_for_status()
         record["traffic_s"] = time.monotonic() - t0
-        status = _wait_profiled(url, args.docs, args.wait_s)
-        record["background"] = {"waited_s": time.monotonic() - t0 - record["traffic_s"],
-                                "profiler": status["profiler"],
-                                "profiled": [p for p in status["placements"] if p["profiled_quality"]]}
+        _wait_profiled(url, args.wait_for, args.wait_s)
+        record["waited_s"] = time.monotonic() - t0 - record["traffic_s"]
         profiler = Profiler(ServerClient(url), answer_tokens=args.answer_tokens)
+        contexts = [p for p in _status(url)["placements"] if p["held_out_queries"] > 0]
         rows, details = [], []
-        for p in record["background"]["profiled"]:
-            job = profiler.client.jobs(node=p["node"])["jobs"][0]
-            d = next((d for d, text in enumerate(texts)
-                      if tok(docqa_prompt(text, "x")).input_ids[: len(job["prefix"])] == job["prefix"]), None)
-            fresh = []
-            for q in per_doc[d][args.held_out + 1:] if d is not None else ():
-                ids = tok(docqa_prompt(texts[d], q)).input_ids
-                if ids[: len(job["prefix"])] == job["prefix"]:
-                    fresh.append(ids[len(job["prefix"]):])
-            if not fresh:  # not a document's context (a split below one), or no fresh query fits it
-                profiler.client.report(job["job"], {}, 0)
-                continue
-            mine: list = []
-            predicted = profiler.measure(job, scores=MEASURED, details=mine)
-            for m in mine:
-                m["side"] = "held_out"
-            start = len(mine)
-            actual = profiler.measure(job, queries=fresh, scores=MEASURED, details=mine)
-            for m in mine[start:]:
-                m["side"] = "fresh"
-            profiler.client.report(job["job"], {v: s["top1"] for v, s in predicted.items()}, len(job["queries"]))
-            details += [{"doc": d, **m} for m in mine]
-            for v in predicted:
-                rows.append({"doc": d, "node": p["node"], "codec": job["codecs"][v], "held_out": len(job["queries"]),
-                             "fresh": len(fresh), "background_top1": p["profiled_quality"].get(job["codecs"][v]),
-                             "predicted": predicted[v], "actual": actual[v]})
-            print(f"doc {d}: {len(rows)} rows", file=sys.stderr)
+        with ThreadPoolExecutor(args.workers) as pool:  # documents side by side: the server batches them
+            for got_rows, got_details in pool.map(lambda p: _calibrate(profiler, p["node"], texts, per_doc, tok, args),
+                                                  contexts):
+                rows += got_rows
+                details += got_details
+        status = _status(url)  # the background profiler's own records, to compare with the bench's prediction
+        record["background"] = {"profiler": status["profiler"],
+                                "profiled": {p["node"]: p["profiled_quality"] for p in status["placements"]
+                                             if p["profiled_quality"]}}
+        for r in rows:
+            r["background_top1"] = record["background"]["profiled"].get(r["node"], {}).get(r["codec"])
     record |= {"rows": rows, "summary": summarise(rows), "details": details}
     (out / "calibration.json").write_text(json.dumps(record, indent=1))
     return record
 
 
-def _wait_profiled(url: str, docs: int, wait_s: float, settle_s: float = 20.0) -> dict:
-    """The server's status once the background profiler has profiled ``docs`` contexts and
-    then nothing more for ``settle_s`` (or made no progress for ``wait_s``)."""
-    last, since = -1, time.monotonic()
-    while True:
-        status = requests.get(url + "/evicpress/status", timeout=30).json()
-        done = status["profiler"]["profiled_contexts"]
-        idle = time.monotonic() - since
-        if (done >= docs and idle > settle_s) or idle > wait_s:
-            return status
-        if done != last:
-            last, since = done, time.monotonic()
+def _calibrate(profiler: Profiler, node: int, texts, per_doc, tok, args) -> tuple[list[dict], list[dict]]:
+    """Predicted and actual quality of every codec on one context (if it is a document's)."""
+    job = profiler.client.jobs(node=node)["jobs"][0]
+    prefix = job["prefix"]
+    d = next((d for d, text in enumerate(texts) if tok(docqa_prompt(text, "x")).input_ids[: len(prefix)] == prefix),
+             None)
+    fresh = []
+    for q in per_doc[d][args.held_out + 1:] if d is not None else ():
+        ids = tok(docqa_prompt(texts[d], q)).input_ids
+        if ids[: len(prefix)] == prefix:
+            fresh.append(ids[len(prefix):])
+    rows, details = [], []
+    if fresh:  # else not a document's context (a split below one), or no fresh query fits it
+        predicted = profiler.measure(job, scores=MEASURED, details=details)
+        for m in details:
+            m["side"] = "held_out"
+        start = len(details)
+        actual = profiler.measure(job, queries=fresh, scores=MEASURED, details=details)
+        for m in details[start:]:
+            m["side"] = "fresh"
+        details = [{"doc": d, "node": node, **m} for m in details]
+        rows = [{"doc": d, "node": node, "codec": job["codecs"][v], "held_out": len(job["queries"]),
+                 "fresh": len(fresh), "predicted": predicted[v], "actual": actual[v]} for v in predicted]
+        print(f"doc {d}: context {node} calibrated", file=sys.stderr)
+    profiler.client.report(job["job"], {}, 0)  # release its copies; the records stay the background profiler's
+    return rows, details
+
+
+def _status(url: str) -> dict:
+    return requests.get(url + "/evicpress/status", timeout=30).json()
+
+
+def _wait_profiled(url: str, contexts: int, wait_s: float) -> None:
+    """Until the background profiler has profiled ``contexts`` contexts, or ``wait_s`` passed."""
+    t0 = time.monotonic()
+    while _status(url)["profiler"]["profiled_contexts"] < contexts and time.monotonic() - t0 < wait_s:
         time.sleep(2)
 
 
@@ -168,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-chars", type=int, default=6000)
     p.add_argument("--max-chars", type=int, default=20000)
     p.add_argument("--answer-tokens", type=int, default=24)
-    p.add_argument("--share", type=float, default=0.5, help="the background profiler's share of time")
-    p.add_argument("--wait-s", type=float, default=90.0)
+    p.add_argument("--share", type=float, default=0.2, help="the background profiler's share of time")
+    p.add_argument("--wait-for", type=int, default=2, help="contexts the background profiler must have done first")
+    p.add_argument("--wait-s", type=float, default=120.0)
+    p.add_argument("--workers", type=int, default=4, help="contexts calibrated side by side")
     p.add_argument("--pool-tokens", type=int, default=200_000)
     p.add_argument("--port", type=int, default=31000)
     p.add_argument("--seed", type=int, default=0)
