@@ -117,13 +117,18 @@ def run(args: argparse.Namespace) -> dict:
                                                   contexts):
                 rows += got_rows
                 details += got_details
+                _write(out, record, rows, details)  # a run cut short still leaves what it measured
         status = _status(url)  # the background profiler's own records, to compare with the bench's prediction
         record["background"] = {"profiler": status["profiler"],
                                 "profiled": {p["node"]: p["profiled_quality"] for p in status["placements"]
                                              if p["profiled_quality"]}}
         for r in rows:
             r["background_top1"] = record["background"]["profiled"].get(r["node"], {}).get(r["codec"])
-    record |= {"rows": rows, "summary": summarise(rows), "details": details}
+    return _write(out, record, rows, details)
+
+
+def _write(out: Path, record: dict, rows: list[dict], details: list[dict]) -> dict:
+    record |= {"rows": rows, "summary": summarise(rows) if rows else None, "details": details}
     (out / "calibration.json").write_text(json.dumps(record, indent=1))
     return record
 
