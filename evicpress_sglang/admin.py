@@ -210,9 +210,9 @@ def add_routes(app, get_tokenizer_manager, get_profiler) -> None:
         found = await scheduler_state(tm, "evicpress_profile")
         if found is None:
             return not_active
-        if KEY_NODE in args:
-            jobs = [j for j in found["jobs"] if j["node"] == args[KEY_NODE]]
-        else:  # the background loop never takes a job someone asked for by node
+        if KEY_NODE in args:  # only a job made for this request, never one the background loop runs
+            jobs = [j for j in found["jobs"] if j["node"] == args[KEY_NODE] and j["asked_for"]]
+        else:  # and the background loop never takes a job someone asked for by node
             jobs = [j for j in found["jobs"] if not j["asked_for"]]
         return JSONResponse({"jobs": jobs, "refusal": found["refusal"]})
 

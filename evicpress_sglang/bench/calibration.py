@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from ..profiler.client import ServerClient
+from ..profiler.client import ServerClient, ServerError
 from ..profiler.runner import Profiler
 from .server import Server
 from .workload import QUESTIONS, doc_texts, docqa_prompt, fact_question
@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> dict:
         contexts = [p for p in _status(url)["placements"] if p["held_out_queries"] > 0]
         rows, details = [], []
         with ThreadPoolExecutor(args.workers) as pool:  # documents side by side: the server batches them
-            for got_rows, got_details in pool.map(lambda p: _calibrate(profiler, p["node"], texts, per_doc, tok, args),
-                                                  contexts):
+            for got_rows, got_details in pool.map(lambda p: _calibrate_or_skip(profiler, p["node"], texts, per_doc,
+                                                                               tok, args), contexts):
                 rows += got_rows
                 details += got_details
                 _write(out, record, rows, details)  # a run cut short still leaves what it measured
@@ -131,6 +131,14 @@ def _write(out: Path, record: dict, rows: list[dict], details: list[dict]) -> di
     record |= {"rows": rows, "summary": summarise(rows) if rows else None, "details": details}
     (out / "calibration.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def _calibrate_or_skip(profiler: Profiler, node: int, *rest) -> tuple[list[dict], list[dict]]:
+    try:
+        return _calibrate(profiler, node, *rest)
+    except ServerError as e:
+        print(f"context {node} skipped: {e}", file=sys.stderr)
+        return [], []
 
 
 def _calibrate(profiler: Profiler, node: int, texts, per_doc, tok, args) -> tuple[list[dict], list[dict]]:
