@@ -240,3 +240,20 @@ def test_pacing_keeps_the_profilers_share():
     assert p.pause_after(0.0) == 3.0  # nothing to do: poll again later
     with pytest.raises(ValueError, match="valid"):
         Profiler(ServerClient("http://unused"), score="bleu")
+
+
+def test_a_job_asked_for_by_node_is_never_the_background_loops(server):
+    cache, _, http, _, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    client = ServerClient("http://testserver", http=http)
+    background = client.jobs(want=1)["jobs"][0]
+    short = list(range(7000, 7010))  # reused but too short to profile: the scheduler makes no job for it
+    for q in ([1], [2]):
+        ask(cache, short, q)
+    node = _find(cache, short + [7, 8, 9])
+    refused = client.jobs(node=node.id)
+    assert refused["jobs"] == [] and "fewer than profile_min_tokens" in refused["refusal"]["reason"]
+    mine = client.jobs(node=background["node"])["jobs"]
+    assert len(mine) == 1 and mine[0]["job"] != background["job"] and mine[0]["asked_for"]
+    assert [j["job"] for j in client.jobs(want=1)["jobs"]] == [background["job"]]

@@ -124,7 +124,7 @@ class ProfileStaging:
         for _, key in sorted(scored):
             if want <= 0:
                 break
-            if self._make(key, now) is not None:
+            if isinstance(self._make(key, now), Job):
                 want -= 1
 
     def prepare_for(self, node_id: int) -> Job | None:
@@ -140,23 +140,23 @@ class ProfileStaging:
             self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused)"}
             return None
         job = self._make(node_id, time.monotonic())
-        if job is not None:
-            job.asked_for = True
-        else:
-            self.refusal = {"node": node_id, "reason": "its KV is not exact on the GPU (compressed, dropped, "
-                                                       "or offloaded); it is profiled once it is recomputed"}
+        if isinstance(job, str):
+            self.refusal = {"node": node_id, "reason": job}
+            return None
+        job.asked_for = True
         return job
 
-    def _make(self, key: int, now: float) -> Job | None:
+    def _make(self, key: int, now: float) -> Job | str:
+        """A new job for context ``key``, or why there can be none."""
         node = self.cache.nodes.get(key)
         if node is None or not self._exact_on_gpu(node):
-            return None
+            return "its KV is not exact on the GPU (compressed, dropped or offloaded); it is profiled once recomputed"
         prefix = list(self.cache._path_tokens(node))
         if len(prefix) < self.cache.settings.profile_min_tokens:
-            return None
+            return f"{len(prefix)} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
         codecs = lossy_codecs(self.cache.table.configs)
         if not codecs:
-            return None
+            return "no lossy codec is enabled: there is nothing to measure"
         job = Job(next(self._ids), key, prefix, [list(q) for q in self.cache.queries.queries(key)],
                   [REFERENCE] + codecs, now)
         self.jobs[job.id] = job
