@@ -69,7 +69,11 @@ def summarise(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["codec"] == codec]
         per_codec[codec] = {f"{side}_{s}": float(np.mean([r[side][s] for r in mine]))
                             for side in ("predicted", "actual") for s in scores}
-    return {"pairs": len(rows), "spearman": corr, "per_codec": per_codec}
+    # the same with each codec's mean over contexts: what a learnt per-codec prior knows
+    codec_means = {f"{p}->{a}": spearman([v[f"predicted_{p}"] for v in per_codec.values()],
+                                         [v[f"actual_{a}"] for v in per_codec.values()])
+                   for p in scores for a in scores}
+    return {"pairs": len(rows), "spearman": corr, "spearman_of_codec_means": codec_means, "per_codec": per_codec}
 
 
 def questions_for(d: int, rng: np.random.Generator) -> list[str]:
@@ -199,9 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-tokens", type=int, default=200_000)
     p.add_argument("--port", type=int, default=31000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summarise", action="store_true", help="only recompute the summary of <out>/calibration.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    record = run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.summarise:  # recompute the summary of a finished run (no server)
+        path = Path(args.out) / "calibration.json"
+        record = json.loads(path.read_text())
+        record["summary"] = summarise(record["rows"])
+        path.write_text(json.dumps(record, indent=1))
+    else:
+        record = run(args)
     print(json.dumps(record["summary"], indent=1))
