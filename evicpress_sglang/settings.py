@@ -59,6 +59,9 @@ class Settings:
     profile_answer_tokens: int = 24
     profile_max_age_s: float = 1800.0
     profile_min_tokens: int = 128
+    #: Questions the served model writes about a context nobody has reused yet, so it can be
+    #: profiled before its first reuse (as the paper did with a large model); 0 = off.
+    profile_self_questions: int = 0
     #: seconds per token to re-prefill a dropped context; unset = learnt from the server's prefills.
     #: Pinning it lets a small model stand in for a large one in policy studies.
     prefill_s_per_token: float | None = None
@@ -121,7 +124,8 @@ def _coerce(name: str, value):
     if name in ("profile_answer_tokens", "profile_min_tokens") and (isinstance(value, bool) or
                                                                     not isinstance(value, int) or value < 1):
         raise SettingsError(f"{name}: expected a whole number >= 1, got {value!r}")
-    if name in ("status_top", "held_out_queries", "profile_answer_tokens", "profile_min_tokens"):
+    if name in ("status_top", "held_out_queries", "profile_answer_tokens", "profile_min_tokens",
+                "profile_self_questions"):
         if not isinstance(value, int) or value < 0:
             raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")
         return value

@@ -51,9 +51,14 @@ def make_app(cache, scheduler):
                 "input_top_logprobs": [None] + [[[0.0, top[j], None]] for j in range(n)]}}
         out = model_answer(serve(cache, ids, body.get("extra_key")).k)
         state.setdefault("namespaces", []).append(body.get("extra_key"))
-        return {"text": " ".join(map(str, out)), "output_ids": out, "meta_info": {}}
+        return {"text": " ".join(f"t{t}" for t in out), "output_ids": out, "meta_info": {}}
+
+    async def tokenize(request: Request):
+        body = await request.json()
+        return {"tokens": [2000 + ord(c) % 500 for c in body["prompt"]], "count": len(body["prompt"])}
 
     app.add_api_route("/generate", generate, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
     holder = {}
     add_routes(app, lambda: tm, lambda: holder["profiler"])
     http = TestClient(app)
@@ -257,3 +262,18 @@ def test_a_job_asked_for_by_node_is_never_the_background_loops(server):
     mine = client.jobs(node=background["node"])["jobs"]
     assert len(mine) == 1 and mine[0]["job"] != background["job"] and mine[0]["asked_for"]
     assert [j["job"] for j in client.jobs(want=1)["jobs"]] == [background["job"]]
+
+
+def test_a_context_nobody_reused_is_profiled_with_questions_the_model_writes(server):
+    cache, _, _, profiler, _ = server
+    ask(cache, DOC, [1, 2, 3])  # cached once, never reused: no held-out query
+    node = _find(cache, DOC + [7, 8, 9, 1, 2, 3])
+    assert profiler.step() == 0.0  # off by default: nothing to profile it with
+    cache.settings.profile_self_questions = 2
+    assert profiler.step() > 0
+    rec = cache.profiling.records[node.id]
+    assert set(rec.quality) == {"int8", "int2", "keydiff:0.5"} and rec.queries == 0
+    assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
+    assert profiler.step() == 0.0  # done until it is reused
+    ask(cache, DOC, [4, 5, 6])  # the first real reuse: profiled again, now with what was really asked
+    assert profiler.step() > 0

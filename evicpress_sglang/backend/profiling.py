@@ -73,6 +73,7 @@ class Job:
     queries: list[list[int]]
     codecs: list[str]  # per variant; 0 is the reference
     created: float
+    write_questions: int = 0  # no held-out query yet: the profiler has the model write this many
     asked_for: bool = False  # made for one context on request (not handed to the background loop)
     served: set[int] = field(default_factory=set)  # variants some request ran on in full
     tainted: set[int] = field(default_factory=set)  # variants a request ran on only in part
@@ -80,7 +81,7 @@ class Job:
     def to_dict(self) -> dict:
         return {"job": self.id, "node": self.node, "prefix": self.prefix, "queries": self.queries,
                 "codecs": self.codecs, "namespaces": [namespace(self.id, i) for i in range(len(self.codecs))],
-                "asked_for": self.asked_for}
+                "asked_for": self.asked_for, "write_questions": self.write_questions}
 
 
 @dataclass
@@ -120,8 +121,14 @@ class ProfileStaging:
             have = len(self.cache.queries.queries(key))
             if rec is not None and rec.queries >= have and now - rec.when < s.profile_max_age_s:
                 continue
-            scored.append((-float(t.frequency(np.array([t.row_of[key]]), now)[0]), key))
-        for _, key in sorted(scored):
+            scored.append((0, -float(t.frequency(np.array([t.row_of[key]]), now)[0]), key))
+        if s.profile_self_questions:  # then contexts nobody has reused yet, if the model may write questions
+            rows = t.rows()
+            for r in rows[~t.profiled[rows]]:
+                key = t.keys[r]
+                if key not in busy and key not in self.records and not self.cache.queries.queries(key):
+                    scored.append((1, -float(t.frequency(np.array([r]), now)[0]), key))
+        for _, _, key in sorted(scored):  # reused contexts first, most used first
             if want <= 0:
                 break
             if isinstance(self._make(key, now), Job):
@@ -136,8 +143,9 @@ class ProfileStaging:
         if node_id not in self.cache.table:
             self.refusal = {"node": node_id, "reason": "no such context in the cache"}
             return None
-        if not self.cache.queries.queries(node_id):
-            self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused)"}
+        if not self.cache.queries.queries(node_id) and not self.cache.settings.profile_self_questions:
+            self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused; "
+                                                       "profile_self_questions lets the model write some)"}
             return None
         job = self._make(node_id, time.monotonic())
         if isinstance(job, str):
@@ -157,8 +165,9 @@ class ProfileStaging:
         codecs = lossy_codecs(self.cache.table.configs)
         if not codecs:
             return "no lossy codec is enabled: there is nothing to measure"
-        job = Job(next(self._ids), key, prefix, [list(q) for q in self.cache.queries.queries(key)],
-                  [REFERENCE] + codecs, now)
+        queries = [list(q) for q in self.cache.queries.queries(key)]
+        job = Job(next(self._ids), key, prefix, queries, [REFERENCE] + codecs, now,
+                  write_questions=0 if queries else self.cache.settings.profile_self_questions)
         self.jobs[job.id] = job
         self.counts["jobs"] += 1
         return job
@@ -195,6 +204,8 @@ class ProfileStaging:
                 t.set_quality(job.node, codec, q)
             self.records[job.node] = Record(time.monotonic(), queries, measured)
             self.counts["variants_measured"] += len(measured)
+        elif job.write_questions and job.node in t:  # the model wrote nothing usable: not again until reused
+            self.records[job.node] = Record(time.monotonic(), 0, {})
         outcome = {"accepted": True, "measured": measured,
                    "discarded": sorted(job.codecs[v] for v in quality if 0 < v < len(job.codecs)
                                        and job.codecs[v] not in measured)}

@@ -69,6 +69,10 @@ class ServerClient:
         return self._post("/evicpress/profile/report",
                           {"job": job, "quality": {str(k): v for k, v in quality.items()}, "queries": queries})
 
+    def tokenize(self, text: str) -> list[int]:
+        """``text``'s tokens, by the server's tokenizer, without special tokens."""
+        return list(self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"])
+
     def _generate(self, input_ids: list[int], namespace: str, max_new_tokens: int, **extra) -> dict:
         body = {"input_ids": input_ids, "extra_key": namespace, "rid": RID_PREFIX + uuid.uuid4().hex,
                 "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}, **extra}

@@ -104,11 +104,24 @@ class Profiler:
             self._similarity = AnswerSimilarity()
         return self._similarity(a, b)
 
+    def write_questions(self, job: dict) -> list[list[int]]:
+        """Queries for a context nobody has reused yet: the served model, on the context's
+        exact KV, writes ``job["write_questions"]`` questions about it, each asked the way
+        the document-QA prompts ask (``Question: ...`` / ``Answer:``)."""
+        n = job["write_questions"]
+        ask = self.client.tokenize(f"\n\nWrite {n} short questions about the text above, one per line.\n1.")
+        text = self.client.answer(job["prefix"] + ask, job["namespaces"][0], 24 * n).text
+        lines = [ln.strip().lstrip("0123456789.) ").strip() for ln in ("1." + text).splitlines()]
+        questions = [ln for ln in lines if ln][:n]
+        return [self.client.tokenize(f"\n\nQuestion: {q}\nAnswer:") for q in questions]
+
     def profile(self, job: dict) -> dict:
         """Measure the job with the configured score and report it; the server's reply
-        (what it accepted) plus the scores."""
+        (what it accepted) plus the scores. Self-written queries are reported as 0 held-out
+        queries, so the first real reuse has the context profiled again."""
         with self.lock:
-            measured = self.measure(job)
+            queries = job["queries"] or (self.write_questions(job) if job.get("write_questions") else [])
+            measured = self.measure(job, queries) if queries else {}
             quality = {v: s[self.score] for v, s in measured.items() if self.score in s}
             reply = self.client.report(job["job"], quality, len(job["queries"]))
         return {"job": job["job"], "node": job["node"],
