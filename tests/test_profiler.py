@@ -101,3 +101,83 @@ def test_calibration_maths_rank_correlation_and_summary():
     s = summarise(rows)
     assert s["pairs"] == 3 and s["spearman"] == {"top1->top1": pytest.approx(1.0)}
     assert s["per_codec"]["int4"]["actual_top1"] == pytest.approx(0.85)
+
+
+class TransformersClient:
+    """The profiler's server, played by SmolLM2 through transformers: a namespace's KV is
+    the prefix's real KV after encode -> decode with that variant's codec."""
+
+    def __init__(self, model_dir, prefix: list[int], codecs: list[str]):
+        import torch
+
+        from evicpress_sglang.codecs import get_codec
+        from evicpress_sglang.kv_sample import kv_of_ids, load_causal_lm
+
+        self.model, self.tok = load_causal_lm(str(model_dir))
+        self.prefix = prefix
+        k, v = kv_of_ids(self.model, torch.tensor(prefix))
+        self.kv = {}
+        for i, name in enumerate(codecs):
+            codec = get_codec(name)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            codec.decode(codec.encode(k, v), dk, dv)
+            self.kv[f"ns{i}"] = (dk, dv)
+
+    def _logits(self, ids: list[int], namespace: str):
+        import torch
+        from transformers import DynamicCache
+
+        k, v = self.kv[namespace]
+        past = DynamicCache()
+        for layer in range(k.shape[0]):
+            past.update(k[layer].transpose(0, 1)[None], v[layer].transpose(0, 1)[None], layer)
+        rest = torch.tensor([ids[len(self.prefix):]])
+        with torch.no_grad():
+            out = self.model(rest, past_key_values=past, use_cache=True)
+        return out.logits[0].float(), out.past_key_values
+
+    def answer(self, ids, namespace, max_new_tokens):
+        import torch
+
+        from evicpress_sglang.profiler.client import Answer
+
+        logits, past = self._logits(ids, namespace)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[-1].argmax())
+            out.append(nxt)
+            with torch.no_grad():
+                step = self.model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            logits, past = step.logits[0].float(), step.past_key_values
+        return Answer(self.tok.decode(out), out)
+
+    def teacher_forced(self, ids, reference, namespace):
+        from evicpress_sglang.profiler.client import TeacherForced
+
+        logits, _ = self._logits(ids + reference, namespace)
+        n = len(reference)
+        logp = logits[-n - 1:-1].log_softmax(-1)
+        return TeacherForced([float(logp[j, t]) for j, t in enumerate(reference)],
+                             [int(x) for x in logp.argmax(-1)])
+
+
+def test_profiler_scores_on_the_real_model_rank_codecs(smollm2_dir):
+    """SmolLM2 through transformers: the exact variant scores 1.0 on every score, and the
+    coarse 2-bit KV scores below 8-bit on the teacher-forced scores."""
+    from evicpress_sglang.kv_sample import load_causal_lm
+    from evicpress_sglang.profiler.runner import Profiler
+    from evicpress_sglang.sample_text import sample_text
+
+    _, tok = load_causal_lm(str(smollm2_dir))
+    prefix = tok(sample_text(2000)).input_ids[:300]
+    queries = [tok("\n\nQuestion: What is the text above about?\nAnswer:").input_ids,
+               tok("\n\nQuestion: Name one function the text describes.\nAnswer:").input_ids]
+    codecs = ["bf16", "int8", "int2", "bf16"]
+    job = {"job": 1, "node": 1, "prefix": prefix, "queries": queries, "codecs": codecs,
+           "namespaces": [f"ns{i}" for i in range(len(codecs))]}
+    profiler = Profiler(TransformersClient(smollm2_dir, prefix, codecs), answer_tokens=12)
+    scores = profiler.measure(job, scores=("top1", "likelihood", "f1"))
+    assert scores[3] == {"top1": 1.0, "likelihood": 1.0, "f1": 1.0}
+    int8, int2 = scores[1], scores[2]
+    assert int2["likelihood"] < int8["likelihood"] and int2["top1"] <= int8["top1"]
+    assert int8["likelihood"] > 0.99 and 0.0 <= int2["likelihood"] < int8["likelihood"] - 0.01
