@@ -165,6 +165,9 @@ def test_policy_specs_and_server_commands(tmp_path):
     cfg = json.loads(env["EVICPRESS_CONFIG"])
     assert cfg["policy"] == "evicpress" and cfg["alpha"] == 0.5 and cfg["quality_floor"] == 0.95
     assert cfg["host_bytes"] == 3 * 1000 * runner.kv_bytes_per_token(model) and cfg["disk_bytes"] == 5000
+    assert cfg["profile_share"] == 0  # dummy weights: no profiler measuring noise
+    args.dummy = False
+    assert "profile_share" not in json.loads(runner.server_for("evicpress", args, model)[1]["EVICPRESS_CONFIG"])
     with pytest.raises(ValueError, match="alpha"):  # bad settings stop before a server starts
         runner.server_for("evicpress@alpha=-1", args, model)
 

@@ -99,6 +99,8 @@ def server_for(spec: str, args: argparse.Namespace, model: Path) -> tuple[list[s
         settings |= {"disk_dir": disk_dir_of(spec, args), "disk_bytes": args.disk_bytes}
     if args.prefill_s_per_token:
         settings["prefill_s_per_token"] = args.prefill_s_per_token
+    if args.dummy:  # random weights answer noise: a quality profiler would measure noise
+        settings["profile_share"] = 0
     env["EVICPRESS_CONFIG"] = json.dumps(settings | json.loads(args.settings) | overrides)
     return serve_command(base + pool, env)
 
