@@ -108,31 +108,33 @@ class ProfileStaging:
     def prepare(self, want: int, now: float | None = None) -> None:
         """Make up to ``want`` jobs for the contexts that most need profiling: never
         profiled, profiled with fewer queries than they now have, or profiled longer
-        than ``profile_max_age_s`` ago; most frequently used first."""
+        than ``profile_max_age_s`` ago, most frequently used first; then, if the model may
+        write questions (``profile_self_questions``), contexts nobody has reused yet."""
         now = time.monotonic() if now is None else now
         self._expire(now)
         t, s = self.cache.table, self.cache.settings
         busy = {j.node for j in self.jobs.values()}
-        scored = []
+        due = []
         for key in self.cache.queries.contexts():
-            if key in busy or key not in t:
-                continue
             rec = self.records.get(key)
-            have = len(self.cache.queries.queries(key))
-            if rec is not None and rec.queries >= have and now - rec.when < s.profile_max_age_s:
+            if key in busy or key not in t or (rec is not None and now - rec.when < s.profile_max_age_s
+                                               and rec.queries >= len(self.cache.queries.queries(key))):
                 continue
-            scored.append((0, -float(t.frequency(np.array([t.row_of[key]]), now)[0]), key))
-        if s.profile_self_questions:  # then contexts nobody has reused yet, if the model may write questions
+            due.append(key)
+        groups = [np.array([t.row_of[k] for k in due], dtype=np.int64)]
+        if s.profile_self_questions:
             rows = t.rows()
-            for r in rows[~t.profiled[rows]]:
+            groups.append(rows[~t.profiled[rows]])
+        for rows in groups:
+            for r in rows[np.argsort(-t.frequency(rows, now), kind="stable")]:
+                if want <= 0:
+                    return
                 key = t.keys[r]
-                if key not in busy and key not in self.records and not self.cache.queries.queries(key):
-                    scored.append((1, -float(t.frequency(np.array([r]), now)[0]), key))
-        for _, _, key in sorted(scored):  # reused contexts first, most used first
-            if want <= 0:
-                break
-            if isinstance(self._make(key, now), Job):
-                want -= 1
+                if key in busy or (key in self.records and not self.cache.queries.queries(key)):
+                    continue  # running, or written questions were already tried and it is still not reused
+                if isinstance(self._make(key, now), Job):
+                    want -= 1
+                    busy.add(key)
 
     def prepare_for(self, node_id: int) -> Job | None:
         """A job for one context now (the admin trigger), or None with :attr:`refusal` saying why."""
@@ -159,9 +161,10 @@ class ProfileStaging:
         node = self.cache.nodes.get(key)
         if node is None or not self._exact_on_gpu(node):
             return "its KV is not exact on the GPU (compressed, dropped or offloaded); it is profiled once recomputed"
+        tokens = self.cache._logical_len(node)
+        if tokens < self.cache.settings.profile_min_tokens:
+            return f"{tokens} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
         prefix = list(self.cache._path_tokens(node))
-        if len(prefix) < self.cache.settings.profile_min_tokens:
-            return f"{len(prefix)} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
         codecs = lossy_codecs(self.cache.table.configs)
         if not codecs:
             return "no lossy codec is enabled: there is nothing to measure"
