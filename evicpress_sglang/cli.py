@@ -78,6 +78,7 @@ SERVE_FLAGS = {  # --evicpress-X -> settings key
     "policy": "policy", "alpha": "alpha", "quality-floor": "quality_floor", "host-bytes": "host_bytes",
     "disk-dir": "disk_dir", "disk-bytes": "disk_bytes", "host-codecs": "host_codecs",
     "disk-codecs": "disk_codecs", "admin-key": "admin_key", "half-life-s": "half_life_s",
+    "profile-share": "profile_share", "profile-score": "profile_score",
 }
 
 
@@ -98,7 +99,7 @@ def serve_command(argv: list[str], environ: dict) -> tuple[list[str], dict]:
     raw = json.loads(environ.get(ENV) or "{}") if (environ.get(ENV) or "").strip().startswith("{") else {}
     raw |= {SERVE_FLAGS[f]: v for f, v in ((f, getattr(ours, "evicpress_" + f.replace("-", "_"))) for f in SERVE_FLAGS)
             if v is not None}
-    for key in ("alpha", "quality_floor", "half_life_s"):
+    for key in ("alpha", "quality_floor", "half_life_s", "profile_share"):
         if key in raw:
             try:
                 raw[key] = float(raw[key])

@@ -109,6 +109,11 @@ def test_serve_command_builds_the_sglang_launch():
     assert json.loads(env[ENV]) == {"host_bytes": "2GiB", "alpha": 1.5}
     with pytest.raises(SettingsError, match="host_bytes"):
         serve_command(["--evicpress-host-bytes", "2XB", "--model-path", "/m"], {})
+    _, env = serve_command(["--evicpress-profile-share", "0", "--evicpress-profile-score", "f1", "--model-path", "/m"],
+                           {})
+    assert json.loads(env[ENV]) == {"profile_share": 0.0, "profile_score": "f1"}
+    with pytest.raises(SettingsError, match="profile_score"):
+        serve_command(["--evicpress-profile-score", "bleu", "--model-path", "/m"], {})
 
 
 def test_plugin_registers_backend_and_hooks():
