@@ -58,10 +58,10 @@ def parse_namespace(extra_key: str | None) -> tuple[int, int] | None:
         return None
 
 
-def lossy_codecs(configs) -> list[str]:
-    """The codecs whose quality needs measuring: the device stage of every stored
-    configuration's codec (a lossless ``+zstd`` stage changes nothing), lossless ones left out."""
-    names = [get_codec(c.codec).device_codec.name for c in configs if c.tier in (Tier.HOST, Tier.DISK)]
+def lossy_codecs(table) -> list[str]:
+    """The codecs whose quality needs measuring: those that decide a stored configuration's
+    quality (:attr:`ContextTable.quality_codec`), lossless ones left out."""
+    names = [c for c, tier in zip(table.quality_codec, table.tier_of) if tier in (Tier.HOST, Tier.DISK)]
     return [n for n in dict.fromkeys(names) if not get_codec(n).lossless]
 
 
@@ -165,7 +165,7 @@ class ProfileStaging:
         if tokens < self.cache.settings.profile_min_tokens:
             return f"{tokens} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
         prefix = list(self.cache._path_tokens(node))
-        codecs = lossy_codecs(self.cache.table.configs)
+        codecs = lossy_codecs(self.cache.table)
         if not codecs:
             return "no lossy codec is enabled: there is nothing to measure"
         queries = [list(q) for q in self.cache.queries.queries(key)]

@@ -117,8 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         contexts = [p for p in _status(url)["placements"] if p["held_out_queries"] > 0]
         rows, details = [], []
         with ThreadPoolExecutor(args.workers) as pool:  # documents side by side: the server batches them
-            for got_rows, got_details in pool.map(lambda p: _calibrate_or_skip(profiler, p["node"], texts, per_doc,
-                                                                               tok, args), contexts):
+            doc_ids = [tok(docqa_prompt(text, "x")).input_ids for text in texts]
+            for got_rows, got_details in pool.map(lambda p: _calibrate_or_skip(profiler, p["node"], texts, doc_ids,
+                                                                               per_doc, tok, args), contexts):
                 rows += got_rows
                 details += got_details
                 _write(out, record, rows, details)  # a run cut short still leaves what it measured
@@ -145,15 +146,15 @@ def _calibrate_or_skip(profiler: Profiler, node: int, *rest) -> tuple[list[dict]
         return [], []
 
 
-def _calibrate(profiler: Profiler, node: int, texts, per_doc, tok, args) -> tuple[list[dict], list[dict]]:
-    """Predicted and actual quality of every codec on one context (if it is a document's)."""
+def _calibrate(profiler: Profiler, node: int, texts, doc_ids, per_doc, tok, args) -> tuple[list[dict], list[dict]]:
+    """Predicted and actual quality of every codec on one context (if it is a document's);
+    ``doc_ids``: each document's prompt tokens up to its question."""
     jobs = profiler.client.jobs(node=node)["jobs"]
     if not jobs:  # too short to profile, or no longer exact on the GPU
         return [], []
     job = jobs[0]
     prefix = job["prefix"]
-    d = next((d for d, text in enumerate(texts) if tok(docqa_prompt(text, "x")).input_ids[: len(prefix)] == prefix),
-             None)
+    d = next((d for d, ids in enumerate(doc_ids) if ids[: len(prefix)] == prefix), None)
     fresh = []
     for q in per_doc[d][args.held_out + 1:] if d is not None else ():
         ids = tok(docqa_prompt(texts[d], q)).input_ids

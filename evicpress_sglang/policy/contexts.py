@@ -63,9 +63,9 @@ class ContextTable:
         self.sizes = np.zeros((cap, c))
         self.quality = np.ones((cap, c))
         self.profiled = np.zeros(cap, dtype=bool)
-        # the codec that decides each configuration's quality (a lossless +zstd stage does not)
-        self._quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
-        self._prior_row = np.array([prior_quality(c) for c in self._quality_codec])
+        #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
+        self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
+        self._prior_row = np.array([prior_quality(c) for c in self.quality_codec])
         self._learnt: dict[str, tuple[float, int]] = {}  # codec -> (sum, count) of measured qualities
 
     # -- rows -------------------------------------------------------------------
@@ -154,7 +154,7 @@ class ContextTable:
         """A measured quality for one codec (its device stage, e.g. ``int4`` for ``int4+zstd``)
         of one context, from the profiler; it also moves the prior of unprofiled contexts."""
         r = self.row_of[key]
-        cols = [j for j, c in enumerate(self._quality_codec) if c == codec]
+        cols = [j for j, c in enumerate(self.quality_codec) if c == codec]
         self.quality[r, cols] = quality
         self.profiled[r] = True
         total, n = self._learnt.get(codec, (0.0, 0))

@@ -67,7 +67,7 @@ class Profiler:
         prompts = [job["prefix"] + list(q) for q in queries]
         ns = job["namespaces"]
         refs = [self.client.answer(p, ns[0], self.answer_tokens) for p in prompts]
-        ref_tf = ([teacher_forced(*self._tf(p, r.ids, ns[0])) for p, r in zip(prompts, refs)]
+        ref_tf = ([self._teacher_forced(p, r.ids, ns[0]) for p, r in zip(prompts, refs)]
                   if TEACHER_FORCED & set(scores) else None)
         out: dict[int, dict[str, float]] = {}
         for variant in range(1, len(ns)):
@@ -75,7 +75,7 @@ class Profiler:
             for i, (p, ref) in enumerate(zip(prompts, refs)):
                 one: dict = {}
                 if ref_tf is not None:
-                    tf = teacher_forced(*self._tf(p, ref.ids, ns[variant]))
+                    tf = self._teacher_forced(p, ref.ids, ns[variant])
                     one["top1"] = _relative(tf["top1_agreement"], ref_tf[i]["top1_agreement"])
                     one["likelihood"] = _relative(tf["likelihood"], ref_tf[i]["likelihood"])
                 if GENERATED & set(scores):
@@ -93,9 +93,9 @@ class Profiler:
             out[variant] = {s: fmean(got[s]) for s in scores if got[s]}
         return out
 
-    def _tf(self, prompt: list[int], reference: list[int], namespace: str):
+    def _teacher_forced(self, prompt: list[int], reference: list[int], namespace: str) -> dict[str, float]:
         r = self.client.teacher_forced(prompt, reference, namespace)
-        return r.logprobs, r.top1, reference
+        return teacher_forced(r.logprobs, r.top1, reference)
 
     def similarity(self, a: str, b: str) -> float:
         if self._similarity is None:
