@@ -88,7 +88,11 @@ def test_settings_validation_names_the_setting(tmp_path):
                      ({"policy": "static:fp8", "host_codecs": ["bf16"]}, "policy"),
                      ({"prefill_s_per_token": "fast"}, "prefill_s_per_token"),
                      ({"prefill_s_per_token": -1e-5}, "prefill_s_per_token"),
-                     ({"prefill_s_per_token": True}, "prefill_s_per_token")]:
+                     ({"prefill_s_per_token": True}, "prefill_s_per_token"),
+                     ({"profile_share": 1.5}, "profile_share"), ({"profile_share": "lots"}, "profile_share"),
+                     ({"profile_score": "bleu"}, "profile_score"), ({"profile_answer_tokens": 0}, "profile_answer_tokens"),
+                     ({"profile_max_age_s": 0}, "profile_max_age_s"), ({"profile_min_tokens": True}, "profile_min_tokens"),
+                     ({"profile_self_questions": -1}, "profile_self_questions")]:
         with pytest.raises(SettingsError, match=msg):
             load_settings({ENV: json.dumps(raw)})
     with pytest.raises(SettingsError, match="invalid JSON"):
