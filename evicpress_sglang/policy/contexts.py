@@ -2,7 +2,10 @@
 
 One row per context (a cached prefix; in SGLang a radix-tree node). Rows are
 allocated from a free list and grown geometrically, so inserting, hitting and
-removing a context are O(1) and a full re-plan reads contiguous arrays.
+removing a context are O(1) and a full re-plan reads contiguous arrays. The
+[rows, configurations] matrices are stored configuration-major (Fortran order):
+the solver works one configuration at a time over all contexts, so that is the
+order it reads them in.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class ContextTable:
         self.last_time = np.zeros(cap)
         self.assign = np.zeros(cap, dtype=np.int64)
         self.present_quality = np.ones(cap)  # quality of the KV as it is now (1.0 = exact)
-        self.sizes = np.zeros((cap, c))
-        self.quality = np.ones((cap, c))
+        self.sizes = np.zeros((cap, c), order="F")
+        self.quality = np.ones((cap, c), order="F")
         self.profiled = np.zeros(cap, dtype=bool)
         #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
         self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
@@ -76,8 +79,9 @@ class ContextTable:
                      "sizes", "quality"):
             arr = getattr(self, name)
             fill = -1 if name == "parent" else (1 if name in ("present_quality", "quality") else 0)
-            extra = np.full((old,) + arr.shape[1:], fill, dtype=arr.dtype)
-            setattr(self, name, np.concatenate([arr, extra]))
+            grown = np.full((2 * old,) + arr.shape[1:], fill, dtype=arr.dtype, order="F")
+            grown[:old] = arr
+            setattr(self, name, grown)
         self.keys.extend([None] * old)
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
@@ -186,14 +190,29 @@ class ContextTable:
         capped by the present quality; the GPU option *is* the present KV; dropping and
         recomputing restores exact KV.
         """
-        q = np.minimum(self.quality[rows], self.present_quality[rows][:, None])
-        q[:, self.tier_of == Tier.DROP] = 1.0
-        return q
+        q = np.minimum(_columns(self.quality, rows), self.present_quality[rows])
+        q[self.tier_of == Tier.DROP] = 1.0
+        return q.T
+
+    def config_sizes(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, C]: bytes a context takes in each configuration (in that configuration's tier)."""
+        return _columns(self.sizes, rows).T
 
     def load_seconds(self, rows: np.ndarray) -> np.ndarray:
         """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
+        seconds, per_byte, per_token = np.array([self.cost.load_terms(c, self.layout) for c in self.configs]).T
+        load = _columns(self.sizes, rows)
+        load *= per_byte[:, None]
+        load += seconds[:, None]
         tokens = self.tokens[rows].astype(np.float64)
-        out = np.empty((rows.size, len(self.configs)))
-        for j, cfg in enumerate(self.configs):
-            out[:, j] = self.cost.load_seconds(cfg, tokens, self.sizes[rows, j], self.layout)
-        return out
+        for j in np.flatnonzero(per_token):  # per configuration: no [C, rows] temporary
+            load[j] += per_token[j] * tokens
+        return load.T
+
+
+def _columns(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows].T`` of a configuration-major matrix as a contiguous [C, rows] array.
+
+    Views over rows are computed on these and returned transposed: still [rows, C] to
+    the caller, and contiguous per configuration for the solver, with no copy."""
+    return np.take(matrix.T, rows, axis=1)

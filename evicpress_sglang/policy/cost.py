@@ -77,14 +77,14 @@ class CostModel:
             s += get_codec(base).nbytes(ref) / ref.raw_nbytes / self.zstd_bps
         return s
 
-    def load_seconds(self, config: Config, tokens, stored_nbytes, layout: KVShape):
-        """Seconds to make contexts of ``tokens`` tokens usable on the GPU from ``config``
-        (``tokens`` and ``stored_nbytes`` may be numpy arrays: one formula for all callers)."""
+    def load_terms(self, config: Config, layout: KVShape) -> tuple[float, float, float]:
+        """``(seconds, seconds per stored byte, seconds per token)`` of loading from ``config``:
+        the load time of ``n`` tokens stored in ``b`` bytes is ``seconds + b * per_byte + n * per_token``.
+        Splitting it this way lets the policy price every context in three array operations."""
         if config.tier in (Tier.GPU, Tier.DROP):
-            return (self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token) * tokens
+            return 0.0, 0.0, self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token
         bw, lat = (self.host_bw, self.host_latency) if config.tier == Tier.HOST else (self.disk_bw, self.disk_latency)
-        raw = tokens * layout.with_tokens(1).raw_nbytes
-        return lat + stored_nbytes / bw + self.decode_s_per_raw_byte(config.codec, layout) * raw
+        return lat, 1.0 / bw, self.decode_s_per_raw_byte(config.codec, layout) * layout.with_tokens(1).raw_nbytes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
