@@ -28,9 +28,10 @@ def _rel(a, b):
 
 
 def _consistent(cache):
-    """Placeholders and the policy's table agree; every pool slot is accounted for."""
+    """Placeholders, lock counts and the policy's table agree; every pool slot is accounted for."""
     t = cache.table
     for nid, node in cache.nodes.items():
+        assert t.in_use[t.row_of[nid]] == (node.lock_ref > 0), nid
         cfg = t.configs[t.assign[t.row_of[nid]]]
         assert (getattr(node, "evp", None) is not None) == (cfg.tier != Tier.GPU), (nid, cfg.label)
         if getattr(node, "evp", None) is not None:
@@ -104,9 +105,11 @@ def test_nodes_in_use_are_never_evicted(tmp_path):
     node = next(iter(cache.root_node.children.values()))
     before = node.value.clone()
     cache.inc_lock_ref(node)  # a running request holds it
+    _consistent(cache)  # the table knows: the policy sees it as not movable
     cache.evict(EvictParams(num_tokens=10_000))
     assert torch.equal(node.value, before) and getattr(node, "evp", None) is None
     cache.dec_lock_ref(node)
+    _consistent(cache)
     cache.evict(EvictParams(num_tokens=10_000))
     assert node.value is None  # now it may go
     _consistent(cache)

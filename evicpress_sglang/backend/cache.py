@@ -190,7 +190,8 @@ class EvicPressRadixCache(RadixCache):
             node = node.parent
         for n in reversed(path):
             parent = None if n.parent is self.root_node else n.parent.id
-            self.table.insert(n.id, len(n.key), time.monotonic(), parent)
+            r = self.table.insert(n.id, len(n.key), time.monotonic(), parent)
+            self.table.in_use[r] = n.lock_ref > 0
             self.nodes[n.id] = n
 
     def _set_config(self, node: TreeNode, config: int) -> None:
@@ -242,6 +243,7 @@ class EvicPressRadixCache(RadixCache):
     def inc_lock_ref(self, node: TreeNode):
         fix = self._lock_fix(node, 0)
         result = super().inc_lock_ref(node)
+        self._mark_in_use(node)
         self.evictable_size_ += fix
         self.protected_size_ -= fix
         if fix and result.delta is not None:
@@ -251,11 +253,22 @@ class EvicPressRadixCache(RadixCache):
     def dec_lock_ref(self, node: TreeNode, params=None):
         fix = self._lock_fix(node, 1)
         result = super().dec_lock_ref(node, params)
+        self._mark_in_use(node)
         self.evictable_size_ -= fix
         self.protected_size_ += fix
         if fix and result.delta is not None:
             result.delta -= fix
         return result
+
+    def _mark_in_use(self, node: TreeNode) -> None:
+        """Mirror the lock counts of the path into the table, so an eviction reads which
+        contexts may move from one column instead of visiting every node."""
+        t = self.table
+        while node is not None and node is not self.root_node:
+            r = t.row_of.get(node.id)
+            if r is not None:
+                t.in_use[r] = node.lock_ref > 0
+            node = node.parent
 
     def _lock_fix(self, node: TreeNode, lock_ref: int) -> int:
         """Missing slots of dropped nodes on the path whose lock count is ``lock_ref``
@@ -694,7 +707,7 @@ class EvicPressRadixCache(RadixCache):
     def _evict_by_policy(self, num_tokens: int, protect: TreeNode | None) -> int:
         t = self.table
         rows = t.rows()
-        movable = np.array([self.nodes[t.keys[r]].lock_ref == 0 for r in rows], dtype=bool)
+        movable = ~t.in_use[rows]
         if protect is not None and protect.id in t:
             movable[np.searchsorted(rows, t.row_of[protect.id])] = False
         cap = np.array([

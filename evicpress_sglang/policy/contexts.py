@@ -66,6 +66,7 @@ class ContextTable:
         self.sizes = np.zeros((cap, c), order="F")
         self.quality = np.ones((cap, c), order="F")
         self.profiled = np.zeros(cap, dtype=bool)
+        self.in_use = np.zeros(cap, dtype=bool)  # a request holds it (SGLang: lock_ref > 0): it may not move
         #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
         self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
         self._prior_row = np.array([prior_quality(c) for c in self.quality_codec])
@@ -76,7 +77,7 @@ class ContextTable:
     def _grow(self) -> None:
         old = self.alive.size
         for name in ("alive", "tokens", "parent", "freq", "last_time", "assign", "present_quality", "profiled",
-                     "sizes", "quality"):
+                     "in_use", "sizes", "quality"):
             arr = getattr(self, name)
             fill = -1 if name == "parent" else (1 if name in ("present_quality", "quality") else 0)
             grown = np.full((2 * old,) + arr.shape[1:], fill, dtype=arr.dtype, order="F")
@@ -102,6 +103,7 @@ class ContextTable:
         self.assign[r] = self.gpu_config
         self.present_quality[r] = 1.0
         self.profiled[r] = False
+        self.in_use[r] = False
         self.quality[r] = self._prior_row
         self._set_tokens(r, tokens)
         return r
@@ -130,7 +132,8 @@ class ContextTable:
         c = self.row_of[child]
         parent = self.keys[self.parent[c]] if self.parent[c] >= 0 else None
         r = self.insert(prefix, prefix_tokens, float(self.last_time[c]), parent)
-        for col in (self.freq, self.last_time, self.assign, self.present_quality, self.profiled, self.quality):
+        for col in (self.freq, self.last_time, self.assign, self.present_quality, self.profiled, self.in_use,
+                    self.quality):
             col[r] = col[c]
         self.parent[c] = r
         self._set_tokens(c, int(self.tokens[c]) - prefix_tokens)
