@@ -183,6 +183,29 @@ def test_a_variant_served_without_its_copy_is_discarded(server):
         assert (cache.table.quality[row] == before).all()
 
 
+def test_a_variant_staged_after_a_tainted_request_replaces_its_leftovers(server):
+    """A request served without its copy leaves its whole prompt in the namespace; a later
+    request of the same variant must not stage the copy over it (an orphan node that the
+    stock LRU path later tripped over: a scheduler crash on the H100)."""
+    cache, _, http, _, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    ns = job["namespaces"][0]
+    cache.set_policy("lru-offload")
+    cache.evict(EvictParams(num_tokens=10_000))  # the context moves to host memory: no copy can be made
+    serve(cache, job["prefix"] + [5, 6], extra_key=ns)  # tainted; its prompt stays in the namespace
+    ask(cache, DOC, [1, 2, 3])  # loaded back: the same context is exact on the GPU again
+    assert cache.profiling._exact_on_gpu(cache.nodes[job["node"]])
+    serve(cache, job["prefix"] + [8], extra_key=ns)  # now the copy is staged
+    assert cache.profiling.counts["staged"] == 1
+    tops = [c for c in profile_namespaces(cache) if c.key.extra_key == ns]
+    assert len(tops) == 1 and len(tops[0].key) <= len(job["prefix"])
+    cache.set_policy("off")  # stock LRU walks every leaf, the namespace's included
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
+
+
 def test_profile_copies_are_evicted_before_any_user_context(server):
     cache, _, http, _, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):

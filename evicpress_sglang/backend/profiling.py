@@ -238,8 +238,18 @@ class ProfileStaging:
         if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
             return
         ns_key = RadixKey(array("q", job.prefix), key.extra_key)
-        if self.cache._find_exact(ns_key) is None:
-            self._stage(job, parsed[1], ns_key)
+        if self.cache._find_exact(ns_key) is not None:
+            return
+        # A request of this variant that was served without its copy (tainted) left its
+        # whole prompt in the namespace; the copy takes that place in the tree, so the
+        # leftovers go first (while a request still runs on them, no copy is staged and
+        # this request is tainted too).
+        children, child_key = self.cache.root_node.children, ns_key.child_key(self.cache.page_size)
+        if child_key in children:
+            self._free_subtree(children[child_key], None)
+            if child_key in children:
+                return
+        self._stage(job, parsed[1], ns_key)
 
     def matched(self, key: RadixKey, logical_len: int) -> None:
         """After matching a profile request: did it find the whole variant?"""
