@@ -75,6 +75,7 @@ def test_summary_figures():
     base = dict(s, policy="stock", ttft_s={k: 2 * v for k, v in s["ttft_s"].items()})
     md = report.table([base, s])
     assert "| evicpress |" in md and "2.00x / 2.00x" in md
+    assert md.splitlines()[-1].endswith("| 1/5 |")  # a failed request is never hidden
 
 
 def test_failed_server_start_shows_the_log_tail(tmp_path):

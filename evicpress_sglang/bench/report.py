@@ -75,15 +75,15 @@ def table(summaries: list[dict], baseline: str = "stock") -> str:
         return "-" if v is None else format(v, fmt)
 
     rows = ["| policy | TTFT p50 ms | p90 | p99 | mean | vs stock (mean / p50) | e2e mean ms | req/s | reused | "
-            "quality (F1 vs ref) | identical | fact acc. | floor viol. |",
-            "| --- " * 13 + "|"]
+            "quality (F1 vs ref) | identical | fact acc. | floor viol. | failed |",
+            "| --- " * 14 + "|"]
     for s in summaries:
         t = s["ttft_s"]
         rows.append(f"| {s['policy']} | {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(t['mean'])} | "
                     f"{ratio(s, 'mean')} / {ratio(s, 'p50')} | {ms(s['e2e_s']['mean'])} | "
                     f"{num(s['throughput_rps'], '.2f')} | {s['reuse_rate']:.0%} | {num(s.get('quality'), '.3f')} | "
                     f"{num(s.get('identical_answers'), '.0%')} | {num(s.get('fact_accuracy'), '.0%')} | "
-                    f"{s.get('floor_violations', '-')} |")
+                    f"{s.get('floor_violations', '-')} | {s['errors']}/{s['requests']} |")
     return "\n".join(rows)
 
 
