@@ -264,11 +264,10 @@ class EvicPressRadixCache(RadixCache):
         """Mirror the lock counts of the path into the table, so an eviction reads which
         contexts may move from one column instead of visiting every node."""
         t = self.table
-        while node is not None and node is not self.root_node:
-            r = t.row_of.get(node.id)
+        for n in self._path(node) if node is not None else ():
+            r = t.row_of.get(n.id)
             if r is not None:
-                t.in_use[r] = node.lock_ref > 0
-            node = node.parent
+                t.in_use[r] = n.lock_ref > 0
 
     def _lock_fix(self, node: TreeNode, lock_ref: int) -> int:
         """Missing slots of dropped nodes on the path whose lock count is ``lock_ref``

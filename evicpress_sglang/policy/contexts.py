@@ -204,7 +204,7 @@ class ContextTable:
     def load_seconds(self, rows: np.ndarray) -> np.ndarray:
         """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
         seconds, per_byte, per_token = np.array([self.cost.load_terms(c, self.layout) for c in self.configs]).T
-        load = _columns(self.sizes, rows)
+        load = self.config_sizes(rows).T  # a fresh [C, rows] array: computed on in place
         load *= per_byte[:, None]
         load += seconds[:, None]
         tokens = self.tokens[rows].astype(np.float64)

@@ -68,7 +68,8 @@ class Problem:
 
     def usage(self, assign: np.ndarray) -> np.ndarray:
         """Bytes used per stored tier by an assignment."""
-        used = np.bincount(self.tier_of[assign], weights=self.sizes[np.arange(self.n), assign], minlength=4)
+        sizes = _at(self.columns()[0], assign, np.arange(self.n))
+        used = np.bincount(self.tier_of[assign], weights=sizes, minlength=len(Tier))
         return used[: len(STORED_TIERS)].astype(np.float64)
 
     def total_utility(self, assign: np.ndarray) -> float:
@@ -86,17 +87,16 @@ class Problem:
 class TierBest:
     """[tier, context] summaries of a :class:`Problem` that every phase of the solver needs.
 
-    Per tier: the highest-utility configuration, its utility, and the smallest size (a
-    lower bound on what moving a context into the tier costs). Per tier ``t`` also the
-    best configuration in tier ``t`` *or slower*: the best way out of a faster tier, the
+    Per tier: the highest utility, and the smallest size (a lower bound on what moving a
+    context into the tier costs). Per tier ``t`` also the best configuration in tier ``t``
+    *or slower*, and its utility: the best way out of a faster tier, the
     best placement below a parent, and (``t`` = GPU) the best placement at all.
     """
 
     utility: np.ndarray  # -inf where the tier has no allowed configuration
-    config: np.ndarray  # -1 likewise
     min_size: np.ndarray  # inf where the tier has no configuration
     from_utility: np.ndarray
-    from_config: np.ndarray
+    from_config: np.ndarray  # -1 where nothing at or below the tier is allowed
 
     @classmethod
     def of(cls, p: Problem) -> "TierBest":
@@ -110,12 +110,12 @@ class TierBest:
             best_c[t, better] = j
             np.maximum(best_u[t], U[j], out=best_u[t])
             np.minimum(min_s[t], S[j], out=min_s[t])
-        from_u, from_c = best_u.copy(), best_c.copy()
+        from_u, from_c = best_u.copy(), best_c  # the per-tier best configuration becomes the suffix best
         for t in range(tiers - 2, -1, -1):
             slower = from_u[t + 1] > from_u[t]
             from_c[t, slower] = from_c[t + 1, slower]
             np.maximum(from_u[t], from_u[t + 1], out=from_u[t])
-        return cls(best_u, best_c, min_s, from_u, from_c)
+        return cls(best_u, min_s, from_u, from_c)
 
 
 def _at(matrix: np.ndarray, config: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -177,8 +177,7 @@ def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
 
 def _excess(p: Problem, assign: np.ndarray, tier: int) -> tuple[np.ndarray, float]:
     """(which contexts are on ``tier``, bytes by which the tier is over capacity)."""
-    on_tier = p.tier_of[assign] == tier
-    return on_tier, _at(p.columns()[0], assign, np.arange(p.n))[on_tier].sum() - p.capacity[tier]
+    return p.tier_of[assign] == tier, p.usage(assign)[tier] - p.capacity[tier]
 
 
 def _relieve(p: Problem, assign: np.ndarray, tier: int) -> None:

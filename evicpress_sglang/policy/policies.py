@@ -69,6 +69,8 @@ class Policy(ABC):
         return rows[keep], (None if movable is None else movable[keep])
 
     def _problem(self, rows: np.ndarray, utility: np.ndarray, capacity, movable) -> Problem:
+        """The placement problem over ``rows``; ``utility`` ([rows, C], the caller's own array)
+        is masked in place where a configuration would move a context up."""
         t = self.table
         local = np.full(t.alive.size, -1, dtype=np.int64)
         local[rows] = np.arange(rows.size)
