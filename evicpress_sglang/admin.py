@@ -33,7 +33,7 @@ import math
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .settings import POLICY_NAMES, Settings, SettingsError, load_settings, validate_policy_name
+from .settings import POLICY_NAMES, Settings, SettingsError, load_settings, validate_policy_name, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ def _json_object(body: bytes, example: str) -> dict:
     if not isinstance(req, dict) or not req:
         raise SettingsError(f"body must be a JSON object like {example}")
     return req
-
-
-def _whole(name: str, value, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise SettingsError(f"{name} must be a whole number >= {lo}, got {value!r}")
-    return value
 
 
 def parse_policy_request(body: bytes, settings: Settings) -> dict[str, float]:
@@ -97,9 +91,9 @@ def parse_jobs_request(body: bytes) -> dict[str, int]:
     ``{"node": id}`` (the job for one context)."""
     req = _json_object(body, '{"want": 1} or {"node": 42}')
     if set(req) == {"want"}:
-        return {KEY_WANT: _whole("want", req["want"], 1)}
+        return {KEY_WANT: whole_number("want", req["want"], 1)}
     if set(req) == {"node"}:
-        return {KEY_NODE: _whole("node", req["node"])}
+        return {KEY_NODE: whole_number("node", req["node"], 0)}
     raise SettingsError(f'body must be {{"want": n}} or {{"node": id}}, got fields {sorted(req)}')
 
 
@@ -108,7 +102,7 @@ def parse_node_request(body: bytes) -> int:
     req = _json_object(body, '{"node": 42}')
     if set(req) != {"node"}:
         raise SettingsError(f'body must be {{"node": id}} (a context listed in /evicpress/status), got {sorted(req)}')
-    return _whole("node", req["node"])
+    return whole_number("node", req["node"], 0)
 
 
 def parse_report_request(body: bytes) -> dict[str, float]:
@@ -116,7 +110,7 @@ def parse_report_request(body: bytes) -> dict[str, float]:
     req = _json_object(body, '{"job": 3, "queries": 4, "quality": {"1": 0.97}}')
     if set(req) != {"job", "queries", "quality"}:
         raise SettingsError(f"a report needs exactly job, queries and quality; got {sorted(req)}")
-    out: dict[str, float] = {KEY_REPORT: _whole("job", req["job"], 1), KEY_QUERIES: _whole("queries", req["queries"])}
+    out: dict[str, float] = {KEY_REPORT: whole_number("job", req["job"], 1), KEY_QUERIES: whole_number("queries", req["queries"], 0)}
     quality = req["quality"]
     if not isinstance(quality, dict):
         raise SettingsError(f"quality must be an object of variant -> number, got {quality!r}")

@@ -14,7 +14,6 @@ naming the setting.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -90,6 +89,19 @@ class Settings:
         return d
 
 
+def whole_number(name: str, value, lo: int) -> int:
+    """``value`` if it is an integer >= ``lo`` (JSON ``true`` is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise SettingsError(f"{name}: expected a whole number >= {lo}, got {value!r}")
+    return value
+
+
+def _real(name: str, value, ok, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise SettingsError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
 def _coerce(name: str, value):
     if name in ("host_bytes", "disk_bytes"):
         try:
@@ -102,33 +114,25 @@ def _coerce(name: str, value):
         except (TypeError, ValueError):
             raise SettingsError(f"{name}: expected a number, got {value!r}") from None
     if name == "prefill_s_per_token" and value is not None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise SettingsError(f"{name}: expected seconds per token in (0, 1) or null, got {value!r}")
-        return float(value)
+        return _real(name, value, lambda v: 0 < v < 1, "seconds per token in (0, 1) or null")
     if name in ("verify", "shift_positions"):
         if not isinstance(value, bool):
             raise SettingsError(f"{name}: expected true or false, got {value!r}")
         return value
-    if name in ("profile_share", "profile_max_age_s"):
-        hi = 1.0 if name == "profile_share" else math.inf
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi or (
-                name == "profile_max_age_s" and value == 0):
-            raise SettingsError(f"{name}: expected a number in {'[0, 1]' if hi == 1.0 else '(0, inf)'}, got {value!r}")
-        return float(value)
+    if name == "profile_share":
+        return _real(name, value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    if name == "profile_max_age_s":
+        return _real(name, value, lambda v: v > 0, "a number in (0, inf)")
     if name == "profile_score":
         from .profiler.runner import SCORES
 
         if value not in SCORES:
             raise SettingsError(f"{name}: expected one of {', '.join(SCORES)}, got {value!r}")
         return value
-    if name in ("profile_answer_tokens", "profile_min_tokens") and (isinstance(value, bool) or
-                                                                    not isinstance(value, int) or value < 1):
-        raise SettingsError(f"{name}: expected a whole number >= 1, got {value!r}")
-    if name in ("status_top", "held_out_queries", "profile_answer_tokens", "profile_min_tokens",
-                "profile_self_questions"):
-        if not isinstance(value, int) or value < 0:
-            raise SettingsError(f"{name}: expected a whole number >= 0, got {value!r}")
-        return value
+    if name in ("profile_answer_tokens", "profile_min_tokens"):
+        return whole_number(name, value, 1)
+    if name in ("status_top", "held_out_queries", "profile_self_questions"):
+        return whole_number(name, value, 0)
     if name in ("host_codecs", "disk_codecs"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
