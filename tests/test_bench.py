@@ -179,3 +179,48 @@ def test_malformed_bench_arguments_stop_with_one_line(bad, capsys, tmp_path):
         runner.main(["--out", str(tmp_path / "o")] + bad)
     assert e.value.code == 2 and "--policies/--settings" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+def test_sustained_rate_interpolates_between_the_last_rate_within_target_and_the_first_beyond():
+    pts = [(4.0, 0.9), (1.0, 0.2), (2.0, 0.4)]  # any order
+    assert report.sustained_rate(pts, 0.4) == (2.0, "=")
+    assert report.sustained_rate(pts, 0.65) == pytest.approx((3.0, "="))  # halfway from 0.4 to 0.9
+    assert report.sustained_rate(pts, 1.0) == (4.0, ">=")  # never missed: only a lower bound
+    assert report.sustained_rate(pts, 0.1) == (None, "<")
+    assert report.sustained_rate([(1.0, 0.2), (2.0, float("inf"))], 0.5) == (1.0, "=")  # failed run: no interpolation
+
+
+def test_sweep_table_compares_rates_within_the_baselines_target():
+    def s(policy, mean, errors=0):
+        return {"policy": policy, "errors": errors, "ttft_s": {"mean": mean}}
+
+    by_rate = {1.0: [s("stock", 0.45), s("evicpress", 0.28)], 2.0: [s("stock", 0.95), s("evicpress", 0.35)],
+               4.0: [s("stock", 3.0, errors=2), s("evicpress", 0.55)]}
+    md, curves = report.sweep_table(by_rate, 0.45)
+    assert curves["stock"]["sustained_rps"] == 1.0 and curves["stock"]["bound"] == "="
+    assert curves["evicpress"]["sustained_rps"] == pytest.approx(2 + 2 * 0.1 / 0.2)
+    assert "| evicpress | 280 | 350 | 550 | 3.00 | 3.00x |" in md
+    assert "| stock | 450 | 950 | failed | 1.00 | 1.00x |" in md
+    _, curves = report.sweep_table(by_rate, 0.3)  # stock misses even at 1 req/s: no ratio to it
+    assert curves["stock"]["bound"] == "<" and "x |" not in _.splitlines()[-1]
+
+
+def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
+    port = free_port()
+    monkeypatch.setattr(runner, "server_for", lambda spec, args, model: ([sys.executable, FAKE, str(port)], {}))
+    monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
+    monkeypatch.setattr(report, "plots", lambda *a: [])
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--policies", "stock,lru", "--requests", "6", "--docs", "2", "--rates", "40,20",
+            "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
+    assert runner.main(argv) == 0
+    for rate in ("20", "40"):
+        doc = json.loads((out / f"rate-{rate}" / "bench.json").read_text())
+        assert doc["rate"] == float(rate) and {s["policy"] for s in doc["summaries"]} == {"stock", "lru"}
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["rates"] == [20.0, 40.0] and set(sweep["policies"]) == {"stock", "lru"}
+    stock_20 = json.loads((out / "rate-20" / "bench.json").read_text())["summaries"][0]["ttft_s"]["mean"]
+    assert sweep["ttft_target_s"] == stock_20  # default target: stock at the lowest rate
+    assert "req/s within" in (out / "sweep.md").read_text()
+    with pytest.raises(SystemExit):
+        runner.main(["--out", str(out), "--rates", "0,1"])

@@ -87,6 +87,56 @@ def table(summaries: list[dict], baseline: str = "stock") -> str:
     return "\n".join(rows)
 
 
+def sustained_rate(points: list[tuple[float, float]], target: float) -> tuple[float | None, str]:
+    """The highest arrival rate at which a policy's TTFT stays within ``target``.
+
+    ``points`` are (arrival rate, TTFT) from runs of the same workload at several rates
+    (TTFT inf for a run with failed requests). Between the last rate that meets the
+    target and the first that does not, the rate is interpolated linearly. Returns
+    (rate, "=") or, when every rate meets it, (highest rate, ">="): the sweep did not
+    reach the policy's limit; (None, "<") when even the lowest rate misses it.
+    """
+    points = sorted(points)
+    if not points or points[0][1] > target:
+        return None, "<"
+    for (r0, t0), (r1, t1) in zip(points, points[1:]):
+        if t1 > target:
+            if not np.isfinite(t1):
+                return r0, "="
+            return r0 + (target - t0) * (r1 - r0) / (t1 - t0), "="
+    return points[-1][0], ">="
+
+
+def sweep_table(by_rate: dict[float, list[dict]], target: float, metric: str = "mean",
+                baseline: str = "stock") -> tuple[str, dict]:
+    """Requests/s at equal TTFT: one row per policy with its ``metric`` TTFT at every rate
+    and the highest rate that keeps it within ``target`` seconds (ratio to ``baseline``)."""
+    rates = sorted(by_rate)
+    policies = list(dict.fromkeys(s["policy"] for r in rates for s in by_rate[r]))
+    curves = {}
+    for name in policies:
+        pts = [(r, s["ttft_s"][metric] if not s["errors"] and s["ttft_s"][metric] is not None else float("inf"))
+               for r in rates for s in by_rate[r] if s["policy"] == name]
+        rate, bound = sustained_rate(pts, target)
+        curves[name] = {"ttft_s": dict(pts), "sustained_rps": rate, "bound": bound}
+    base = curves.get(baseline, {})
+    base = base.get("sustained_rps") if base.get("bound") == "=" else None  # a ratio needs the baseline's limit
+    head = (f"| policy | {' | '.join(f'TTFT {metric} ms @ {r:g} req/s' for r in rates)} | "
+            f"req/s within {target * 1000:.0f} ms | vs {baseline} |")
+    rows = [head, "| --- " * (len(rates) + 3) + "|"]
+    for name, c in curves.items():
+        cells = " | ".join("-" if r not in c["ttft_s"] else "failed" if not np.isfinite(c["ttft_s"][r])
+                           else f"{c['ttft_s'][r] * 1000:.0f}" for r in rates)
+        rate = "-" if c["sustained_rps"] is None else f"{c['sustained_rps']:.2f}"
+        bound = {"=": "", ">=": ">= ", "<": "< "}[c["bound"]]
+        rate = f"< {rates[0]:g}" if c["bound"] == "<" else bound + rate
+        ratio = "-"
+        if base and c["sustained_rps"] is not None:
+            ratio = f"{bound}{c['sustained_rps'] / base:.2f}x"
+        rows.append(f"| {name} | {cells} | {rate} | {ratio} |")
+    return "\n".join(rows), curves
+
+
 def plots(summaries: list[dict], out: Path, title: str) -> list[Path]:
     """TTFT p50/p99 per policy; TTFT vs quality; where reused tokens came from."""
     import matplotlib

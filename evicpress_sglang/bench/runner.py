@@ -13,6 +13,10 @@ Policies:
 * ``lru``, ``lru-offload``, ``static:<codec>``, ``evicpress``, ``evicpress@alpha=X``:
   the evicpress backend with that policy (through ``evicpress-sglang serve``).
 
+With ``--rates 1,2,4`` the whole bench runs at each arrival rate (``<out>/rate-R/``) and
+``sweep.md`` gives requests/s at equal TTFT: per policy, the highest rate at which its TTFT
+stays within a target (default: stock's TTFT at the lowest rate), interpolated between rates.
+
 Each policy's results are saved as soon as it finishes (``<out>/<policy>.json``), and a
 re-run with ``--resume`` skips those: long benches can be split across GPU sessions.
 """
@@ -142,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--docs", type=int, default=30, help="documents (docqa) or sessions (chat)")
     p.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson arrivals)")
+    p.add_argument("--rates", type=_rates, help="comma-separated rates: the whole bench at each (<out>/rate-R/), "
+                   "then requests/s at equal TTFT (<out>/sweep.md)")
+    p.add_argument("--ttft-target-ms", type=float, help="the sweep's TTFT target; default: stock's at the lowest rate")
+    p.add_argument("--sweep-metric", default="mean", choices=("mean", "p50", "p90", "p99"),
+                   help="which TTFT the sweep holds to the target")
     p.add_argument("--min-chars", type=int, default=8000, help="shortest document, characters (~4 per token)")
     p.add_argument("--max-chars", type=int, default=64000, help="longest document, characters")
     p.add_argument("--seed", type=int, default=0)
@@ -163,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("sglang_args", nargs="*", help="after --: more flags for every server")
     return p
+
+
+def _rates(text: str) -> list[float]:
+    rates = sorted({float(r) for r in text.split(",") if r.strip()})
+    if not rates or rates[0] <= 0:
+        raise argparse.ArgumentTypeError("expected positive numbers, e.g. 1,2,4")
+    return rates
 
 
 def resolve_model(name: str) -> tuple[Path, bool]:
@@ -228,18 +244,25 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError("expected a JSON object")
     except (ValueError, json.JSONDecodeError) as e:
         parser.error(f"--policies/--settings: {e}")
-    out = Path(args.out)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if not args.rates:
+        return _run(args, specs, Path(args.out), argv)
+    return _sweep(args, specs, Path(args.out), argv)
+
+
+def _run(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str]) -> int:
+    """Every policy on the workload at ``args.rate``, into ``out``; then the report."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "workload.json"
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
         reqs = workload_of(args)
-        meta = {"command": " ".join(["python bench/run.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
+        meta = {"command": " ".join(["python bench/run.py", *map(shlex.quote, argv)]),
                 "workload": args.workload, "model": str(model),
                 "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
                 "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
                 "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
-                "contexts": len({r.context for r in reqs}),
+                "rate": args.rate, "contexts": len({r.context for r in reqs}),
                 "context_tokens_est": sum(len(r.prompt) for r in {r.context: r for r in reqs}.values()) // 4,
                 "python": platform.python_version(), "sglang": _version("sglang"), "gpu": _gpu()}
         runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth} for r in reqs]
@@ -258,6 +281,32 @@ def _main(argv: list[str] | None) -> int:
     meta = json.loads(saved.read_text())
     reqs = [BenchRequest(**r, prompt="") for r in meta.pop("requests_run")]
     write_report(out, specs, reqs, args, meta)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str]) -> int:
+    """The workload at every rate of ``--rates`` (``out/rate-R/``, each a full bench), then
+    requests/s at equal TTFT: the highest rate each policy sustains within one TTFT target
+    (default: the baseline's TTFT at the lowest rate)."""
+    by_rate = {}
+    for rate in args.rates:
+        args.rate = rate
+        if rc := _run(args, specs, out / f"rate-{rate:g}", argv):
+            return rc
+        by_rate[rate] = json.loads((out / f"rate-{rate:g}" / "bench.json").read_text())["summaries"]
+    target = args.ttft_target_ms / 1000 if args.ttft_target_ms else None
+    if target is None:
+        base = [s for s in by_rate[min(args.rates)] if s["policy"] == "stock" and not s["errors"]]
+        if not base:
+            print("no --ttft-target-ms and no complete stock run at the lowest rate: no sweep table", file=sys.stderr)
+            return 1
+        target = base[0]["ttft_s"][args.sweep_metric]
+    md, curves = report.sweep_table(by_rate, target, args.sweep_metric)
+    (out / "sweep.json").write_text(json.dumps({"command": " ".join(["python bench/run.py", *map(shlex.quote, argv)]),
+                                                "metric": args.sweep_metric, "ttft_target_s": target,
+                                                "rates": sorted(by_rate), "policies": curves}, indent=1))
+    (out / "sweep.md").write_text(md + "\n")
+    print(md)
     return 0
 
 
