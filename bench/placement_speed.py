@@ -1,12 +1,15 @@
 """Speed of the placement heuristic: a full re-plan of N contexts (every context starts
-on the GPU and most must move), one hit, and what the server does per eviction (a hit,
-then a re-plan from the current placement with one context's worth of GPU room less).
+on the GPU and most must move), the incremental updates (one hit; one context added and
+one removed), and what the server does per eviction (a hit, then a re-plan from the
+current placement with one context's worth of GPU room less).
 
-Usage: python bench/placement_speed.py [--out FILE]
+Usage: python bench/placement_speed.py [--out FILE] [--keep-freed-heap BYTES]
 
 Numbers depend on the allocator: at 100k contexts each temporary array is ~10 MB, and
 glibc returns freed memory to the OS and page-faults it back on every call unless told
-to keep it (``MALLOC_TOP_PAD_=1000000000``, a standard glibc tunable).
+to keep it. The server tells it (setting ``keep_freed_heap_bytes``, see
+``evicpress_sglang/heap.py``); so does this script by default, with the same value
+(``--keep-freed-heap 0``: glibc's defaults).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 
 from evicpress_sglang.codecs import KVShape
+from evicpress_sglang.heap import keep_freed_heap
 from evicpress_sglang.policy import ContextTable, CostModel, Weights, build_configs, make_policy
-from evicpress_sglang.settings import DEFAULT_DISK_CODECS, DEFAULT_HOST_CODECS
+from evicpress_sglang.settings import DEFAULT_DISK_CODECS, DEFAULT_HOST_CODECS, Settings
 
 LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)
 
@@ -51,8 +55,11 @@ def _ms(fn, repeat: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--keep-freed-heap", type=int, default=Settings().keep_freed_heap_bytes,
+                    help="bytes of freed heap to keep, as the server does (0: glibc defaults); default %(default)s")
     args = ap.parse_args()
     report = {"command": " ".join(["python"] + sys.argv), "python": platform.python_version(),
+              "keep_freed_heap": keep_freed_heap(args.keep_freed_heap),
               "numpy": np.__version__, "cpu": platform.processor() or platform.machine(),
               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, "rows": []}
     for n in (1_000, 10_000, 100_000):
@@ -69,8 +76,14 @@ def main() -> None:
             table.hit(key, now=3600.0)
             pol.place(cap - np.array([one, 0, 0]), now=3600.0)
 
+        def add_remove() -> None:  # a context newly cached, and one that leaves the tree
+            table.insert("new", 4096, now=3600.0, parent=key)
+            table.remove("new")
+
         hit = min(timeit.repeat(lambda: table.hit(key, now=3600.0), number=1000, repeat=5)) / 1000
-        row = {"contexts": n, "full_replan": full, "hit_us": round(hit * 1e6, 2), "eviction": _ms(eviction, repeat)}
+        add = min(timeit.repeat(add_remove, number=100, repeat=5)) / 100
+        row = {"contexts": n, "full_replan": full, "hit_us": round(hit * 1e6, 2),
+               "add_and_remove_us": round(add * 1e6, 2), "eviction": _ms(eviction, repeat)}
         report["rows"].append(row)
         print(row, flush=True)
     if args.out:

@@ -45,6 +45,9 @@ class Settings:
     host_bytes: int = 4 * 2**30
     disk_dir: str | None = None  # no disk tier when unset
     disk_bytes: int = 0
+    #: Freed memory the scheduler process's heap may keep (glibc), so the placement solver's
+    #: large temporaries are not page-faulted in again on every re-plan; 0 = glibc's defaults.
+    keep_freed_heap_bytes: int = 256 * 2**20
     host_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_CODECS))
     disk_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_DISK_CODECS))
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
@@ -103,7 +106,7 @@ def _real(name: str, value, ok, expected: str) -> float:
 
 
 def _coerce(name: str, value):
-    if name in ("host_bytes", "disk_bytes"):
+    if name in ("host_bytes", "disk_bytes", "keep_freed_heap_bytes"):
         try:
             return parse_bytes(value, name)
         except ValueError as e:

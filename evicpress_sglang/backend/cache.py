@@ -50,6 +50,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from .. import heap
 from ..codecs import CodecError, drops_tokens, get_codec, subset_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
 from ..settings import Settings, SettingsError, validate_policy_name
@@ -111,6 +112,7 @@ class EvicPressRadixCache(RadixCache):
         self.layout = kv_io.pool_layout(self.kvpool)
         self.token_bytes = self.layout.with_tokens(1).raw_nbytes
         self.settings = settings
+        heap.keep_freed_heap(settings.keep_freed_heap_bytes)  # the solver's temporaries stay mapped
         self.cost = cost or self._measured_cost(settings)
         if settings.prefill_s_per_token is not None:  # pinned by the operator: not learnt
             self.cost.prefill_s_per_token = settings.prefill_s_per_token

@@ -87,7 +87,7 @@ class Segment:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # no tensor allocated: sizes are computed per configuration on every insert
 
 
 def _aligned(n: int) -> int:

@@ -59,6 +59,12 @@ class Problem:
             self._by_tier = TierBest.of(self)
         return self._by_tier
 
+    def children(self) -> np.ndarray:
+        """Contexts with a parent (computed once): only they can break the prefix invariant."""
+        if getattr(self, "_children", None) is None:
+            self._children = np.flatnonzero(self.parent >= 0)
+        return self._children
+
     @property
     def n(self) -> int:
         return self.sizes.shape[0]
@@ -126,10 +132,8 @@ def _at(matrix: np.ndarray, config: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def prefix_violations(p: Problem, assign: np.ndarray) -> np.ndarray:
     """Contexts placed on a faster tier than their parent."""
-    has_parent = p.parent >= 0
-    mine = p.tier_of[assign]
-    theirs = np.where(has_parent, p.tier_of[assign[np.maximum(p.parent, 0)]], -1)
-    return np.flatnonzero(has_parent & (mine < theirs))
+    kids = p.children()
+    return kids[p.tier_of[assign[kids]] < p.tier_of[assign[p.parent[kids]]]]
 
 
 def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
