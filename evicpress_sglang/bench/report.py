@@ -127,9 +127,8 @@ def sweep_table(by_rate: dict[float, list[dict]], target: float, metric: str = "
     for name, c in curves.items():
         cells = " | ".join("-" if r not in c["ttft_s"] else "failed" if not np.isfinite(c["ttft_s"][r])
                            else f"{c['ttft_s'][r] * 1000:.0f}" for r in rates)
-        rate = "-" if c["sustained_rps"] is None else f"{c['sustained_rps']:.2f}"
         bound = {"=": "", ">=": ">= ", "<": "< "}[c["bound"]]
-        rate = f"< {rates[0]:g}" if c["bound"] == "<" else bound + rate
+        rate = f"< {rates[0]:g}" if c["sustained_rps"] is None else f"{bound}{c['sustained_rps']:.2f}"
         ratio = "-"
         if base and c["sustained_rps"] is not None:
             ratio = f"{bound}{c['sustained_rps'] / base:.2f}x"
