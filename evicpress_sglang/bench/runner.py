@@ -244,21 +244,21 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError("expected a JSON object")
     except (ValueError, json.JSONDecodeError) as e:
         parser.error(f"--policies/--settings: {e}")
-    argv = list(argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python bench/run.py", *map(shlex.quote, argv)])
     if not args.rates:
-        return _run(args, specs, Path(args.out), argv)
-    return _sweep(args, specs, Path(args.out), argv)
+        return _run(args, specs, Path(args.out), command)
+    return _sweep(args, specs, Path(args.out), command)
 
 
-def _run(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str]) -> int:
+def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str) -> int:
     """Every policy on the workload at ``args.rate``, into ``out``; then the report."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "workload.json"
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
         reqs = workload_of(args)
-        meta = {"command": " ".join(["python bench/run.py", *map(shlex.quote, argv)]),
-                "workload": args.workload, "model": str(model),
+        meta = {"command": command, "workload": args.workload, "model": str(model),
                 "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
                 "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
                 "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
@@ -284,14 +284,14 @@ def _run(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str])
     return 0
 
 
-def _sweep(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str]) -> int:
+def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) -> int:
     """The workload at every rate of ``--rates`` (``out/rate-R/``, each a full bench), then
     requests/s at equal TTFT: the highest rate each policy sustains within one TTFT target
     (default: the baseline's TTFT at the lowest rate)."""
     by_rate = {}
     for rate in args.rates:
         args.rate = rate
-        if rc := _run(args, specs, out / f"rate-{rate:g}", argv):
+        if rc := _run(args, specs, out / f"rate-{rate:g}", command):
             return rc
         by_rate[rate] = json.loads((out / f"rate-{rate:g}" / "bench.json").read_text())["summaries"]
     target = args.ttft_target_ms / 1000 if args.ttft_target_ms else None
@@ -302,8 +302,7 @@ def _sweep(args: argparse.Namespace, specs: list[str], out: Path, argv: list[str
             return 1
         target = base[0]["ttft_s"][args.sweep_metric]
     md, curves = report.sweep_table(by_rate, target, args.sweep_metric)
-    (out / "sweep.json").write_text(json.dumps({"command": " ".join(["python bench/run.py", *map(shlex.quote, argv)]),
-                                                "metric": args.sweep_metric, "ttft_target_s": target,
+    (out / "sweep.json").write_text(json.dumps({"command": command, "metric": args.sweep_metric, "ttft_target_s": target,
                                                 "rates": sorted(by_rate), "policies": curves}, indent=1))
     (out / "sweep.md").write_text(md + "\n")
     print(md)

@@ -54,7 +54,8 @@ class Problem:
         return self._cols
 
     def by_tier(self) -> "TierBest":
-        """Per tier and context, the best configuration and the smallest size (computed once)."""
+        """Per tier and context, the best utility, the smallest size and the best placement
+        at or below the tier (computed once per problem)."""
         if getattr(self, "_by_tier", None) is None:
             self._by_tier = TierBest.of(self)
         return self._by_tier
