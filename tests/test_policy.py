@@ -34,7 +34,7 @@ def _random_instance(rng, n, with_parents):
     rows = table.rows()
     total = table.sizes[rows, table.gpu_config].sum()
     cap = total * rng.uniform(0.05, 0.6, size=3)
-    return pol._problem(rows, pol.utility(rows, now=600.0), cap, None)
+    return pol._problem(rows, table.config_sizes(rows), pol.utility(rows, now=600.0), cap, None)
 
 
 @pytest.mark.parametrize("with_parents", [False, True])

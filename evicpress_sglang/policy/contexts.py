@@ -193,7 +193,8 @@ class ContextTable:
         capped by the present quality; the GPU option *is* the present KV; dropping and
         recomputing restores exact KV.
         """
-        q = np.minimum(_columns(self.quality, rows), self.present_quality[rows])
+        q = _columns(self.quality, rows)
+        np.minimum(q, self.present_quality[rows], out=q)
         q[self.tier_of == Tier.DROP] = 1.0
         return q.T
 
@@ -201,11 +202,11 @@ class ContextTable:
         """[rows, C]: bytes a context takes in each configuration (in that configuration's tier)."""
         return _columns(self.sizes, rows).T
 
-    def load_seconds(self, rows: np.ndarray) -> np.ndarray:
-        """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
+    def load_seconds(self, rows: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
+        """[rows, C]: seconds to make each context usable on the GPU from each configuration
+        (``sizes``: the caller's ``config_sizes(rows)``, if it has them already)."""
         seconds, per_byte, per_token = np.array([self.cost.load_terms(c, self.layout) for c in self.configs]).T
-        load = self.config_sizes(rows).T  # a fresh [C, rows] array: computed on in place
-        load *= per_byte[:, None]
+        load = (self.config_sizes(rows) if sizes is None else sizes).T * per_byte[:, None]  # fresh [C, rows]
         load += seconds[:, None]
         tokens = self.tokens[rows].astype(np.float64)
         for j in np.flatnonzero(per_token):  # per configuration: no [C, rows] temporary

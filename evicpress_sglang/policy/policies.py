@@ -68,19 +68,21 @@ class Policy(ABC):
         keep = self.table.tier_of[self.table.assign[rows]] != Tier.DROP
         return rows[keep], (None if movable is None else movable[keep])
 
-    def _problem(self, rows: np.ndarray, utility: np.ndarray, capacity, movable) -> Problem:
-        """The placement problem over ``rows``; ``utility`` ([rows, C], the caller's own array)
-        is masked in place where a configuration would move a context up."""
+    def _problem(self, rows: np.ndarray, sizes: np.ndarray, utility: np.ndarray, capacity, movable) -> Problem:
+        """The placement problem over ``rows`` (``sizes``: their ``config_sizes``); ``utility``
+        ([rows, C], the caller's own array) is masked in place where a configuration would
+        move a context up."""
         t = self.table
-        local = np.full(t.alive.size, -1, dtype=np.int64)
+        local = np.full(t.alive.size + 1, -1, dtype=np.int64)  # the last entry: where parent -1 leads
         local[rows] = np.arange(rows.size)
-        parent = np.where(t.parent[rows] >= 0, local[np.maximum(t.parent[rows], 0)], -1)
+        parent = local[t.parent[rows]]
         # Eviction only moves KV down: going up would mean loading it, which happens when
         # a request uses it, not when space is made.
         now_on = t.tier_of[t.assign[rows]]
-        for j, tier in enumerate(t.tier_of):
-            utility[now_on > tier, j] = -np.inf
-        return Problem(t.tier_of, t.config_sizes(rows), utility, np.asarray(capacity, dtype=np.float64), parent, movable)
+        above = [now_on > tier for tier in range(Tier.DROP)]  # nothing is above a drop
+        for j, tier in enumerate(t.tier_of[t.tier_of < Tier.DROP]):
+            utility[:, j] = np.where(above[tier], -np.inf, utility[:, j])  # branch-free: see placement
+        return Problem(t.tier_of, sizes, utility, np.asarray(capacity, dtype=np.float64), parent, movable)
 
 
 class EvicPressPolicy(Policy):
@@ -94,19 +96,20 @@ class EvicPressPolicy(Policy):
     def allowed(self) -> np.ndarray:
         return np.ones(len(self.table.configs), dtype=bool)
 
-    def utility(self, rows: np.ndarray, now: float) -> np.ndarray:
-        """[rows, C] utility; -inf for configurations under the quality floor."""
+    def utility(self, rows: np.ndarray, now: float, sizes: np.ndarray | None = None) -> np.ndarray:
+        """[rows, C] utility; -inf for configurations under the quality floor (``sizes``:
+        the caller's ``table.config_sizes(rows)``, if it has them already)."""
         t, w = self.table, self.weights
         q = t.config_quality(rows).T  # [C, rows], contiguous: see ContextTable
-        u = q * w.alpha  # in place from here: at 100k contexts every temporary costs ~2 ms
-        u -= t.load_seconds(rows).T
-        u *= t.frequency(rows, now)
-        u[q < w.quality_floor - 1e-12] = -np.inf
-        return u.T
+        u = t.load_seconds(rows, sizes).T  # in place from here: at 100k contexts every temporary costs ~2 ms
+        u -= q * w.alpha
+        u *= -t.frequency(rows, now)
+        return np.where(q < w.quality_floor - 1e-12, -np.inf, u).T
 
     def place(self, capacity, now, movable=None):
         rows, movable = self._resident(movable)
-        p = self._problem(rows, self.utility(rows, now), capacity, movable)
+        sizes = self.table.config_sizes(rows)
+        p = self._problem(rows, sizes, self.utility(rows, now, sizes), capacity, movable)
         return rows, solve(p, start=self.table.assign[rows])
 
 
@@ -134,7 +137,7 @@ class ChainPolicy(Policy):
         t = self.table
         rows, movable = self._resident(movable)
         utility = np.broadcast_to(self._rank, (rows.size, self._rank.size)).copy(order="F")
-        p = self._problem(rows, utility, capacity, movable)
+        p = self._problem(rows, self.table.config_sizes(rows), utility, capacity, movable)
         # least recently used first; among equals (a prefix and its continuation), the deeper one
         order = np.lexsort((-depth(p.parent), t.last_time[rows]))
         start = t.assign[rows].copy()
