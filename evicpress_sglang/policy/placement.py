@@ -172,7 +172,7 @@ def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
         with np.errstate(divide="ignore", invalid="ignore"):
             eff = (u_cur - out_u[idx]) / s_cur  # leaving the tier frees all of it
             to, kept = out_c[idx], np.zeros(idx.size)
-            for j in same:
+            for j in same if same.size > 1 else ():  # a lone configuration has nothing smaller
                 s_j = S[j, r]
                 e_j = (u_cur - U[j, r]) / (s_cur - s_j)  # +inf where U is -inf: never chosen
                 better = (s_j < s_cur) & (e_j < eff)
@@ -276,13 +276,15 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
         gain = np.zeros(rows.size)  # only gains above zero count
         choice = np.full(rows.size, -1, dtype=np.int64)
         add = np.zeros(rows.size)
-        for t in np.unique(p.tier_of):
+        for t, configs in enumerate(p.tier_configs()):
+            if configs.size == 0 or (configs.size == 1 and t == Tier.DROP):
+                continue  # only dropped contexts may move within the drop tier, and it has one option
             own_here = np.where(cur_t == t, own, 0.0)
             room = free[t] + 1e-9
             i = np.flatnonzero((cur_t >= t) & (parent_t <= t) & (by.utility[t, rows] - u_cur > gain)
                                & (by.min_size[t, rows] - own_here <= room))
             r = rows[i]
-            for j in np.flatnonzero(p.tier_of == t):
+            for j in configs:
                 extra = S[j, r] - own_here[i]
                 g = U[j, r] - u_cur[i]
                 better = (g > gain[i]) & (extra <= room)
