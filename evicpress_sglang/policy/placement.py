@@ -196,8 +196,11 @@ def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
 
 
 def _excess(p: Problem, assign: np.ndarray, tier: int) -> tuple[np.ndarray, float]:
-    """(which contexts are on ``tier``, bytes by which the tier is over capacity)."""
-    return p.tier_of[assign] == tier, p.usage(assign)[tier] - p.capacity[tier]
+    """(which contexts are on ``tier``, bytes by which the tier is over capacity); sums
+    only the sizes of the contexts on the tier, not :meth:`Problem.usage` of all."""
+    on_tier = p.tier_of[assign] == tier
+    rows = np.flatnonzero(on_tier)
+    return on_tier, float(_at(p.columns()[0], assign[rows], rows).sum()) - p.capacity[tier]
 
 
 def _cheapest_first(cost: np.ndarray, freed: np.ndarray, need: float) -> np.ndarray:
