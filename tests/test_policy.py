@@ -7,7 +7,8 @@ from evicpress_sglang.policy import (
     ContextTable, CostModel, PolicyError, Weights, build_configs, make_policy, solve, solve_exact,
 )
 from evicpress_sglang.policy.cost import PrefillFit, calibrate
-from evicpress_sglang.policy.placement import prefix_violations
+from evicpress_sglang.policy import placement
+from evicpress_sglang.policy.placement import Problem, prefix_violations
 
 LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)  # 8B-class: 128 KiB per token
 CODECS = ["bf16", "int8", "int4", "int2"]
@@ -142,3 +143,32 @@ def test_load_time_model_orders_tiers_sensibly():
     assert load["host:bf16"] == pytest.approx(16384 * 131072 / 53e9 + 1e-4)
     assert load["host:int4"] < load["host:bf16"] < load["drop"] < load["disk:bf16"]
     assert load["drop"] == pytest.approx(16384 * 27e-6)
+
+
+def test_cheapest_steps_are_sorted_and_free_enough():
+    rng = np.random.default_rng(11)
+    cost, freed = rng.random(5000), rng.uniform(1, 100, 5000)
+    for need in (50.0, 2_000.0, freed.sum() * 0.9):  # few steps (partial sort) ... most of them (full sort)
+        order = placement._cheapest_first(cost, freed, need)
+        n = int(np.searchsorted(np.cumsum(freed[order]), need)) + 1
+        assert n <= order.size
+        assert np.array_equal(cost[order[:n]], np.sort(cost)[:n])
+
+
+def test_eviction_replan_is_the_same_with_a_partial_sort(monkeypatch):
+    """An eviction frees a little room out of many candidate steps: sorting only the
+    cheapest of them must choose exactly what sorting all of them chooses."""
+    p = _random_instance(np.random.default_rng(5), 1500, with_parents=True)
+    p.capacity = p.usage(p.best()) * np.array([0.5, 0.5, 1.0])
+    start = solve(p)
+    p.capacity = p.capacity * np.array([0.97, 1.0, 1.0])
+    partial = solve(p, start=start)
+    monkeypatch.setattr(placement, "_cheapest_first", lambda cost, freed, need: np.argsort(cost))
+    assert np.array_equal(partial, solve(p, start=start))
+    assert p.feasible(partial)
+
+
+def test_configurations_must_be_ordered_by_tier():
+    p = _random_instance(np.random.default_rng(0), 3, with_parents=False)
+    with pytest.raises(ValueError, match="ordered by tier"):
+        Problem(p.tier_of[::-1].copy(), p.sizes, p.utility, p.capacity)

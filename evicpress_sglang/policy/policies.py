@@ -80,7 +80,7 @@ class Policy(ABC):
         # a request uses it, not when space is made.
         now_on = t.tier_of[t.assign[rows]]
         above = [now_on > tier for tier in range(Tier.DROP)]  # nothing is above a drop
-        for j, tier in enumerate(t.tier_of[t.tier_of < Tier.DROP]):
+        for j, tier in enumerate(t.tier_of[t.tier_of < Tier.DROP]):  # the drop configuration comes last
             utility[:, j] = np.where(above[tier], -np.inf, utility[:, j])  # branch-free: see placement
         return Problem(t.tier_of, sizes, utility, np.asarray(capacity, dtype=np.float64), parent, movable)
 
@@ -101,7 +101,7 @@ class EvicPressPolicy(Policy):
         the caller's ``table.config_sizes(rows)``, if it has them already)."""
         t, w = self.table, self.weights
         q = t.config_quality(rows).T  # [C, rows], contiguous: see ContextTable
-        u = t.load_seconds(rows, sizes).T  # in place from here: at 100k contexts every temporary costs ~2 ms
+        u = t.load_seconds(rows, sizes).T  # in place from here: at 100k contexts a temporary costs ~2 ms
         u -= q * w.alpha
         u *= -t.frequency(rows, now)
         return np.where(q < w.quality_floor - 1e-12, -np.inf, u).T
