@@ -280,11 +280,14 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
         choice = np.full(rows.size, -1, dtype=np.int64)
         add = np.zeros(rows.size)
         for t, configs in enumerate(p.tier_configs()):
-            if configs.size == 0 or (configs.size == 1 and t == Tier.DROP):
-                continue  # only dropped contexts may move within the drop tier, and it has one option
+            # a context already in a tier of one configuration cannot gain inside it: only
+            # slower ones can (none for the drop tier, the slowest)
+            entry = t if configs.size > 1 else t + 1
+            if configs.size == 0 or entry > Tier.DROP:
+                continue
             own_here = np.where(cur_t == t, own, 0.0)
             room = free[t] + 1e-9
-            i = np.flatnonzero((cur_t >= t) & (parent_t <= t) & (by.utility[t, rows] - u_cur > gain)
+            i = np.flatnonzero((cur_t >= entry) & (parent_t <= t) & (by.utility[t, rows] - u_cur > gain)
                                & (by.min_size[t, rows] - own_here <= room))
             r = rows[i]
             for j in configs:
