@@ -145,27 +145,56 @@ def test_load_time_model_orders_tiers_sensibly():
     assert load["drop"] == pytest.approx(16384 * 27e-6)
 
 
-def test_cheapest_steps_are_sorted_and_free_enough():
-    rng = np.random.default_rng(11)
-    cost, freed = rng.random(5000), rng.uniform(1, 100, 5000)
-    for need in (50.0, 2_000.0, freed.sum() * 0.9):  # few steps (partial sort) ... most of them (full sort)
-        order = placement._cheapest_first(cost, freed, need)
-        n = int(np.searchsorted(np.cumsum(freed[order]), need)) + 1
-        assert n <= order.size
-        assert np.array_equal(cost[order[:n]], np.sort(cost)[:n])
+def _covering_by_sort(cost: np.ndarray, weight: np.ndarray, need: float) -> np.ndarray:
+    order = np.argsort(cost, kind="stable")
+    return order[: int(np.searchsorted(np.cumsum(weight[order]), need - 1e-9)) + 1]
 
 
-def test_eviction_replan_is_the_same_with_a_partial_sort(monkeypatch):
-    """An eviction frees a little room out of many candidate steps: sorting only the
-    cheapest of them must choose exactly what sorting all of them chooses."""
+@pytest.mark.parametrize("n", [100, 5000, 60_000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cheapest_covering_takes_the_cheapest_until_enough(n, ties):
+    rng = np.random.default_rng(n + ties)
+    cost = rng.integers(0, 30, n).astype(np.float64) if ties else rng.random(n)
+    weight = rng.uniform(1, 100, n)
+    for need in (30.0, 2_000.0, weight.sum() * 0.5, weight.sum() * 0.97, weight.sum() * 2):
+        got = placement._cheapest_covering(cost, weight, need)
+        assert np.unique(got).size == got.size
+        if need > weight.sum():
+            assert got.size == n
+            continue
+        assert weight[got].sum() >= need - 1e-6
+        top = cost[got].max()
+        rest = np.setdiff1d(np.arange(n), got)
+        assert (cost[rest] >= top).all()  # nothing cheaper is left out
+        # and nothing more than needed: some item at the cut could not have been spared
+        assert weight[got].sum() - weight[got][cost[got] == top].max() < need
+        if not ties:  # the same items as a full sort would take (with ties: as many at the cut as needed)
+            assert np.array_equal(np.sort(got), np.sort(_covering_by_sort(cost, weight, need)))
+
+
+def test_cheapest_covering_with_negative_weights_still_covers():
+    """The fill-up defers gains whose added bytes may be negative (a move to a smaller
+    configuration): whatever is returned must still cover the need."""
+    rng = np.random.default_rng(3)
+    cost, weight = rng.random(20_000), rng.uniform(-10, 100, 20_000)
+    for need in (50.0, weight.sum() * 0.5, weight.sum()):
+        assert weight[placement._cheapest_covering(cost, weight, need)].sum() >= need - 1e-6
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_placement_through_selection_equals_placement_through_a_sort(monkeypatch, evict):
+    """The relief and the fill-up choose their steps by selection around the cut; a full
+    sort of every candidate must choose the same ones (a full re-plan frees most bytes,
+    an eviction a little out of many candidates)."""
     p = _random_instance(np.random.default_rng(5), 1500, with_parents=True)
     p.capacity = p.usage(p.best()) * np.array([0.5, 0.5, 1.0])
     start = solve(p)
-    p.capacity = p.capacity * np.array([0.97, 1.0, 1.0])
-    partial = solve(p, start=start)
-    monkeypatch.setattr(placement, "_cheapest_first", lambda cost, freed, need: np.argsort(cost))
-    assert np.array_equal(partial, solve(p, start=start))
-    assert p.feasible(partial)
+    if evict:
+        p.capacity = p.capacity * np.array([0.97, 1.0, 1.0])
+    selected = solve(p, start=start if evict else None)
+    monkeypatch.setattr(placement, "_cheapest_covering", _covering_by_sort)
+    assert np.array_equal(selected, solve(p, start=start if evict else None))
+    assert p.feasible(selected)
 
 
 def test_configurations_must_be_ordered_by_tier():
