@@ -35,12 +35,14 @@ LAYOUT = KVShape(32, 0, 8, 128, torch.bfloat16)
 def build(n: int, seed: int = 0) -> tuple[ContextTable, np.ndarray]:
     rng = np.random.default_rng(seed)
     table = ContextTable(build_configs(list(DEFAULT_HOST_CODECS), list(DEFAULT_DISK_CODECS)), LAYOUT, CostModel())
+    codecs = ("fp8", "int8", "int4", "int2")
+    quality = np.empty((n, len(codecs)))
     for i in range(n):
         parent = f"c{rng.integers(0, i)}" if i and rng.random() < 0.3 else None
         table.insert(f"c{i}", int(rng.integers(256, 16384)), now=float(rng.uniform(0, 3600)), parent=parent)
-        for codec in ("fp8", "int8", "int4", "int2"):
-            table.quality[table.row_of[f"c{i}"], [j for j, c in enumerate(table.configs) if c.codec and
-                                                   c.codec.split("+")[0] == codec]] = rng.uniform(0.7, 1.0)
+        quality[i] = rng.uniform(0.7, 1.0, len(codecs))
+    for j, codec in enumerate(codecs):  # as if every context had been profiled
+        table.set_qualities(table.rows(), codec, quality[:, j])
     total = table.sizes[table.rows(), table.gpu_config].sum()
     return table, np.array([total * 0.2, total * 0.3, total * 0.4])
 

@@ -667,7 +667,7 @@ class EvicPressRadixCache(RadixCache):
         node.value, node.evp_kept = value.clone(), None
         if node.id in self.table:
             self.table.set_stored_tokens(node.id, len(node.key))
-            self.table.present_quality[self.table.row_of[node.id]] = 1.0
+            self.table.set_present_quality(self.table.row_of[node.id], 1.0)
 
     def _revive(self, node: TreeNode, value: torch.Tensor) -> None:
         stored: Stored = node.evp
@@ -681,7 +681,7 @@ class EvicPressRadixCache(RadixCache):
         self.evictable_size_ += len(node.key)
         if node.id in self.table:
             self._set_config(node, self.table.gpu_config)
-            self.table.present_quality[self.table.row_of[node.id]] = 1.0
+            self.table.set_present_quality(self.table.row_of[node.id], 1.0)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
 
@@ -851,7 +851,7 @@ class EvicPressRadixCache(RadixCache):
 
     def _after_store(self, node: TreeNode, config: int) -> None:
         r = self.table.row_of[node.id]
-        self.table.present_quality[r] = min(self.table.present_quality[r], self.table.quality[r, config])
+        self.table.set_present_quality(r, min(self.table.present_quality[r], self.table.quality[r, config]))
         self.table.assign[r] = config
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)

@@ -41,8 +41,28 @@ def prior_quality(codec: str | None) -> float:
     return max(q, 0.0)
 
 
+def _read_only(column: str, doc: str) -> property:
+    def view(self: "ContextTable") -> np.ndarray:
+        v = getattr(self, column).view()
+        v.flags.writeable = False
+        return v
+    return property(view, doc=doc)
+
+
 class ContextTable:
-    """Per-context state: size per configuration, quality, frequency, placement."""
+    """Per-context state: size per configuration, quality, frequency, placement.
+
+    What the utility of a context depends on besides its frequency (its tokens, sizes,
+    quality per configuration, present quality) is written only through methods, which
+    count each row's changes in ``version``: the policy keeps per context what it derives
+    from them and recomputes it only for rows whose version moved. Those columns are
+    read-only to everyone else (a direct write raises instead of going unnoticed).
+    """
+
+    tokens = _read_only("_tokens", "[row] tokens of the context (what a re-prefill costs)")
+    sizes = _read_only("_sizes", "[row, C] bytes the context takes in each configuration")
+    quality = _read_only("_quality", "[row, C] quality in each configuration (measured, or the prior)")
+    present_quality = _read_only("_present_quality", "[row] quality of the KV as it is now (1.0 = exact)")
 
     def __init__(self, configs: list[Config], layout: KVShape, cost: CostModel, half_life_s: float = 600.0) -> None:
         self.configs = configs
@@ -57,14 +77,15 @@ class ContextTable:
         self._free: list[int] = list(range(cap - 1, -1, -1))
         c = len(configs)
         self.alive = np.zeros(cap, dtype=bool)
-        self.tokens = np.zeros(cap, dtype=np.int64)
+        self.version = np.zeros(cap, dtype=np.int64)  # changes of the row's utility inputs
+        self._tokens = np.zeros(cap, dtype=np.int64)
         self.parent = np.full(cap, -1, dtype=np.int64)
         self.freq = np.zeros(cap)  # decayed hit count at `last_time`
         self.last_time = np.zeros(cap)
         self.assign = np.zeros(cap, dtype=np.int64)
-        self.present_quality = np.ones(cap)  # quality of the KV as it is now (1.0 = exact)
-        self.sizes = np.zeros((cap, c), order="F")
-        self.quality = np.ones((cap, c), order="F")
+        self._present_quality = np.ones(cap)  # quality of the KV as it is now (1.0 = exact)
+        self._sizes = np.zeros((cap, c), order="F")
+        self._quality = np.ones((cap, c), order="F")
         self.profiled = np.zeros(cap, dtype=bool)
         self.in_use = np.zeros(cap, dtype=bool)  # a request holds it (SGLang: lock_ref > 0): it may not move
         #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
@@ -76,10 +97,10 @@ class ContextTable:
 
     def _grow(self) -> None:
         old = self.alive.size
-        for name in ("alive", "tokens", "parent", "freq", "last_time", "assign", "present_quality", "profiled",
-                     "in_use", "sizes", "quality"):
+        for name in ("alive", "version", "_tokens", "parent", "freq", "last_time", "assign", "_present_quality",
+                     "profiled", "in_use", "_sizes", "_quality"):
             arr = getattr(self, name)
-            fill = -1 if name == "parent" else (1 if name in ("present_quality", "quality") else 0)
+            fill = -1 if name == "parent" else (1 if name in ("_present_quality", "_quality") else 0)
             grown = np.full((2 * old,) + arr.shape[1:], fill, dtype=arr.dtype, order="F")
             grown[:old] = arr
             setattr(self, name, grown)
@@ -96,35 +117,40 @@ class ContextTable:
         self.keys[r] = key
         self.row_of[key] = r
         self.alive[r] = True
-        self.tokens[r] = tokens
         self.parent[r] = self.row_of[parent] if parent is not None else -1
         self.freq[r] = 1.0
         self.last_time[r] = now
         self.assign[r] = self.gpu_config
-        self.present_quality[r] = 1.0
+        self._present_quality[r] = 1.0
         self.profiled[r] = False
         self.in_use[r] = False
-        self.quality[r] = self._prior_row
+        self._quality[r] = self._prior_row
         self._set_tokens(r, tokens)
         return r
+
+    def set_present_quality(self, rows: np.ndarray | int, quality: np.ndarray | float) -> None:
+        """The KV of ``rows`` now has this quality (1.0: exact again, e.g. recomputed)."""
+        self._present_quality[rows] = quality
+        self.version[rows] += 1
 
     def set_stored_tokens(self, key: object, stored: int) -> None:
         """The context now holds KV for only ``stored`` of its tokens (token dropping):
         sizes follow what is stored, re-prefill still costs every token."""
         r = self.row_of[key]
-        self._set_tokens(r, int(self.tokens[r]), stored)
+        self._set_tokens(r, int(self._tokens[r]), stored)
 
     def _set_tokens(self, r: int, tokens: int, stored: int | None = None) -> None:
-        self.tokens[r] = tokens
+        self._tokens[r] = tokens
+        self.version[r] += 1
         subset = stored is not None and stored < tokens
         shape = self.layout.with_tokens(stored if subset else tokens)
         for j, cfg in enumerate(self.configs):
             if cfg.tier == Tier.DROP:
-                self.sizes[r, j] = 0.0
+                self._sizes[r, j] = 0.0
             elif cfg.tier == Tier.GPU:
-                self.sizes[r, j] = shape.raw_nbytes
+                self._sizes[r, j] = shape.raw_nbytes
             else:  # a token subset is not dropped again, only quantized
-                self.sizes[r, j] = self.cost.stored_nbytes(subset_codec(cfg.codec) if subset else cfg.codec, shape)
+                self._sizes[r, j] = self.cost.stored_nbytes(subset_codec(cfg.codec) if subset else cfg.codec, shape)
 
     def split(self, child: object, prefix: object, prefix_tokens: int) -> None:
         """``child`` is cut in two: its first ``prefix_tokens`` become context ``prefix``,
@@ -132,11 +158,12 @@ class ContextTable:
         c = self.row_of[child]
         parent = self.keys[self.parent[c]] if self.parent[c] >= 0 else None
         r = self.insert(prefix, prefix_tokens, float(self.last_time[c]), parent)
-        for col in (self.freq, self.last_time, self.assign, self.present_quality, self.profiled, self.in_use,
-                    self.quality):
+        for col in (self.freq, self.last_time, self.assign, self._present_quality, self.profiled, self.in_use,
+                    self._quality):
             col[r] = col[c]
+        self.version[r] += 1
         self.parent[c] = r
-        self._set_tokens(c, int(self.tokens[c]) - prefix_tokens)
+        self._set_tokens(c, int(self._tokens[c]) - prefix_tokens)
 
     def __contains__(self, key: object) -> bool:
         return key in self.row_of
@@ -160,15 +187,20 @@ class ContextTable:
     def set_quality(self, key: object, codec: str, quality: float) -> None:
         """A measured quality for one codec (its device stage, e.g. ``int4`` for ``int4+zstd``)
         of one context, from the profiler; it also moves the prior of unprofiled contexts."""
-        r = self.row_of[key]
+        self.set_qualities(np.array([self.row_of[key]]), codec, np.array([quality], dtype=np.float64))
+
+    def set_qualities(self, rows: np.ndarray, codec: str, quality: np.ndarray) -> None:
+        """:meth:`set_quality` for many contexts (``rows``) at once."""
         cols = [j for j, c in enumerate(self.quality_codec) if c == codec]
-        self.quality[r, cols] = quality
-        self.profiled[r] = True
+        self._quality[np.ix_(rows, cols)] = quality[:, None]
+        self.version[rows] += 1
+        self.profiled[rows] = True
         total, n = self._learnt.get(codec, (0.0, 0))
-        self._learnt[codec] = (total + quality, n + 1)
+        self._learnt[codec] = (total + float(quality.sum()), n + len(rows))
         self._prior_row[cols] = self.prior(codec)
         unprofiled = np.flatnonzero(self.alive & ~self.profiled)
-        self.quality[np.ix_(unprofiled, cols)] = self._prior_row[cols]
+        self._quality[np.ix_(unprofiled, cols)] = self._prior_row[cols]
+        self.version[unprofiled] += 1
 
     def prior(self, codec: str) -> float:
         """Quality assumed for ``codec`` on a context not yet profiled."""
@@ -193,14 +225,14 @@ class ContextTable:
         capped by the present quality; the GPU option *is* the present KV; dropping and
         recomputing restores exact KV.
         """
-        q = _columns(self.quality, rows)
-        np.minimum(q, self.present_quality[rows], out=q)
+        q = _columns(self._quality, rows)
+        np.minimum(q, self._present_quality[rows], out=q)
         q[self.tier_of == Tier.DROP] = 1.0
         return q.T
 
     def config_sizes(self, rows: np.ndarray) -> np.ndarray:
         """[rows, C]: bytes a context takes in each configuration (in that configuration's tier)."""
-        return _columns(self.sizes, rows).T
+        return _columns(self._sizes, rows).T
 
     def load_seconds(self, rows: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
         """[rows, C]: seconds to make each context usable on the GPU from each configuration
@@ -208,7 +240,7 @@ class ContextTable:
         seconds, per_byte, per_token = np.array([self.cost.load_terms(c, self.layout) for c in self.configs]).T
         load = (self.config_sizes(rows) if sizes is None else sizes).T * per_byte[:, None]  # fresh [C, rows]
         load += seconds[:, None]
-        tokens = self.tokens[rows].astype(np.float64)
+        tokens = self._tokens[rows].astype(np.float64)
         for j in np.flatnonzero(per_token):  # per configuration: no [C, rows] temporary
             load[j] += per_token[j] * tokens
         return load.T

@@ -104,7 +104,7 @@ def simulate(
                 bytes_loaded[tier.label] += table.sizes[row, c]
 
         # The prefix is on the GPU now, with the quality it was loaded at.
-        table.present_quality[path] = quality[np.arange(path.size), cfg]
+        table.set_present_quality(path, quality[np.arange(path.size), cfg])
         table.assign[path] = table.gpu_config
         for row in path:
             table.hit(table.keys[row], now)
@@ -116,9 +116,7 @@ def simulate(
             evictions += int(changed.sum())
             moved = rows[changed]
             # Re-encoding caps quality at the codec's; dropping means recomputing exact KV later.
-            table.present_quality[moved] = np.minimum(
-                table.present_quality[moved], table.quality[moved, new[changed]]
-            )
+            table.set_present_quality(moved, np.minimum(table.present_quality[moved], table.quality[moved, new[changed]]))
             table.assign[rows] = new
             if check:
                 _check(table, cap, path)
