@@ -324,18 +324,17 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
             return
         to_t = p.tier_of[choice[cand]]
         take = np.ones(cand.size, dtype=bool)
-        for t in np.unique(to_t):
+        over = np.bincount(to_t, weights=add[cand], minlength=free.size) - free
+        for t in np.flatnonzero(over > 1e-9):  # the smallest gains that overflow a tier wait for the next round
             m = np.flatnonzero(to_t == t)
-            over = float(add[cand[m]].sum()) - free[t]
-            if over > 1e-9:  # the smallest gains that make it overflow wait for the next round
-                take[m[_cheapest_covering(gain[cand[m]], add[cand[m]], over)]] = False
+            take[m[_cheapest_covering(gain[cand[m]], add[cand[m]], over[t])]] = False
         if not take.any():
             return
         k = cand[take]
         r, c = rows[k], choice[k]
-        np.subtract.at(free, p.tier_of[c], add[k])
-        leaving = cur_t[k] != p.tier_of[c]
-        np.add.at(free, cur_t[k][leaving], own[k][leaving])
+        free -= np.bincount(to_t[take], weights=add[k], minlength=free.size)
+        leaving = cur_t[k] != to_t[take]
+        free += np.bincount(cur_t[k][leaving], weights=own[k][leaving], minlength=free.size)
         assign[r] = c
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .configs import Tier
 from .contexts import ContextTable
 from .placement import Problem, depth, solve, solve_ordered
+from .utility import Utility
 
 
 class PolicyError(ValueError):
@@ -92,24 +93,18 @@ class EvicPressPolicy(Policy):
         super().__init__(table)
         self.weights = weights or Weights()
         self.weights.validate()
+        self._utility = Utility(table, self.weights)
 
     def allowed(self) -> np.ndarray:
         return np.ones(len(self.table.configs), dtype=bool)
 
-    def utility(self, rows: np.ndarray, now: float, sizes: np.ndarray | None = None) -> np.ndarray:
-        """[rows, C] utility; -inf for configurations under the quality floor (``sizes``:
-        the caller's ``table.config_sizes(rows)``, if it has them already)."""
-        t, w = self.table, self.weights
-        q = t.config_quality(rows).T  # [C, rows], contiguous: see ContextTable
-        u = t.load_seconds(rows, sizes).T  # in place from here: at 100k contexts a temporary costs ~2 ms
-        u -= q * w.alpha
-        u *= -t.frequency(rows, now)
-        return np.where(q < w.quality_floor - 1e-12, -np.inf, u).T
+    def utility(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """[rows, C] utility; -inf for configurations under the quality floor."""
+        return self._utility(rows, now)
 
     def place(self, capacity, now, movable=None):
         rows, movable = self._resident(movable)
-        sizes = self.table.config_sizes(rows)
-        p = self._problem(rows, sizes, self.utility(rows, now, sizes), capacity, movable)
+        p = self._problem(rows, self.table.config_sizes(rows), self.utility(rows, now), capacity, movable)
         return rows, solve(p, start=self.table.assign[rows])
 
 
