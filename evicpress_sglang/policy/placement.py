@@ -38,6 +38,8 @@ class Problem:
     capacity: np.ndarray  # [3] bytes for GPU, host, disk
     parent: np.ndarray = field(default=None)  # [N] index of the parent context or -1
     movable: np.ndarray = field(default=None)  # [N] False: must stay where `start` puts it
+    #: [N] the fastest tier each context may be placed on (an eviction never loads KV up)
+    fastest: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         n = self.sizes.shape[0]
@@ -45,6 +47,8 @@ class Problem:
             self.parent = np.full(n, -1, dtype=np.int64)
         if self.movable is None:
             self.movable = np.ones(n, dtype=bool)
+        if self.fastest is None:
+            self.fastest = np.zeros(n, dtype=np.int64)
         if np.any(np.diff(self.tier_of) < 0):
             raise ValueError("configurations must be ordered by tier, fastest first")
 
@@ -92,7 +96,7 @@ class Problem:
         return float(self.utility[np.arange(self.n), assign].sum())
 
     def feasible(self, assign: np.ndarray) -> bool:
-        if np.any(self.usage(assign) > self.capacity + 1e-6):
+        if np.any(self.usage(assign) > self.capacity + 1e-6) or np.any(self.tier_of[assign] < self.fastest):
             return False
         if not np.all(np.isfinite(self.utility[np.arange(self.n), assign])):
             return False
@@ -103,10 +107,11 @@ class Problem:
 class TierBest:
     """[tier, context] summaries of a :class:`Problem` that every phase of the solver needs.
 
-    Per tier: the highest utility, and the smallest size (a lower bound on what moving a
-    context into the tier costs). Per tier ``t`` also the best configuration in tier ``t``
-    *or slower*, and its utility: the best way out of a faster tier, the
-    best placement below a parent, and (``t`` = GPU) the best placement at all.
+    Per tier: the highest utility (-inf in tiers faster than the context may use), and the
+    smallest size (a lower bound on what moving a context into the tier costs). Per tier
+    ``t`` also the best configuration in tier ``t`` *or slower*, and its utility: the best
+    way out of a faster tier, the best placement below a parent, and (``t`` = GPU) the best
+    placement at all.
     """
 
     utility: np.ndarray  # -inf where the tier has no allowed configuration
@@ -116,26 +121,54 @@ class TierBest:
 
     @classmethod
     def of(cls, p: Problem) -> "TierBest":
-        S, U = p.columns()
-        tiers = len(Tier)
-        best_u = np.full((tiers, p.n), -np.inf)
-        best_c = np.full((tiers, p.n), -1, dtype=np.int64)
-        min_s = np.full((tiers, p.n), np.inf)
-        for t, configs in enumerate(p.tier_configs()):
-            if configs.size == 0:
-                continue
-            block = slice(configs[0], configs[-1] + 1)
-            U[block].max(axis=0, out=best_u[t])
-            S[block].min(axis=0, out=min_s[t])
-            for j in configs[::-1]:  # the first best configuration wins a tie
-                best_c[t] = np.where(U[j] == best_u[t], j, best_c[t])
-        best_c[np.isneginf(best_u)] = -1
+        best_c, best_u, min_s = tier_bests(p.tier_configs(), *p.columns())
+        for t in range(1, len(Tier)):
+            best_u[t - 1] = np.where(p.fastest >= t, -np.inf, best_u[t - 1])
+        best_c = np.where(np.isneginf(best_u), -1, best_c)
         from_u, from_c = best_u.copy(), best_c  # the per-tier best configuration becomes the suffix best
-        for t in range(tiers - 2, -1, -1):
+        for t in range(len(Tier) - 2, -1, -1):
             slower = from_u[t + 1] > from_u[t]
             from_c[t] = np.where(slower, from_c[t + 1], from_c[t])
             np.maximum(from_u[t], from_u[t + 1], out=from_u[t])
         return cls(best_u, min_s, from_u, from_c)
+
+
+#: lowest set bit of a byte (-1 for none): the first configuration that holds a tier's maximum
+_FIRST_BIT = np.array([(m & -m).bit_length() - 1 for m in range(256)], dtype=np.int64)
+
+
+def tier_bests(tier_configs: list[np.ndarray], S: np.ndarray, U: np.ndarray):
+    """Per tier and context ([tiers, N] each), from [C, N] sizes and utilities: the
+    highest-utility configuration (the first on a tie; -1 where the tier has none), its
+    utility (-inf where none) and the smallest size (inf where none).
+
+    Which configuration holds the maximum is found as a bitmask of the tier's configurations
+    equal to it, looked up in a table: several times faster than ``np.where`` per
+    configuration or an ``argmax`` across the rows of a [C, N] block.
+    """
+    n = S.shape[1]
+    best_c = np.full((len(tier_configs), n), -1, dtype=np.int64)
+    best_u = np.full((len(tier_configs), n), -np.inf)
+    min_s = np.full((len(tier_configs), n), np.inf)
+    for t, configs in enumerate(tier_configs):
+        if configs.size == 0:
+            continue
+        if configs.size == 1:
+            best_c[t], best_u[t], min_s[t] = configs[0], U[configs[0]], S[configs[0]]
+            continue
+        block = slice(configs[0], configs[-1] + 1)
+        S[block].min(axis=0, out=min_s[t])
+        best = best_u[t]
+        U[block].max(axis=0, out=best)
+        first = np.zeros(n, dtype=np.int64)
+        for lo in range(0, configs.size, 8)[::-1]:  # eight configurations per byte; earlier ones win
+            bits = np.zeros(n, dtype=np.uint8)
+            for i in range(lo, min(lo + 8, configs.size)):
+                bits |= (U[configs[i]] == best).view(np.uint8) << np.uint8(i - lo)
+            found = _FIRST_BIT.take(bits)
+            first = np.where(found >= 0, lo + found, first)
+        best_c[t] = configs[0] + first
+    return best_c, best_u, min_s
 
 
 def _at(matrix: np.ndarray, config: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -212,13 +245,13 @@ def _cheapest_covering(cost: np.ndarray, weight: np.ndarray, need: float) -> np.
     round selects (introselect: ~10x faster than numpy's argsort) twice, a little below
     and a little above the count that the mean weight predicts, which splits the items
     into three runs by cost; the cut lies in one of them, usually the narrow middle one,
-    the cheaper runs are taken whole and only that run is searched on. The last few
-    hundred items are sorted.
+    the cheaper runs are taken whole and only that run is searched on. The last two
+    thousand items or so are sorted.
     """
     taken = []
     live = np.arange(cost.size)
     need -= 1e-9  # a byte count that floating-point sums miss by a hair is reached
-    while live.size > 256:
+    while live.size > 2048:  # below this, numpy's sort is as fast
         m = live.size
         total = float(weight[live].sum())
         if total < need:  # all of them fall short
@@ -409,7 +442,7 @@ def depth(parent: np.ndarray) -> np.ndarray:
 
 def solve_exact(p: Problem, max_combinations: int = 2_000_000) -> np.ndarray | None:
     """The optimal assignment by enumeration (small instances only); None if infeasible."""
-    options = [np.flatnonzero(np.isfinite(p.utility[i])) for i in range(p.n)]
+    options = [np.flatnonzero(np.isfinite(p.utility[i]) & (p.tier_of >= p.fastest[i])) for i in range(p.n)]
     if np.prod([len(o) for o in options], dtype=np.float64) > max_combinations:
         raise ValueError("instance too large to enumerate")
     combos = np.array(list(itertools.product(*options)), dtype=np.int64).reshape(-1, p.n)

@@ -70,20 +70,15 @@ class Policy(ABC):
         return rows[keep], (None if movable is None else movable[keep])
 
     def _problem(self, rows: np.ndarray, sizes: np.ndarray, utility: np.ndarray, capacity, movable) -> Problem:
-        """The placement problem over ``rows`` (``sizes``: their ``config_sizes``); ``utility``
-        ([rows, C], the caller's own array) is masked in place where a configuration would
-        move a context up."""
+        """The placement problem over ``rows`` (``sizes``: their ``config_sizes``)."""
         t = self.table
         local = np.full(t.alive.size + 1, -1, dtype=np.int64)  # the last entry: where parent -1 leads
         local[rows] = np.arange(rows.size)
-        parent = local[t.parent[rows]]
         # Eviction only moves KV down: going up would mean loading it, which happens when
         # a request uses it, not when space is made.
-        now_on = t.tier_of[t.assign[rows]]
-        above = [now_on > tier for tier in range(Tier.DROP)]  # nothing is above a drop
-        for j, tier in enumerate(t.tier_of[t.tier_of < Tier.DROP]):  # the drop configuration comes last
-            utility[:, j] = np.where(above[tier], -np.inf, utility[:, j])  # branch-free: see placement
-        return Problem(t.tier_of, sizes, utility, np.asarray(capacity, dtype=np.float64), parent, movable)
+        fastest = t.tier_of[t.assign[rows]]
+        return Problem(t.tier_of, sizes, utility, np.asarray(capacity, dtype=np.float64), local[t.parent[rows]],
+                       movable, fastest)
 
 
 class EvicPressPolicy(Policy):

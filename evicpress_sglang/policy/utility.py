@@ -39,32 +39,34 @@ class Utility:
         self._inputs: tuple | None = None  # the weights and rates the base was computed with
 
     def __call__(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """[rows, C] utility of the contexts in ``rows``."""
         t = self.table
-        self._refresh(rows)
-        u = np.take(self._base, rows, axis=1)  # [C, rows]: contiguous per configuration
-        u[self.drop] = self.weights.alpha - t.cost.prefill_s_per_token * t.tokens[rows]
+        base = self._base_of(rows)
+        base[self.drop] = self.weights.alpha - t.cost.prefill_s_per_token * t.tokens[rows]
         # A counter that decayed to exactly zero (a week unused) would turn -inf into nan
         # and every utility into a tie: the smallest positive frequency keeps the order.
-        u *= np.maximum(t.frequency(rows, now), np.finfo(np.float64).tiny)
-        return u.T
+        base *= np.maximum(t.frequency(rows, now), np.finfo(np.float64).tiny)
+        return base.T
 
-    def _refresh(self, rows: np.ndarray) -> None:
-        """Recompute the base of the rows whose inputs changed since it was computed."""
+    def _base_of(self, rows: np.ndarray) -> np.ndarray:
+        """[C, rows], a fresh array: the base of ``rows``, recomputed where their inputs changed."""
         t, w = self.table, self.weights
         inputs = (w.alpha, w.quality_floor,
                   np.array([t.cost.load_terms(c, t.layout) for c in t.configs if c.tier != Tier.DROP]).tobytes())
         if t.version.size > self._seen.size:  # the table grew: its new rows are unseen
-            self._seen = np.concatenate([self._seen, np.full(t.version.size - self._seen.size, -1)])
-            base = np.empty((self._base.shape[0], t.version.size))
-            base[:, : self._base.shape[1]] = self._base
-            self._base = base
+            grown = t.version.size - self._seen.size
+            self._seen = np.concatenate([self._seen, np.full(grown, -1)])
+            self._base = np.concatenate([self._base, np.empty((self._base.shape[0], grown))], axis=1)
         if inputs != self._inputs:
             self._inputs = inputs
             self._seen[:] = -1
-        stale = rows[self._seen[rows] != t.version[rows]]
-        if stale.size == 0:
-            return
-        q = t.config_quality(stale)
-        base = q * w.alpha - t.load_seconds(stale)
-        self._base[:, stale] = np.where(q < w.quality_floor - 1e-12, -np.inf, base).T
-        self._seen[stale] = t.version[stale]
+        stale = self._seen[rows] != t.version[rows]
+        if not stale.any():
+            return np.take(self._base, rows, axis=1)
+        everything = bool(stale.all())  # e.g. after a calibration: no second pass over the rows
+        changed = rows if everything else rows[stale]
+        q = t.config_quality(changed).T  # [C, changed]
+        base = np.where(q < w.quality_floor - 1e-12, -np.inf, q * w.alpha - t.load_seconds(changed).T)
+        self._base[:, changed] = base
+        self._seen[changed] = t.version[changed]
+        return base if everything else np.take(self._base, rows, axis=1)
