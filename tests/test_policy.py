@@ -186,12 +186,16 @@ def test_placement_through_selection_equals_placement_through_a_sort(monkeypatch
     """The relief and the fill-up choose their steps by selection around the cut; a full
     sort of every candidate must choose the same ones (a full re-plan frees most bytes,
     an eviction a little out of many candidates)."""
-    p = _random_instance(np.random.default_rng(5), 1500, with_parents=True)
+    p = _random_instance(np.random.default_rng(5), 6000, with_parents=True)
     p.capacity = p.usage(p.best()) * np.array([0.5, 0.5, 1.0])
     start = solve(p)
     if evict:
         p.capacity = p.capacity * np.array([0.97, 1.0, 1.0])
-    selected = solve(p, start=start if evict else None)
+    selections, argpartition = [], np.argpartition
+    with monkeypatch.context() as m:  # count the selection rounds: the test must reach them
+        m.setattr(np, "argpartition", lambda *a, **k: selections.append(1) or argpartition(*a, **k))
+        selected = solve(p, start=start if evict else None)
+    assert selections
     monkeypatch.setattr(placement, "_cheapest_covering", _covering_by_sort)
     assert np.array_equal(selected, solve(p, start=start if evict else None))
     assert p.feasible(selected)
@@ -201,3 +205,13 @@ def test_configurations_must_be_ordered_by_tier():
     p = _random_instance(np.random.default_rng(0), 3, with_parents=False)
     with pytest.raises(ValueError, match="ordered by tier"):
         Problem(p.tier_of[::-1].copy(), p.sizes, p.utility, p.capacity)
+
+
+def test_solving_leaves_the_problem_as_it_was():
+    """The solver assigns in place: starting from the best placement must not write into it."""
+    p = _random_instance(np.random.default_rng(8), 300, with_parents=True)
+    p.capacity = p.usage(p.best()) * np.array([0.3, 0.3, 1.0])
+    best = p.best().copy()
+    first = solve(p)
+    assert np.array_equal(p.best(), best) and not np.array_equal(first, best)
+    assert np.array_equal(solve(p), first)

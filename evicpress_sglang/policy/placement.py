@@ -392,7 +392,7 @@ def _lock_prefixes(p: Problem) -> None:
 def _start(p: Problem, start: np.ndarray | None) -> np.ndarray:
     _lock_prefixes(p)
     if start is None:
-        return p.best()
+        return p.best().copy()  # the solver assigns in place; the best stays as it is
     assign = start.copy()  # a movable context whose configuration is no longer allowed restarts at its best
     lost = p.movable & ~np.isfinite(p.utility[np.arange(p.n), assign])
     assign[lost] = p.best()[lost]
