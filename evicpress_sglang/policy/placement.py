@@ -331,7 +331,7 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
         cur_t = p.tier_of[cur_c]
         own = _at(S, cur_c, rows)
         u_cur = _at(U, cur_c, rows)
-        parent_t = np.where(p.parent[rows] >= 0, p.tier_of[assign[np.maximum(p.parent[rows], 0)]], 0)
+        parent_t = np.append(p.tier_of[assign], 0)[p.parent[rows]]  # no parent (-1): the last entry, GPU
         gain = np.zeros(rows.size)  # only gains above zero count
         choice = np.full(rows.size, -1, dtype=np.int64)
         add = np.zeros(rows.size)
