@@ -215,3 +215,19 @@ def test_solving_leaves_the_problem_as_it_was():
     first = solve(p)
     assert np.array_equal(p.best(), best) and not np.array_equal(first, best)
     assert np.array_equal(solve(p), first)
+
+
+def test_per_tier_best_is_the_first_maximum_for_any_tier_width():
+    """Tiers wider than eight configurations (several bytes of the bitmask), ties and
+    forbidden (-inf) configurations: the same answer as numpy's argmax per tier."""
+    rng = np.random.default_rng(4)
+    tier_of = np.repeat([0, 1, 2, 3], [1, 11, 3, 1])
+    U = rng.integers(0, 4, (tier_of.size, 500)).astype(np.float64)  # many ties
+    U[rng.random(U.shape) < 0.2] = -np.inf
+    U[1:12, :5] = -np.inf  # a tier with nothing allowed
+    S = rng.uniform(1, 10, U.shape)
+    configs = [np.flatnonzero(tier_of == t) for t in range(4)]
+    best_c, best_u, min_s = placement._tier_bests(configs, S, U)
+    for t, c in enumerate(configs):
+        assert np.array_equal(best_c[t], c[0] + U[c].argmax(axis=0))
+        assert np.array_equal(best_u[t], U[c].max(axis=0)) and np.array_equal(min_s[t], S[c].min(axis=0))

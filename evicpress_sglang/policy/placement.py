@@ -121,7 +121,7 @@ class TierBest:
 
     @classmethod
     def of(cls, p: Problem) -> "TierBest":
-        best_c, best_u, min_s = tier_bests(p.tier_configs(), *p.columns())
+        best_c, best_u, min_s = _tier_bests(p.tier_configs(), *p.columns())
         for t in range(1, len(Tier)):
             best_u[t - 1] = np.where(p.fastest >= t, -np.inf, best_u[t - 1])
         best_c = np.where(np.isneginf(best_u), -1, best_c)
@@ -137,10 +137,11 @@ class TierBest:
 _FIRST_BIT = np.array([(m & -m).bit_length() - 1 for m in range(256)], dtype=np.int64)
 
 
-def tier_bests(tier_configs: list[np.ndarray], S: np.ndarray, U: np.ndarray):
+def _tier_bests(tier_configs: list[np.ndarray], S: np.ndarray, U: np.ndarray):
     """Per tier and context ([tiers, N] each), from [C, N] sizes and utilities: the
-    highest-utility configuration (the first on a tie; -1 where the tier has none), its
-    utility (-inf where none) and the smallest size (inf where none).
+    highest-utility configuration (the first on a tie; -1 where the tier has no
+    configuration), its utility (-inf where none is allowed) and the smallest size (inf
+    where there is no configuration).
 
     Which configuration holds the maximum is found as a bitmask of the tier's configurations
     equal to it, looked up in a table: several times faster than ``np.where`` per
@@ -158,8 +159,7 @@ def tier_bests(tier_configs: list[np.ndarray], S: np.ndarray, U: np.ndarray):
             continue
         block = slice(configs[0], configs[-1] + 1)
         S[block].min(axis=0, out=min_s[t])
-        best = best_u[t]
-        U[block].max(axis=0, out=best)
+        best = U[block].max(axis=0, out=best_u[t])
         first = np.zeros(n, dtype=np.int64)
         for lo in range(0, configs.size, 8)[::-1]:  # eight configurations per byte; earlier ones win
             bits = np.zeros(n, dtype=np.uint8)
