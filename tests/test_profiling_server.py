@@ -164,6 +164,20 @@ def test_jobs_only_while_nothing_waits_and_again_when_new_queries_arrive(server)
     assert profiler.step() > 0
 
 
+def test_no_background_profiling_under_a_policy_that_ignores_quality(server):
+    cache, _, http, profiler, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    for name in ("lru-offload", "static:int8", "off"):
+        cache.set_policy(name)
+        assert profiler.step() == 0.0 and not cache.profiling.jobs
+    r = http.post("/evicpress/profile", json={"node": _find(cache, DOC + [7, 8, 9]).id})  # asked for: still done
+    assert r.status_code == 200 and r.json()["measured"], r.text
+    cache.set_policy("evicpress")
+    cache.settings.profile_max_age_s = 1e-9
+    assert profiler.step() > 0
+
+
 def test_a_variant_served_without_its_copy_is_discarded(server):
     cache, _, http, profiler, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):

@@ -109,9 +109,13 @@ class ProfileStaging:
         """Make up to ``want`` jobs for the contexts that most need profiling: never
         profiled, profiled with fewer queries than they now have, or profiled longer
         than ``profile_max_age_s`` ago, most frequently used first; then, if the model may
-        write questions (``profile_self_questions``), contexts nobody has reused yet."""
+        write questions (``profile_self_questions``), contexts nobody has reused yet.
+        None under a policy that does not read qualities (a baseline, or ``off``): there the
+        background loop would take GPU time for nothing (the admin trigger still works)."""
         now = time.monotonic() if now is None else now
         self._expire(now)
+        if self.cache.policy is None or not self.cache.policy.uses_quality:
+            return
         t, s = self.cache.table, self.cache.settings
         busy = {j.node for j in self.jobs.values()}
         due = []

@@ -46,6 +46,8 @@ class Weights:
 
 class Policy(ABC):
     name: str
+    #: whether placements depend on the profiled qualities (if not, profiling is not worth its GPU time)
+    uses_quality: bool = False
 
     def __init__(self, table: ContextTable) -> None:
         self.table = table
@@ -83,6 +85,7 @@ class Policy(ABC):
 
 class EvicPressPolicy(Policy):
     name = "evicpress"
+    uses_quality = True
 
     def __init__(self, table: ContextTable, weights: Weights | None = None) -> None:
         super().__init__(table)
