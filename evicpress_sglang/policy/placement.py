@@ -323,32 +323,31 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
     by = p.by_tier()
     free = np.append(p.capacity - p.usage(assign), np.inf)  # indexed by tier; DROP is unbounded
     best_u = by.from_utility[Tier.GPU]
+    every = np.arange(p.n)
     for _ in range(rounds):
-        rows = np.flatnonzero(p.movable & (_at(U, assign, np.arange(p.n)) < best_u))
-        if rows.size == 0:
+        # over every context (most are below their best after a relief): no gathers by a subset
+        u_cur, own, cur_t = _at(U, assign, every), _at(S, assign, every), p.tier_of[assign]
+        below_best = p.movable & (u_cur < best_u)
+        if not below_best.any():
             return
-        cur_c = assign[rows]
-        cur_t = p.tier_of[cur_c]
-        own = _at(S, cur_c, rows)
-        u_cur = _at(U, cur_c, rows)
-        parent_t = np.append(p.tier_of[assign], 0)[p.parent[rows]]  # no parent (-1): the last entry, GPU
-        gain = np.zeros(rows.size)  # only gains above zero count
-        choice = np.full(rows.size, -1, dtype=np.int64)
-        add = np.zeros(rows.size)
+        parent_t = np.append(cur_t, 0)[p.parent]  # no parent (-1): the last entry, GPU
+        gain = np.zeros(p.n)  # only gains above zero count
+        choice = np.full(p.n, -1, dtype=np.int64)
+        add = np.zeros(p.n)
         for t, configs in enumerate(p.tier_configs()):
             # a context already in a tier of one configuration cannot gain inside it: only
             # slower ones can (none for the drop tier, the slowest)
             entry = t if configs.size > 1 else t + 1
             if configs.size == 0 or entry > Tier.DROP:
                 continue
-            own_here = np.where(cur_t == t, own, 0.0)
             room = free[t] + 1e-9
-            i = np.flatnonzero((cur_t >= entry) & (parent_t <= t) & (by.utility[t, rows] - u_cur > gain)
-                               & (by.min_size[t, rows] - own_here <= room))
-            r = rows[i]
+            here = cur_t == t  # a move within the tier costs only the difference: its smallest always fits
+            i = np.flatnonzero(below_best & (cur_t >= entry) & (parent_t <= t) & (by.utility[t] - u_cur > gain)
+                               & (here | (by.min_size[t] <= room)))
+            own_here = np.where(here[i], own[i], 0.0)
             for j in configs:
-                extra = S[j, r] - own_here[i]
-                g = U[j, r] - u_cur[i]
+                extra = S[j, i] - own_here
+                g = U[j, i] - u_cur[i]
                 better = (g > gain[i]) & (extra <= room)
                 k = i[better]
                 gain[k], choice[k], add[k] = g[better], j, extra[better]
@@ -364,11 +363,10 @@ def _fill_up(p: Problem, assign: np.ndarray, rounds: int = 2) -> None:
         if not take.any():
             return
         k = cand[take]
-        r, c = rows[k], choice[k]
         free -= np.bincount(to_t[take], weights=add[k], minlength=free.size)
         leaving = cur_t[k] != to_t[take]
         free += np.bincount(cur_t[k][leaving], weights=own[k][leaving], minlength=free.size)
-        assign[r] = c
+        assign[k] = choice[k]
 
 
 def _cascade(p: Problem, assign: np.ndarray, relieve) -> None:
