@@ -86,3 +86,18 @@ def test_a_context_unused_for_weeks_keeps_its_ranking():
     assert not np.isnan(u).any()
     assert u[labels.index("host:int8")] == -np.inf
     assert u[labels.index("gpu")] > u[labels.index("drop")] and table.tier_of[int(np.argmax(u))] == Tier.GPU
+
+
+def test_kept_utility_of_rows_in_any_order():
+    """The status endpoint prices contexts in order of frequency, not of rows."""
+    table = _table()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        table.insert(f"c{i}", int(rng.integers(64, 8192)), 0.0)
+        table.set_quality(f"c{i}", "int8", float(rng.uniform(0.8, 1.0)))
+    w = Weights()
+    kept = Utility(table, w)
+    order = np.array([0, 2, 1, 3, 5, 4, 6, 8, 7, 9])  # from the first row to the last, not in order
+    assert np.array_equal(kept(order, 1.0), Utility(table, w)(order, 1.0))
+    rows = table.rows()
+    assert np.array_equal(kept(rows, 1.0), Utility(table, w)(rows, 1.0))

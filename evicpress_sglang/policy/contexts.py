@@ -234,11 +234,10 @@ class ContextTable:
         """[rows, C]: bytes a context takes in each configuration (in that configuration's tier)."""
         return _columns(self._sizes, rows).T
 
-    def load_seconds(self, rows: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-        """[rows, C]: seconds to make each context usable on the GPU from each configuration
-        (``sizes``: the caller's ``config_sizes(rows)``, if it has them already)."""
+    def load_seconds(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, C]: seconds to make each context usable on the GPU from each configuration."""
         seconds, per_byte, per_token = np.array([self.cost.load_terms(c, self.layout) for c in self.configs]).T
-        load = (self.config_sizes(rows) if sizes is None else sizes).T * per_byte[:, None]  # fresh [C, rows]
+        load = self.config_sizes(rows).T * per_byte[:, None]  # fresh [C, rows]
         load += seconds[:, None]
         tokens = self._tokens[rows].astype(np.float64)
         for j in np.flatnonzero(per_token):  # per configuration: no [C, rows] temporary
