@@ -193,7 +193,7 @@ def _demotion_steps(p: Problem, rows: np.ndarray, start: np.ndarray, tier: int):
     """
     S, U = p.columns()
     by = p.by_tier()
-    same = np.flatnonzero(p.tier_of == tier)
+    same = p.tier_configs()[tier]
     out_u = by.from_utility[tier + 1, rows]  # -inf: no way out (nothing slower allowed)
     out_c = by.from_config[tier + 1, rows]
     cur = start.copy()
@@ -286,8 +286,8 @@ def _relieve(p: Problem, assign: np.ndarray, tier: int) -> None:
         return
     take = _cheapest_covering(eff, freed, excess)
     # Along one context's hull the cost per byte only grows, so its taken steps are a
-    # prefix of its walk, except where two of its steps cost the same and the (unstable,
-    # four times faster) sort cut between them: then the later step's target is still
+    # prefix of its walk, except where two of its steps cost the same and the selection
+    # took one of them at the cut without the other: then the later step's target is still
     # where the whole prefix leads, and the tier only ends up a little emptier. Applying
     # the steps in step order leaves every context where its last taken step leads.
     for s in range(int(step[take].max()) + 1):
