@@ -9,6 +9,8 @@ import logging
 import multiprocessing
 import sys
 
+from .backend.guard import hook
+
 log = logging.getLogger(__name__)
 
 BACKEND = "evicpress"
@@ -27,6 +29,7 @@ def _evicpress_cache(scheduler):
     return cache if isinstance(cache, EvicPressRadixCache) else None
 
 
+@hook(lambda result, *args, **kwargs: result)
 def _add_status(result, scheduler, *args, **kwargs):
     """After ``Scheduler.get_internal_state``: include the cache's status."""
     cache = _evicpress_cache(scheduler)
@@ -38,30 +41,46 @@ def _add_status(result, scheduler, *args, **kwargs):
 
 def _set_state(original, scheduler, recv_req, *args, **kwargs):
     """Around ``Scheduler.set_internal_state``: take the ``evicpress_*`` keys, pass the rest on."""
+    answer, rest = _apply_ours(scheduler, recv_req)
+    if answer is not None:
+        return answer
+    return original(scheduler, rest, *args, **kwargs)
+
+
+def _refused(scheduler, recv_req):
+    from sglang.srt.managers.io_struct import SetInternalStateReqOutput
+
+    return SetInternalStateReqOutput(updated=False), None
+
+
+@hook(_refused)
+def _apply_ours(scheduler, recv_req):
+    """Apply the ``evicpress_*`` keys of a ``SetInternalStateReq``. Returns (the answer, None)
+    when nothing is left for SGLang, else (None, the request SGLang should see)."""
     from sglang.srt.managers.io_struct import SetInternalStateReq, SetInternalStateReqOutput
 
     from .admin import apply_policy_request, apply_profile_request
 
     ours = {k: v for k, v in recv_req.server_args.items() if k.startswith("evicpress_")}
     if not ours:
-        return original(scheduler, recv_req, *args, **kwargs)
+        return None, recv_req
     cache = _evicpress_cache(scheduler)
     if cache is None:
         log.warning("evicpress: policy change asked for, but this server does not run the evicpress cache")
-        return SetInternalStateReqOutput(updated=False)
+        return SetInternalStateReqOutput(updated=False), None
     try:
         if any(k.startswith("evicpress_profile") for k in ours):
             if not apply_profile_request(cache, ours, idle=not scheduler.waiting_queue):
-                return SetInternalStateReqOutput(updated=False)
+                return SetInternalStateReqOutput(updated=False), None
         else:
             apply_policy_request(cache, ours)
     except ValueError as e:
         log.warning("evicpress: request refused: %s", e)
-        return SetInternalStateReqOutput(updated=False)
+        return SetInternalStateReqOutput(updated=False), None
     rest = {k: v for k, v in recv_req.server_args.items() if k not in ours}
     if rest:
-        return original(scheduler, SetInternalStateReq(server_args=rest), *args, **kwargs)
-    return SetInternalStateReqOutput(updated=True)
+        return None, SetInternalStateReq(server_args=rest)
+    return SetInternalStateReqOutput(updated=True), None
 
 
 def _time_prefill(original, worker, batch=None, *args, **kwargs):
@@ -70,6 +89,7 @@ def _time_prefill(original, worker, batch=None, *args, **kwargs):
     return around_forward(original, worker, batch, *args, **kwargs)
 
 
+@hook(lambda forward_batch, *args, **kwargs: forward_batch)
 def _shift_positions(forward_batch, cls, *args, **kwargs):
     """After ``ForwardBatch.init_new``: positions of requests served from token-dropped contexts."""
     from .backend.dropped import shift_positions

@@ -27,6 +27,9 @@ class PrometheusExporter:
                                 multiprocess_mode="mostrecent")
         self.ratio = Gauge("evicpress_compression_ratio", "Uncompressed / stored bytes of everything stored",
                            names, multiprocess_mode="mostrecent")
+        self.internal_errors = Counter("evicpress_internal_errors_total",
+                                       "Exceptions of the cache answered as a miss or stock behaviour, by entry point",
+                                       names + ["entry"])
         self.load_seconds = Histogram("evicpress_load_seconds", "Load-back latency per context", names,
                                       buckets=[b for b in LOAD_BUCKETS if b != float("inf")])
 
@@ -41,6 +44,9 @@ class PrometheusExporter:
 
     def miss(self, tier: str) -> None:
         self.misses.labels(**self.labels, tier=tier).inc()
+
+    def internal_error(self, entry: str) -> None:
+        self.internal_errors.labels(**self.labels, entry=entry).inc()
 
     def usage(self, tier_bytes: dict[str, int]) -> None:
         for tier, used in tier_bytes.items():

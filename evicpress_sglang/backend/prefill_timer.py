@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
 
 import torch
 
 from ..policy import CostModel
 from ..policy.cost import PrefillFit
+from .guard import hook
 
 _active: "PrefillTimer | None" = None
 
@@ -29,19 +29,23 @@ class PrefillTimer:
         self.pending: deque = deque(maxlen=max_pending)
         self.observed = 0
 
-    @contextmanager
-    def measure(self, tokens: int):
+    def start(self, tokens: int) -> tuple:
+        """Mark the start of a prefill of ``tokens`` tokens; hand the result to :meth:`finish`."""
         self.poll()
         if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.pending.append((start, end, tokens))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._observe(tokens, time.perf_counter() - t0)
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin, tokens
+        return time.perf_counter(), tokens
+
+    def finish(self, started: tuple) -> None:
+        begin, tokens = started
+        if isinstance(begin, float):
+            self._observe(tokens, time.perf_counter() - begin)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((begin, end, tokens))
 
     def poll(self) -> None:
         """Fold in every measurement the GPU has finished."""
@@ -65,11 +69,26 @@ def activate(cost: CostModel | None) -> PrefillTimer | None:
 
 
 def around_forward(original, worker, batch=None, *args, **kwargs):
-    """AROUND hook for ``TpModelWorker.forward_batch_generation``: time pure prefill batches."""
-    timer = _active
+    """AROUND hook for ``TpModelWorker.forward_batch_generation``: time pure prefill batches.
+    The forward pass runs exactly once whatever the timing does; a timing failure only
+    costs the measurement (counted in the hooks' internal errors)."""
+    started = _start(_active, batch)
+    result = original(worker, batch, *args, **kwargs)
+    if started is not None:
+        _finish(_active, started)
+    return result
+
+
+@hook(lambda timer, batch: None)
+def _start(timer: PrefillTimer | None, batch) -> tuple | None:
     mode = getattr(batch, "forward_mode", None)
     tokens = getattr(batch, "extend_num_tokens", None)
     if timer is None or mode is None or not tokens or not mode.is_extend() or getattr(mode, "is_mixed", bool)():
-        return original(worker, batch, *args, **kwargs)
-    with timer.measure(int(tokens)):
-        return original(worker, batch, *args, **kwargs)
+        return None
+    return timer.start(int(tokens))
+
+
+@hook(lambda timer, started: None)
+def _finish(timer: PrefillTimer | None, started: tuple) -> None:
+    if timer is not None:
+        timer.finish(started)

@@ -1,0 +1,132 @@
+"""Load-back: a request matched through placeholders gets their KV decoded into fresh
+pool slots, ancestors first, before it runs.
+
+A missing, damaged, foreign or undecodable blob is a miss: the placeholder and everything
+below it leave the tree and the request recomputes those tokens. Nothing here waits for
+the GPU: the copy and the decode are queued on the current stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
+from sglang.srt.mem_cache.radix_cache import TreeNode
+
+from ..codecs import CodecError, get_codec
+from . import kv_io
+from .nodes import Decoded, Stored, is_placeholder
+from .store import StoreOnEvict
+
+
+class LoadBack(StoreOnEvict):
+    """Mixin of :class:`~.cache.EvicPressRadixCache`: the load-back side."""
+
+    def _load_back(self, params: InitLoadBackParams) -> tuple[torch.Tensor, TreeNode]:
+        chain = []
+        node = params.best_match_node
+        while node is not self.root_node and is_placeholder(node):
+            chain.append(node)
+            node = node.parent
+        chain.reverse()
+        anchor = getattr(params.req, "last_node", None)
+        if anchor is not None and node is not anchor:
+            # The tree changed since this request was matched (another request loaded,
+            # revived or dropped part of the path): indices from here would not line up
+            # with the request's positions. Load nothing; it recomputes the rest.
+            self.stats.stale_load_backs += 1
+            return self._no_slots(), anchor
+        loaded: list[torch.Tensor] = []
+        held: list[TreeNode] = []
+        last = node  # the deepest GPU node
+        wanted = params.host_hit_length  # tokens; a dropped node yields fewer slots
+        # Making room for one node must not demote or drop the nodes of the chain still
+        # to come: their loads would find no blob.
+        protect = {p.id for p in chain}
+        try:
+            for p in chain:
+                if not is_placeholder(p) or p.parent is not last:
+                    break  # gone or changed under us (cannot happen while protected; never trusted)
+                slots = self._load(p, protect)
+                if slots is None:
+                    break
+                self.inc_lock_ref(p)  # keep it while later loads may evict
+                held.append(p)
+                loaded.append(slots)
+                last = p
+            got = sum(len(p.key) for p in held)
+            if got > wanted:  # the last node was matched only in part: split it
+                keep = len(last.key) - (got - wanted)
+                if self._splittable(last, keep):
+                    last = self._split_node(last.key, last, keep)
+                    loaded[-1] = last.value
+                else:  # a token subset with nothing (or everything) below the split: unused
+                    loaded.pop()
+                    last = last.parent
+        finally:
+            for p in held:
+                self.dec_lock_ref(p)
+        if params.req is not None and loaded:
+            self._adopt_view(params.req, last)
+        if not loaded:
+            return self._no_slots(), last
+        return torch.cat(loaded), last
+
+    def _no_slots(self) -> torch.Tensor:
+        return torch.empty((0,), dtype=torch.int64, device=self.device)
+
+    def _read(self, node: TreeNode) -> Optional[Decoded]:
+        """A placeholder's KV decoded on the cache's device; on a missing, damaged or
+        undecodable blob, None, and the placeholder is gone (a miss)."""
+        stored: Stored = node.evp
+        tier = self.tiers.get(stored.tier)
+        try:
+            if tier is None:
+                raise CodecError(f"no {stored.tier.label} tier")
+            codec = get_codec(stored.codec)
+            unpack = codec.unpack_host if codec.has_host_stage else None
+            enc = tier.get(stored.blob, device=self.device, unpack=unpack)
+            if enc is None:
+                raise CodecError("missing or damaged blob")
+            if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):
+                raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
+            k, v, positions = kv_io.decode(codec.device_codec, enc, self.device)
+        except (CodecError, OSError) as e:  # the tiers report I/O faults as misses; a stray one is one too
+            self.stats.miss(stored.tier.label, str(e))
+            self._drop_placeholder(node)
+            return None
+        return Decoded(k, v, enc.nbytes, positions)
+
+    def _load(self, node: TreeNode, protect: set[int]) -> Optional[torch.Tensor]:
+        """Decode one placeholder into new pool slots; None on a miss or when no room is left."""
+        stored: Stored = node.evp
+        t0 = time.perf_counter()
+        read = self._read(node)
+        if read is None:
+            return None
+        k, v, nbytes, positions = read
+        n = k.shape[1]  # slots: fewer than len(node.key) for a token-dropped blob
+        if self.token_to_kv_pool_allocator.available_size() < n:
+            self._evict_with(n, protect=protect)
+        slots = self.token_to_kv_pool_allocator.alloc(n)
+        if slots is None:
+            return None  # no room even after eviction: the request recomputes the rest
+        kv_io.scatter(self.kvpool, slots, k, v)
+        self._tier_delete(stored)
+        node.value = slots.to(torch.int64)
+        node.evp = None
+        node.evp_kept = positions
+        if positions is not None:
+            self.table.set_stored_tokens(node.id, n)
+        if get_codec(stored.codec).lossless:
+            self._verify(node, "by store + load-back")
+        elif self.settings.verify:
+            node.evp_fp = self._fingerprint(node)  # lossy: the reference is what came back
+        self.evictable_size_ += n
+        self._set_config(node, self.table.gpu_config)
+        self._update_leaf_status(node)
+        self._update_leaf_status(node.parent)
+        self.stats.loaded(stored.tier.label, stored.codec, len(node.key), nbytes, time.perf_counter() - t0)
+        return node.value

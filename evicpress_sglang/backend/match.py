@@ -1,0 +1,111 @@
+"""Matching a request's prefix: SGLang's walk over GPU nodes, continued through
+placeholders (their tokens are reported as ``host_hit_length`` for SGLang to load back),
+the request's physical view over token-dropped nodes, and hit counting."""
+
+from __future__ import annotations
+
+import time
+
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+from . import dropped
+from .nodes import is_dropped, is_placeholder
+from .profiling import parse_namespace
+from .tree import TreeBookkeeping
+
+
+class PrefixMatch(TreeBookkeeping):
+    """Mixin of :class:`~.cache.EvicPressRadixCache`: the match side."""
+
+    def _match_request(self, params: MatchPrefixParams) -> MatchResult:
+        req = params.req
+        old = dropped.restore_logical(req) if req is not None else None
+        if old is not None:  # match what the request really says, not its last physical view
+            key = params.key
+            limit = len(key) + old.offset
+            params = MatchPrefixParams(key=RadixKey((req.origin_input_ids + req.output_ids)[:limit], key.extra_key,
+                                                    is_bigram=key.is_bigram), cow_mamba=params.cow_mamba, req=req)
+        profiling = req is not None and parse_namespace(params.key.extra_key) is not None
+        if profiling:
+            self.profiling.ensure(params.key)
+        result = self._match(params)
+        if req is not None:
+            self._adopt_view(req, result.last_device_node)
+        if profiling:
+            self.profiling.matched(params.key, self._logical_len(result.last_device_node) + result.host_hit_length)
+        return result
+
+    def _match(self, params: MatchPrefixParams) -> MatchResult:
+        """SGLang's match over GPU nodes, continued through placeholders (host_hit_length)."""
+        result = super().match_prefix(params)
+        key = params.key
+        if self.disable or len(key) == 0:
+            return result
+        node = result.last_device_node
+        key = key.page_aligned(self.page_size)[self._logical_len(node):]
+        host_hit, best = 0, node
+        while len(key) > 0 and self.health.loads_allowed:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or not is_placeholder(child):
+                break
+            n = child.key.match(key, page_size=self.page_size)
+            host_hit += n
+            best = child
+            if n < len(child.key):
+                break
+            node, key = child, key[n:]
+        self._count_hit(params.req, node, best)
+        if host_hit == 0:
+            return result
+        return result._replace(best_match_node=best, host_hit_length=host_hit)
+
+    def _adopt_view(self, req, last: TreeNode) -> None:
+        """Give ``req``, from its logical tokens, the physical view the path to ``last`` needs, if any."""
+        dropped.restore_logical(req)
+        path = self._path(last)
+        deepest = max((i for i, n in enumerate(path) if is_dropped(n)), default=None)
+        if deepest is None:
+            return
+        upto = path[: deepest + 1]
+        dropped.to_physical(req, sum(len(n.key) for n in upto), sum(len(n.value) for n in upto), upto[-1])
+
+    def _match_prefix_helper(self, node: TreeNode, key: RadixKey):
+        """SGLang's walk over GPU nodes, stopping at the first placeholder (whose KV is not
+        in the pool); :meth:`_match` continues from there."""
+        access_time = time.monotonic()
+        node.last_access_time = access_time
+        value = []
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or is_placeholder(child):
+                break
+            prefix_len = child.key.match(key, page_size=self.page_size)
+            if prefix_len < len(child.key) and not self._splittable(child, prefix_len):
+                break
+            child.last_access_time = access_time
+            if prefix_len < len(child.key):
+                node = self._split_node(child.key, child, prefix_len)
+                value.append(node.value)
+                break
+            value.append(child.value)
+            node, key = child, key[prefix_len:]
+        return value, node
+
+    def _count_hit(self, req, reused: TreeNode, deepest: TreeNode) -> None:
+        """One hit per request for every context on its matched path (the scheduler may
+        match a waiting request many times); what it asks after the deepest context it
+        reuses whole is a held-out query of that context."""
+        if req is None or req.rid in self._counted_rids or parse_namespace(req.extra_key) is not None:
+            return
+        self._counted_rids[req.rid] = None
+        if len(self._counted_rids) > 100_000:
+            self._counted_rids.pop(next(iter(self._counted_rids)))
+        if reused is not self.root_node:
+            self.queries.offer(reused.id, req.origin_input_ids[self._logical_len(reused):])
+        now = time.monotonic()
+        node = deepest
+        while node is not self.root_node:
+            if node.id in self.table:
+                self.table.hit(node.id, now)
+            node = node.parent

@@ -1,0 +1,194 @@
+"""The cache's bookkeeping around SGLang's radix tree: a policy-table row per context,
+splits and deletions that respect placeholders and dropped nodes, and path helpers.
+
+Invariant: a placeholder's children are placeholders (a context is never on a faster
+tier than its prefix), so a match is always a run of GPU nodes followed by a run of
+placeholders.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+
+import torch
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+from ..codecs import subset_codec
+from ..policy import Tier
+from .nodes import Stored, is_dropped, is_placeholder, kept_below, missing_slots
+
+
+class TreeBookkeeping(RadixCache):
+    """Mixin of :class:`~.cache.EvicPressRadixCache`: the tree, its table rows and paths."""
+
+    # -- table rows ----------------------------------------------------------------
+
+    def _register(self, node: TreeNode) -> None:
+        """Make sure every node on the path to ``node`` has a table row (top-down)."""
+        path = []
+        while node is not self.root_node and node.id not in self.table:
+            path.append(node)
+            node = node.parent
+        for n in reversed(path):
+            parent = None if n.parent is self.root_node else n.parent.id
+            r = self.table.insert(n.id, len(n.key), time.monotonic(), parent)
+            self.table.in_use[r] = n.lock_ref > 0
+            self.nodes[n.id] = n
+
+    def _set_config(self, node: TreeNode, config: int) -> None:
+        self.table.assign[self.table.row_of[node.id]] = config
+
+    def _config_index(self, tier: Tier, codec: str) -> int | None:
+        """The configuration a blob of ``codec`` in ``tier`` belongs to (a keep+ blob: the
+        configuration whose codec stores a token subset that way); None if not enabled."""
+        here = [(i, c.codec) for i, c in enumerate(self.table.configs) if c.tier == tier]
+        exact = [i for i, c in here if c == codec]
+        subset = [i for i, c in here if subset_codec(c) == codec]
+        return (exact + subset + [None])[0]
+
+    def _forget(self, node: TreeNode) -> None:
+        if node.id in self.table:
+            self.table.remove(node.id)
+        self.nodes.pop(node.id, None)
+        self.queries.forget(node.id)
+        self.profiling.forget(node.id)
+
+    # -- tree changes ----------------------------------------------------------------
+
+    def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        if is_placeholder(child) or not self._splittable(child, split_len):
+            raise RuntimeError(f"evicpress: node {child.id} cannot be split at {split_len}")
+        value, kept = child.value, getattr(child, "evp_kept", None)
+        new_node = super()._split_node(key, child, split_len)
+        if kept is not None:  # slots follow the kept positions, not the token count
+            cut = kept_below(kept, split_len)
+            new_node.value, child.value = value[:cut].clone(), value[cut:].clone()
+            new_node.evp_kept, child.evp_kept = kept[:cut], kept[cut:] - split_len
+        if getattr(self, "_ready", False) and self.settings.verify and getattr(child, "evp_fp", None) is not None:
+            for part in (new_node, child):  # both halves get their own reference
+                part.evp_fp = None if part.value is None else self._fingerprint(part)
+        if child.id in self.table:
+            self.table.split(child.id, new_node.id, split_len)
+            self.nodes[new_node.id] = new_node
+            if kept is not None:
+                self.table.set_stored_tokens(new_node.id, len(new_node.value))
+                self.table.set_stored_tokens(child.id, len(child.value))
+        return new_node
+
+    def _splittable(self, node: TreeNode, split_len: int) -> bool:
+        """A dropped node splits only where both sides keep at least one slot."""
+        return not is_dropped(node) or 0 < kept_below(node.evp_kept, split_len) < len(node.value)
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        self._drop_placeholders_below(node)
+        missing = missing_slots(node)
+        super()._delete_leaf(node)
+        self.evictable_size_ += missing  # SGLang took len(key); the node held fewer slots
+        node.evp_kept = None
+        self._forget(node)
+
+    def _free_node(self, node: TreeNode) -> int:
+        """Free an unlocked GPU leaf's slots and take it out of the tree; returns the slots freed."""
+        n = len(node.value)
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self._delete_leaf(node)
+        self._record_remove_event(node)
+        return n
+
+    def _drop_placeholders_below(self, node: TreeNode) -> None:
+        for child in list(node.children.values()):
+            if is_placeholder(child):
+                self._drop_placeholder(child)
+
+    def _drop_placeholder(self, node: TreeNode) -> None:
+        """Remove a placeholder, its blob and everything below it from the tree."""
+        self._drop_placeholders_below(node)
+        stored: Stored = node.evp
+        self._tier_delete(stored)
+        node.parent.children.pop(node.key.child_key(self.page_size), None)
+        node.evp = None
+        self._forget(node)
+        self._update_leaf_status(node.parent)
+
+    def _tier_delete(self, stored: Stored) -> None:
+        """Delete a blob; a tier that fails to delete keeps an orphan, which its capacity
+        accounting still counts: never worth failing the caller for."""
+        tier = self.tiers.get(stored.tier)
+        if tier is None:
+            return
+        try:
+            tier.delete(stored.blob)
+        except Exception as e:  # noqa: BLE001 - any tier's failure is the same non-event here
+            self.stats.tier_errors += 1
+            self.health.note_tier_failure(f"{stored.tier.label} delete", e)
+
+    # -- lock counts ----------------------------------------------------------------
+
+    # SGLang moves len(key) tokens between evictable and protected per node; a dropped
+    # node holds fewer slots, so the difference is given back after each walk.
+
+    def _mark_in_use(self, node: TreeNode) -> None:
+        """Mirror the lock counts of the path into the table, so an eviction reads which
+        contexts may move from one column instead of visiting every node."""
+        t = self.table
+        for n in self._path(node) if node is not None else ():
+            r = t.row_of.get(n.id)
+            if r is not None:
+                t.in_use[r] = n.lock_ref > 0
+
+    def _lock_fix(self, node: TreeNode, lock_ref: int) -> int:
+        """Missing slots of dropped nodes on the path whose lock count is ``lock_ref``
+        (those SGLang is about to move between evictable and protected)."""
+        fix = 0
+        while node is not None and node is not self.root_node:
+            if node.lock_ref == lock_ref:
+                fix += missing_slots(node)
+            node = node.parent
+        return fix
+
+    # -- paths ----------------------------------------------------------------------
+
+    def _path(self, node: TreeNode) -> list[TreeNode]:
+        """The nodes from the root's child down to ``node``."""
+        path = []
+        while node is not self.root_node:
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        return path
+
+    def _logical_len(self, node: TreeNode) -> int:
+        """Tokens on the path from the root to ``node`` (slots may be fewer)."""
+        return sum(len(n.key) for n in self._path(node))
+
+    def _path_tokens(self, node: TreeNode) -> array:
+        out = array("q")
+        for n in self._path(node):
+            out.extend(n.key.token_ids)
+        return out
+
+    def _find_exact(self, key: RadixKey) -> TreeNode | None:
+        """The node whose path is exactly ``key`` (root for an empty key)."""
+        node = self.root_node
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None or len(child.key) > len(key) or child.key.match(key, self.page_size) != len(child.key):
+                return None
+            node, key = child, key[len(child.key):]
+        return node
+
+    def _gpu_tokens(self) -> int:
+        return self.evictable_size_ + self.protected_size_
+
+    # -- SGLang helpers that walk values -----------------------------------------------
+
+    def all_values_flatten(self) -> torch.Tensor:
+        values = []
+        stack = [self.root_node]
+        while stack:
+            for child in stack.pop().children.values():
+                if not child.evicted:
+                    values.append(child.value)
+                    stack.append(child)
+        return torch.cat(values) if values else torch.empty(0, dtype=torch.int64, device=self.device)

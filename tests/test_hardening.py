@@ -1,0 +1,151 @@
+"""The cache never takes the server down: the load-back crash of issue 18, JSON-safe
+status, and every SGLang entry point answering safely when our code fails inside it."""
+
+import json
+import logging
+
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.backend.nodes import is_placeholder
+from evicpress_sglang.policy import Tier
+from evicpress_sglang.settings import Settings
+from harness import expected_kv, free_slots_accounted, make_params, serve
+
+TOKEN_BYTES = 2 * 4 * 2 * 64 * 2
+
+
+def _cache(tmp_path, pool=256, **kw):
+    s = Settings(**({"host_bytes": 400 * TOKEN_BYTES, "host_codecs": ["bf16", "int8", "int4", "int2"],
+                     "disk_codecs": ["bf16"]} | kw))
+    return EvicPressRadixCache(make_params(pool), s)
+
+
+def _chain(cache, base: int, parts: int = 3, length: int = 40) -> list[int]:
+    """Serve a prefix growing in ``parts`` steps, so the tree holds a chain of ``parts`` nodes."""
+    tokens: list[int] = []
+    for i in range(parts):
+        tokens = tokens + list(range(base + 100 * i, base + 100 * i + length))
+        serve(cache, tokens)
+    return tokens
+
+
+def _placeholder_chain(cache, tokens) -> list:
+    node, out, rest = cache.root_node, [], list(tokens)
+    while rest:
+        child = node.children.get(rest[0])
+        if child is None:
+            break
+        out.append(child)
+        rest = rest[len(child.key):]
+        node = child
+    return out
+
+
+def test_loading_a_chain_whose_eviction_would_drop_its_own_tail(tmp_path):
+    """Issue 18's crash: stored as int2 (below evicpress' quality floor), a three-node chain is
+    loaded back with the pool full; making room for its first node re-plans under evicpress,
+    which drops what it finds below the floor, the chain's own later nodes included. The
+    chain must load whole (or be a miss), never reach a placeholder without a blob."""
+    cache = _cache(tmp_path, pool=200, policy="static:int2")
+    chain = _chain(cache, 10_000)
+    assert len(_placeholder_chain(cache, chain)) == 3
+    cache.evict(EvictParams(num_tokens=10_000))  # everything to host as int2
+    assert all(is_placeholder(n) for n in _placeholder_chain(cache, chain))
+    cache.set_policy("evicpress")
+    for i in range(3):  # fill the pool with other contexts the policy may evict
+        serve(cache, list(range(50_000 + 1000 * i, 50_000 + 1000 * i + 60)))
+    assert cache.token_to_kv_pool_allocator.available_size() < 120
+    r = serve(cache, chain + [7])
+    assert cache.health.internal_errors == 0, cache.health.last_error
+    assert r.loaded in (0, 120)  # all of the chain or (if evicpress dropped it before the match) none
+    k, _ = expected_kv(chain + [7])
+    assert ((r.k.float() - k.float()).norm() / k.float().norm()).item() < 0.35  # int2's bound
+    assert cache.audit() == [] and free_slots_accounted(cache)
+
+
+def test_status_is_valid_json_with_minus_infinite_utilities(tmp_path):
+    """Under evicpress, a context stored below the floor has utility -inf; the status
+    (what /evicpress/status and POST /evicpress/policy return) must still be JSON."""
+    cache = _cache(tmp_path, policy="static:int2")
+    _chain(cache, 10_000, parts=1)
+    cache.evict(EvictParams(num_tokens=10_000))
+    cache.set_policy("evicpress")
+    status = cache.status()
+    json.dumps(status, allow_nan=False)  # raises on inf/nan
+    assert any(p["utility"] is None for p in status["placements"])
+
+
+@pytest.mark.parametrize("where", ["_load", "_read", "_evict_by_policy", "_insert_helper", "_register",
+                                   "_count_hit", "_after_store"])
+def test_an_internal_error_anywhere_is_answered_safely(tmp_path, monkeypatch, caplog, where):
+    """Our code raising inside any step: no exception reaches the caller (the scheduler),
+    each request still gets exactly its KV, the error is counted, logged once with its
+    traceback, and the pool and tree stay consistent (or the cache degrades to stock)."""
+    cache = _cache(tmp_path, pool=160, policy="lru-offload")
+    docs = [list(range(1000 * i, 1000 * i + 50)) for i in range(6)]
+    calls = {"n": 0}
+    original = getattr(type(cache), where)
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError(f"injected failure in {where}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(cache), where, failing)
+    caplog.set_level(logging.ERROR, logger="evicpress_sglang.backend.guard")
+    for round_ in range(3):
+        for i, doc in enumerate(docs):
+            tokens = doc + [round_, i]
+            r = serve(cache, tokens)
+            k, v = expected_kv(tokens)
+            assert torch.equal(r.k, k) and torch.equal(r.v, v)  # lossless: never wrong KV
+            assert free_slots_accounted(cache)
+    assert calls["n"] >= 3 and cache.health.internal_errors > 0
+    logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+    entries = {e for e in cache.health.errors_by_entry}
+    assert len(logged) == len(entries)  # once per entry point (one kind of error each), not per occurrence
+    assert "Traceback" in logged[0].getMessage() and "injected failure" in logged[0].getMessage()
+    problems = cache.audit()
+    assert problems == [] or cache.health.degraded is not None
+    status = cache.status()
+    assert status["health"]["internal_errors"] == cache.health.internal_errors
+    json.dumps(status, allow_nan=False)
+
+
+def test_inconsistent_state_degrades_to_stock_and_an_operator_can_recover(tmp_path):
+    cache = _cache(tmp_path, pool=160, policy="lru-offload")
+    serve(cache, list(range(100)))
+    cache.evictable_size_ += 5  # what a bug would leave behind
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    original = EvicPressRadixCache._evict_with
+    EvicPressRadixCache._evict_with = broken
+    try:
+        result = cache.evict(EvictParams(num_tokens=10))
+    finally:
+        EvicPressRadixCache._evict_with = original
+    assert result.num_tokens_evicted >= 10  # stock eviction answered
+    assert cache.health.degraded and "size counters" in cache.health.degraded
+    assert cache.settings.policy == "off" and cache.policy is None
+    assert cache.audit() == []  # the counters were repaired from the tree
+    assert cache.status()["health"]["degraded"]
+    cache.set_policy("evicpress")  # the state checks out: trusted again
+    assert cache.health.degraded is None and cache.policy is not None
+
+
+def test_degraded_cache_loads_nothing_back(tmp_path):
+    cache = _cache(tmp_path, pool=160, policy="lru-offload")
+    doc = list(range(100))
+    serve(cache, doc)
+    cache.evict(EvictParams(num_tokens=10_000))
+    cache._degrade("test")
+    r = serve(cache, doc + [1])
+    assert r.loaded == 0 and r.reused == 0
+    k, v = expected_kv(doc + [1])
+    assert torch.equal(r.k, k)
