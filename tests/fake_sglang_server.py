@@ -4,9 +4,12 @@ Speaks the parts of SGLang's HTTP API the bench uses: ``/health``, streamed
 ``/generate`` (SSE ``data:`` lines, cumulative text, ``meta_info``) and, with
 ``--evicpress``, ``/evicpress/status``. A prompt seen before is a "cache hit": its
 first token comes sooner and ``cached_tokens`` says so. Answers are a function of the
-prompt, so a bench's quality maths has something real to score.
+prompt, so a bench's quality maths has something real to score. A prompt may be
+``text`` or ``input_ids`` (as SGLang's); with ``--record FILE`` every request body is
+appended to FILE as one JSON line when it arrives, so a test can check what was sent and
+in which order.
 
-Usage: python tests/fake_sglang_server.py PORT [--evicpress] [--answer-salt S]
+Usage: python tests/fake_sglang_server.py PORT [--evicpress] [--answer-salt S] [--record FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ SEEN: set[str] = set()
 LOCK = threading.Lock()
 EVICPRESS = "--evicpress" in sys.argv
 SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
+RECORD = sys.argv[sys.argv.index("--record") + 1] if "--record" in sys.argv else None
 
 
 def answer(prompt: str, n: int) -> list[str]:
@@ -55,10 +59,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        prompt, n = body["text"], body["sampling_params"]["max_new_tokens"]
+        if ("text" in body) == ("input_ids" in body):
+            self._json(400, {"error": "exactly one of text and input_ids"})
+            return
+        prompt = body.get("text") or " ".join(map(str, body["input_ids"]))
+        n = body["sampling_params"]["max_new_tokens"]
         with LOCK:
             hit = prompt in SEEN
             SEEN.add(prompt)
+            if RECORD:
+                with open(RECORD, "a") as f:
+                    f.write(json.dumps(body) + "\n")
         tokens = len(prompt.split())
         time.sleep(0.002 if hit else 0.02)  # prefill
         self.send_response(200)

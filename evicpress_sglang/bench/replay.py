@@ -3,7 +3,8 @@
 Requests are sent at their arrival times whatever the server's pace (open loop: a slow
 policy builds a queue, as it would in production). Each is streamed so the time to the
 first token (TTFT) is seen by the client, as a user would see it. Greedy decoding with
-a fixed output length keeps the decode work identical across policies.
+a fixed output length (the bench's, or a trace request's own) keeps the decode work
+identical across policies.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ from .workload import BenchRequest
 
 
 def send(url: str, req: BenchRequest, max_new_tokens: int, timeout: float = 600) -> dict:
-    """One streamed request; TTFT is the first streamed chunk, which carries the first token."""
-    body = {"text": req.prompt, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+    """One streamed request; TTFT is the first streamed chunk, which carries the first token.
+
+    ``max_new_tokens`` is the default for requests that do not carry their own. Token ids
+    go to SGLang as ``input_ids`` (its ``/generate`` takes text or ids, not both), so a
+    trace recorded as ids is served exactly those tokens.
+    """
+    prompt = {"text": req.prompt} if req.input_ids is None else {"input_ids": req.input_ids}
+    n = max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+    body = prompt | {"stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}}
     t0 = time.perf_counter()
     ttft, last = None, None
     try:
@@ -51,7 +58,8 @@ def send(url: str, req: BenchRequest, max_new_tokens: int, timeout: float = 600)
 
 def replay(url: str, reqs: list[BenchRequest], max_new_tokens: int, progress: bool = True,
            time_scale: float = 1.0, workers: int = 64) -> list[dict]:
-    """Every request at ``t * time_scale`` after the start; results in request order."""
+    """Every request at ``t * time_scale`` after the start; results in request order.
+    ``max_new_tokens`` is for requests without their own (see :func:`send`)."""
     from tqdm import tqdm
 
     results: dict[int, dict] = {}

@@ -17,6 +17,9 @@ With ``--rates 1,2,4`` the whole bench runs at each arrival rate (``<out>/rate-R
 ``sweep.md`` gives requests/s at equal TTFT: per policy, the highest rate at which its TTFT
 stays within a target (default: stock's TTFT at the lowest rate), interpolated between rates.
 
+With ``--workload trace:FILE`` the requests are the user's own, from a JSONL file (format
+in :mod:`evicpress_sglang.bench.trace`); the file is checked whole before any server starts.
+
 Each policy's results are saved as soon as it finishes (``<out>/<policy>.json``), and a
 re-run with ``--resume`` skips those: long benches can be split across GPU sessions.
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import requests
 
-from . import report
+from . import report, trace
 from .replay import replay
 from .server import Server, ServerError
 from .workload import WORKLOADS, BenchRequest, build
@@ -139,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2",
                    help="HF model dir, 'smollm2' (bundled, real weights) or 'dummy-8b' (8B-class config, random weights)")
-    p.add_argument("--workload", default="docqa", choices=WORKLOADS)
+    p.add_argument("--workload", default="docqa", type=_workload,
+                   help=f"{', '.join(WORKLOADS)} (seeded) or trace:FILE (your own requests, JSONL; "
+                   "see evicpress_sglang/bench/trace.py); default: %(default)s")
     p.add_argument("--policies", default="reference,stock,hicache,static:int4,evicpress",
                    help="comma-separated (see module doc); default: %(default)s")
     p.add_argument("--out", default="bench/results/latest")
@@ -174,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workload(text: str) -> str:
+    """The name checked here; a trace's file is read and checked once, in :func:`_main`."""
+    if text in WORKLOADS or (trace.is_trace(text) and text[len(trace.PREFIX):]):
+        return text
+    raise argparse.ArgumentTypeError(f"expected {', '.join(WORKLOADS)} or trace:FILE, got {text!r}")
+
+
 def _rates(text: str) -> list[float]:
     rates = sorted({float(r) for r in text.split(",") if r.strip()})
     if not rates or rates[0] <= 0:
@@ -192,6 +204,8 @@ def resolve_model(name: str) -> tuple[Path, bool]:
 
 
 def workload_of(args: argparse.Namespace) -> list[BenchRequest]:
+    if trace.is_trace(args.workload):  # a trace sizes itself: --requests, --rate, --docs... do not apply
+        return build(args.workload)
     if args.workload == "docqa":
         return build("docqa", seed=args.seed, n_requests=args.requests, docs=args.docs, rate=args.rate,
                      min_chars=args.min_chars, max_chars=args.max_chars)
@@ -244,28 +258,41 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError("expected a JSON object")
     except (ValueError, json.JSONDecodeError) as e:
         parser.error(f"--policies/--settings: {e}")
+    reqs = None
+    if trace.is_trace(args.workload):
+        if args.rates:
+            parser.error("--rates: a trace replays its own arrival times; run it without --rates")
+        if not args.report_only:  # a bad line stops the bench here, before any server or output
+            try:
+                reqs = workload_of(args)
+            except trace.TraceError as e:
+                parser.error(f"--workload {args.workload}:\n{e}")
     argv = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python bench/run.py", *map(shlex.quote, argv)])
     if not args.rates:
-        return _run(args, specs, Path(args.out), command)
+        return _run(args, specs, Path(args.out), command, reqs)
     return _sweep(args, specs, Path(args.out), command)
 
 
-def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str) -> int:
-    """Every policy on the workload at ``args.rate``, into ``out``; then the report."""
+def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str,
+         reqs: list[BenchRequest] | None = None) -> int:
+    """Every policy on the workload at ``args.rate``, into ``out``; then the report.
+    ``reqs``: the workload if already built (a trace, read and checked once); else built here."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "workload.json"
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
-        reqs = workload_of(args)
+        reqs = reqs if reqs is not None else workload_of(args)
         meta = {"command": command, "workload": args.workload, "model": str(model),
                 "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
                 "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
                 "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
-                "rate": args.rate, "contexts": len({r.context for r in reqs}),
-                "context_tokens_est": sum(len(r.prompt) for r in {r.context: r for r in reqs}.values()) // 4,
+                "rate": _trace_rate(reqs) if trace.is_trace(args.workload) else args.rate,
+                "contexts": len({r.context for r in reqs}),
+                "context_tokens_est": sum(r.tokens_est() for r in {r.context: r for r in reqs}.values()),
                 "python": platform.python_version(), "sglang": _version("sglang"), "gpu": _gpu()}
-        runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth} for r in reqs]
+        runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth, "max_new_tokens": r.max_new_tokens}
+                for r in reqs]
         if not (args.resume and saved.exists()):
             saved.write_text(json.dumps(meta | {"requests_run": runs}))
         for spec in specs:
@@ -307,6 +334,13 @@ def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) 
     (out / "sweep.md").write_text(md + "\n")
     print(md)
     return 0
+
+
+def _trace_rate(reqs: list[BenchRequest]) -> float | None:
+    """A trace's mean arrival rate (requests/s over its span), recorded where a seeded
+    workload records the --rate it was built for; None for a trace without a span."""
+    span = reqs[-1].t - reqs[0].t
+    return (len(reqs) - 1) / span if span > 0 else None
 
 
 def _version(dist: str) -> str | None:

@@ -11,6 +11,8 @@ documentation (:mod:`evicpress_sglang.sample_text`), sliced into documents.
 * ``chat``: sessions that start from a document and grow turn by turn; a turn's prompt is
   the whole history so far plus a new question. The assistant turns in the history are
   canned text (not the served model's answers) so the prompts do not depend on the policy.
+* ``trace:FILE``: the user's own requests from a JSONL file (format and checks in
+  :mod:`evicpress_sglang.bench.trace`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,18 @@ class BenchRequest:
     id: int
     t: float  # arrival, seconds after the replay starts
     context: str  # the document or chat session/turn the prompt builds on
-    prompt: str
+    prompt: str  # sent as text; "" where input_ids are sent instead
     truth: str | None = None  # what a correct answer contains (planted-fact questions)
+    input_ids: list[int] | None = None  # token ids sent instead of text (traces that hold ids)
+    max_new_tokens: int | None = None  # this request's output length (traces); None: the bench's
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def tokens_est(self) -> int:
+        """Prompt length in tokens: exact for ids, ~4 characters a token for text (sizes the
+        run's contexts in its metadata before any server has tokenized them)."""
+        return len(self.input_ids) if self.input_ids is not None else len(self.prompt) // 4
 
 
 def _corpus() -> str:
@@ -125,9 +134,14 @@ def chat(n_requests: int = 120, sessions: int = 12, rate: float = 2.0, start_cha
 
 
 def build(name: str, seed: int = 0, **kwargs) -> list[BenchRequest]:
-    """The named workload; ``kwargs`` size it (see :func:`docqa` and :func:`chat`)."""
+    """The named workload; ``kwargs`` size it (see :func:`docqa` and :func:`chat`). A
+    ``trace:FILE`` is read from FILE, which fixes its size: ``seed`` and ``kwargs`` are unused."""
+    from . import trace  # it builds BenchRequests: imported here, not at the top
+
+    if trace.is_trace(name):
+        return trace.load(name[len(trace.PREFIX):])
     if name == "docqa":
         return docqa(seed=seed, **kwargs)
     if name == "chat":
         return chat(seed=seed, **kwargs)
-    raise ValueError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}")
+    raise ValueError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}, trace:FILE")
