@@ -28,22 +28,27 @@ DEVICE = "cpu"  # bench/cuda_exactness.py runs the same scenario with pools on "
 _rids = itertools.count()
 
 
-def make_params(pool_tokens: int, page_size: int = 1) -> CacheInitParams:
+def make_params(pool_tokens: int, page_size: int = 1, requests: int = 8) -> CacheInitParams:
     pool = MHATokenToKVPool(size=pool_tokens, page_size=page_size, dtype=torch.bfloat16, head_num=HEADS,
                             head_dim=DIM, layer_num=LAYERS, device=DEVICE, enable_memory_saver=False)
     if page_size == 1:
         alloc = TokenToKVPoolAllocator(pool_tokens, torch.bfloat16, DEVICE, pool, need_sort=False)
     else:
         alloc = PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.bfloat16, DEVICE, pool, need_sort=False)
-    rtp = ReqToTokenPool(size=8, max_context_len=4096, device=DEVICE, enable_memory_saver=False)
+    rtp = ReqToTokenPool(size=requests, max_context_len=4096, device=DEVICE, enable_memory_saver=False)
     return CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=alloc,
                            page_size=page_size)
 
 
 def expected_kv(tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The KV a model would compute: [layers, n, heads, dim], smooth like real KV."""
-    t = torch.tensor(tokens, dtype=torch.float32)[None, :, None, None]
-    pos = torch.arange(len(tokens), dtype=torch.float32)[None, :, None, None]
+    return kv_at(tokens, range(len(tokens)))
+
+
+def kv_at(tokens, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV of token ``tokens[i]`` at position ``positions[i]``, as :func:`expected_kv` has it."""
+    t = torch.as_tensor(list(tokens), dtype=torch.float32)[None, :, None, None]
+    pos = torch.as_tensor(list(positions), dtype=torch.float32)[None, :, None, None]
     layer = torch.arange(LAYERS, dtype=torch.float32)[:, None, None, None]
     head = torch.arange(HEADS, dtype=torch.float32)[None, None, :, None]
     d = torch.arange(DIM, dtype=torch.float32)[None, None, None, :]

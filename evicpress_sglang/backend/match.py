@@ -19,6 +19,7 @@ class PrefixMatch(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`: the match side."""
 
     def _match_request(self, params: MatchPrefixParams) -> MatchResult:
+        self._forget_lost_blobs()
         req = params.req
         old = dropped.restore_logical(req) if req is not None else None
         if old is not None:  # match what the request really says, not its last physical view

@@ -37,6 +37,7 @@ class StoreOnEvict(TreeBookkeeping):
         if self.disable or num_tokens <= 0:
             return EvictResult()
         start = time.perf_counter()
+        self._forget_lost_blobs()
         freed = self.profiling.evict_idle(num_tokens)  # the profiler's copies go first
         if self.policy is not None and len(self.table) and freed < num_tokens:
             freed += self._evict_by_policy(num_tokens - freed, protect)

@@ -111,6 +111,17 @@ class TreeBookkeeping(RadixCache):
         self._forget(node)
         self._update_leaf_status(node.parent)
 
+    def _forget_lost_blobs(self) -> None:
+        """Placeholders whose blob a tier lost in the background (a failed disk write) are
+        misses from now on: remove them, so every placeholder left holds a blob."""
+        lost = {(tier, key) for tier, store in self.tiers.items() for key in store.take_lost()}
+        if not lost:
+            return
+        for node in [n for n in self.nodes.values() if is_placeholder(n) and (n.evp.tier, n.evp.blob) in lost]:
+            if is_placeholder(node):  # not yet removed with a lost ancestor
+                self.stats.miss(node.evp.tier.label, "its background write failed")
+                self._drop_placeholder(node)
+
     def _tier_delete(self, stored: Stored) -> None:
         """Delete a blob; a tier that fails to delete keeps an orphan, which its capacity
         accounting still counts: never worth failing the caller for."""

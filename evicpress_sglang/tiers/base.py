@@ -78,6 +78,11 @@ class StorageTier(ABC):
     @abstractmethod
     def usage(self) -> TierUsage: ...
 
+    def take_lost(self) -> list[str]:
+        """Keys whose background write failed since the last call: their entries are gone,
+        so whoever holds those keys should forget them. None for a tier that writes in ``put``."""
+        return []
+
     def clear(self) -> None:
         for key in self.keys():
             self.delete(key)

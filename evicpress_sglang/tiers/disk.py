@@ -138,6 +138,8 @@ class DiskTier(StorageTier):
         self.max_pending_bytes = max_pending_bytes
         self.failed_writes = 0
         self.last_error: str | None = None
+        self._lost: list[str] = []  # keys whose write failed, until take_lost() hands them over
+        self._logged_failures: set[str] = set()
         self._rebuild_index()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._queue: queue.Queue[_Write] = queue.Queue()
@@ -252,13 +254,16 @@ class DiskTier(StorageTier):
                 self._settle(job)
         except Exception as e:  # the writer must survive anything one entry does
             why = getattr(e, "strerror", None) or str(e)
-            log.warning("disk tier: writing %r under %s failed (%s); the entry is lost (a miss)", job.key,
-                        self.root, why)
+            if why not in self._logged_failures:  # an outage (a full disk) would otherwise log every write
+                self._logged_failures.add(why)
+                log.warning("disk tier: writing %r under %s failed (%s); the entry is lost (a miss); further "
+                            "failures of this kind are only counted (failed_writes)", job.key, self.root, why)
             with self._changed:
                 self.failed_writes += 1
                 self.last_error = f"writing {job.key!r}: {why}"
                 if self._pending.get(job.key) is job:
                     self._settle(job)
+                    self._lost.append(job.key)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -270,6 +275,11 @@ class DiskTier(StorageTier):
         """Forget a queued write and its reservation (lock held)."""
         del self._pending[job.key]
         self._reserved -= job.reserved
+
+    def take_lost(self) -> list[str]:
+        with self._changed:
+            lost, self._lost = self._lost, []
+        return lost
 
     def meta(self, key: str) -> dict | None:
         """What the caller stored with ``key`` (from the index: no file read)."""
