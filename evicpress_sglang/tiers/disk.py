@@ -1,10 +1,7 @@
 """Disk tier: one file per blob in a directory, bounded by a byte capacity.
 
-File layout (little endian)::
-
-    b"EVICKV01" | u32 header_len | header (JSON: key, codec, shape, dtype, nbytes) | payload | u64 xxh64
-
-The checksum covers header and payload. A file that is truncated, fails its checksum
+Each file is one blob in the format of :mod:`.blob` (a JSON header naming its key, the
+payload, an xxh64 checksum over both). A file that is truncated, fails its checksum
 or cannot be parsed is a *miss*: it is deleted and never returned. Writes go to a
 temporary file that is renamed into place, so a crash leaves either the old state or
 the new one, never half a blob. The index is rebuilt from the files' headers on
@@ -18,35 +15,26 @@ it, so the scheduler never waits for the GPU or the disk to store a context.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
-import struct
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import xxhash
 
-from ..codecs import CodecError, EncodedKV, KVShape
+from ..codecs import CodecError, EncodedKV
 from . import transfer
 from .base import Pack, StorageTier, TierError, TierFullError, TierUsage, Unpack
+from .blob import CorruptEntry, blob_size, decode, encode_header, frame, read_header
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"EVICKV01"
-_LEN = struct.Struct("<I")
-_SUM = struct.Struct("<Q")
 SUFFIX = ".kv"
 HEADER_SLACK = 64  # a packed blob's header may state a longer byte count than the estimate
 TMP_PREFIX = ".tmp-"
-
-
-class CorruptEntry(ValueError):
-    """A blob file that must not be used."""
 
 
 @dataclass
@@ -66,53 +54,6 @@ class _Write:
     pack: Pack | None
     reserved: int  # bytes of capacity held for the file
     ready: torch.cuda.Event | None  # recorded on the producer's stream: the payload is final after it
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptEntry(f"unknown dtype {name!r}")
-    return dtype
-
-
-def _encode_header(key: str, enc: EncodedKV, meta: dict | None) -> bytes:
-    s = enc.shape
-    return json.dumps(
-        {
-            "key": key,
-            "codec": enc.codec,
-            "shape": [s.layers, s.tokens, s.heads, s.head_dim],
-            "dtype": _dtype_name(s.dtype),
-            "nbytes": enc.nbytes,
-            "meta": meta,
-        }
-    ).encode()
-
-
-def _read_header(f) -> tuple[dict, bytes]:
-    if f.read(len(MAGIC)) != MAGIC:
-        raise CorruptEntry("bad magic")
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) != _LEN.size:
-        raise CorruptEntry("truncated header length")
-    (hlen,) = _LEN.unpack(raw_len)
-    raw = f.read(hlen)
-    if len(raw) != hlen:
-        raise CorruptEntry("truncated header")
-    try:
-        header = json.loads(raw)
-        _ = (header["key"], header["codec"], header["shape"], header["dtype"], int(header["nbytes"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptEntry(f"unreadable header: {e}") from e
-    return header, raw
-
-
-def _expected_size(header_len: int, nbytes: int) -> int:
-    return len(MAGIC) + _LEN.size + header_len + nbytes + _SUM.size
 
 
 class DiskTier(StorageTier):
@@ -158,8 +99,8 @@ class DiskTier(StorageTier):
             try:
                 size = p.stat().st_size
                 with open(p, "rb") as f:
-                    header, raw = _read_header(f)
-                if size != _expected_size(len(raw), int(header["nbytes"])) or p != self._path_for(header["key"]):
+                    header, raw = read_header(f)
+                if size != blob_size(len(raw), int(header["nbytes"])) or p != self._path_for(header["key"]):
                     raise CorruptEntry("size or name does not match header")
             except (OSError, CorruptEntry) as e:
                 log.warning("disk tier: dropping unreadable entry %s (%s)", p.name, e)
@@ -180,7 +121,7 @@ class DiskTier(StorageTier):
         Blocks only while more than ``max_pending_bytes`` are waiting to be written.
         """
         bound = enc.nbytes if pack is None else enc.nbytes + enc.nbytes // 128 + 4096  # zstd's worst case
-        reserve = _expected_size(len(_encode_header(key, enc, meta)) + HEADER_SLACK, bound)
+        reserve = blob_size(len(encode_header(key, enc, meta)) + HEADER_SLACK, bound)
         ready = None
         if enc.payload.is_cuda:  # the bytes are final once the work queued so far has run
             ready = torch.cuda.Event()
@@ -228,17 +169,14 @@ class DiskTier(StorageTier):
                     enc = enc.to("cpu")  # waits for this stream only
             if job.pack is not None:
                 enc = job.pack(enc)
-            header = _encode_header(job.key, enc, job.meta)
-            size = _expected_size(len(header), enc.nbytes)
+            prefix, payload, checksum = frame(job.key, enc, job.meta)
+            size = len(prefix) + enc.nbytes + len(checksum)
             if size > job.reserved:
                 raise TierFullError(f"packed to {size} bytes, more than the {job.reserved} reserved")
-            payload = enc.payload.numpy()
-            digest = xxhash.xxh64(header)
-            digest.update(payload)
             with open(tmp, "wb") as f:
-                f.write(MAGIC + _LEN.pack(len(header)) + header)
+                f.write(prefix)
                 f.write(payload)
-                f.write(_SUM.pack(digest.intdigest()))
+                f.write(checksum)
             with self._changed:
                 if self._pending.get(job.key) is not job:
                     return  # deleted while being written
@@ -300,21 +238,10 @@ class DiskTier(StorageTier):
 
     def _read(self, path: Path, key: str) -> EncodedKV:
         with open(path, "rb") as f:
-            header, raw = _read_header(f)
-            nbytes = int(header["nbytes"])
-            payload = f.read(nbytes)
-            tail = f.read(_SUM.size + 1)
-        if header["key"] != key:
-            raise CorruptEntry(f"file holds key {header['key']!r}")
-        if len(payload) != nbytes or len(tail) != _SUM.size:
-            raise CorruptEntry("truncated or oversized file")
-        digest = xxhash.xxh64(raw)
-        digest.update(payload)
-        if digest.intdigest() != _SUM.unpack(tail)[0]:
-            raise CorruptEntry("checksum mismatch")
-        L, n, H, D = (int(x) for x in header["shape"])
-        shape = KVShape(L, n, H, D, _dtype_from(header["dtype"]))
-        return EncodedKV(header["codec"], shape, torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(buf) != len(buf):
+                raise CorruptEntry("file shrank while being read")
+        return decode(buf, key)[0]
 
     def _forget(self, key: str, entry: _Entry, unlink: bool) -> None:
         with self._changed:
