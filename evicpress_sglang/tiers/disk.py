@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import threading
 import uuid
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ..codecs import CodecError, EncodedKV
 from . import transfer
 from .base import Pack, StorageTier, TierError, TierFullError, TierUsage, Unpack
 from .blob import CorruptEntry, blob_size, decode, encode_header, frame, read_header
+from .writer import BackgroundWriter, Write
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,6 @@ class _Entry:
     path: Path
     size: int  # file size, what counts against capacity
     meta: dict | None = None  # the caller's own description of the blob, kept in the header
-
-
-@dataclass
-class _Write:
-    """A put waiting for the writer thread."""
-
-    key: str
-    enc: EncodedKV  # as handed to put; its payload may still be on the GPU
-    meta: dict | None
-    pack: Pack | None
-    reserved: int  # bytes of capacity held for the file
-    ready: torch.cuda.Event | None  # recorded on the producer's stream: the payload is final after it
 
 
 class DiskTier(StorageTier):
@@ -72,17 +60,15 @@ class DiskTier(StorageTier):
             raise TierError(f"disk tier: cannot create {self.root}: {e.strerror}") from e
         self._changed = threading.Condition()  # guards everything below; notified as writes finish
         self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, _Write] = {}
+        self._pending: dict[str, Write] = {}
         self._used = 0
         self._reserved = 0
-        self._queued_bytes = 0
-        self.max_pending_bytes = max_pending_bytes
         self.failed_writes = 0
         self.last_error: str | None = None
         self._rebuild_index()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._queue: queue.Queue[_Write] = queue.Queue()
-        threading.Thread(target=self._writer, name=f"evicpress-disk-writer:{self.root}", daemon=True).start()
+        self._writes = BackgroundWriter(self._changed, self._write, max_pending_bytes,
+                                        f"evicpress-disk-writer:{self.root}")
 
     # -- index ---------------------------------------------------------------
 
@@ -122,10 +108,7 @@ class DiskTier(StorageTier):
         """
         bound = enc.nbytes if pack is None else enc.nbytes + enc.nbytes // 128 + 4096  # zstd's worst case
         reserve = blob_size(len(encode_header(key, enc, meta)) + HEADER_SLACK, bound)
-        ready = None
-        if enc.payload.is_cuda:  # the bytes are final once the work queued so far has run
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(enc.payload.device))
+        ready = transfer.ready_event(enc.payload)
         with self._changed:
             old = self._entries.get(key)
             freed = old.size if old else 0
@@ -134,39 +117,23 @@ class DiskTier(StorageTier):
                     f"disk tier: {reserve} bytes do not fit ({self._used + self._reserved}/{self.capacity} "
                     f"used at {self.root})"
                 )
-            while self._queued_bytes and self._queued_bytes + enc.nbytes > self.max_pending_bytes:
-                self._changed.wait()
-            job = _Write(key, enc, meta, pack, reserve, ready)
+            self._writes.wait_for_room(enc.nbytes)
+            job = Write(key, enc, meta, pack, ready, reserve)
             self._pending[key] = job
             self._reserved += reserve
-            self._queued_bytes += enc.nbytes
-        self._queue.put(job)
+            self._writes.submit(job, enc.nbytes)
 
     def flush(self) -> None:
         """Wait until every queued write has finished (or failed)."""
-        self._queue.join()
+        self._writes.flush()
 
-    def _writer(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                self._write(job)
-            finally:
-                with self._changed:
-                    self._queued_bytes -= job.enc.nbytes
-                    self._changed.notify_all()
-                self._queue.task_done()
-
-    def _write(self, job: "_Write") -> None:
+    def _write(self, job: Write) -> None:
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             if not self._is_pending(job):
                 return  # deleted before its turn
-            enc = job.enc
-            if enc.payload.is_cuda:
-                with torch.cuda.stream(self._stream):
-                    self._stream.wait_event(job.ready)
-                    enc = enc.to("cpu")  # waits for this stream only
+            host = transfer.to_host_after(job.enc.payload, job.ready, self._stream)
+            enc = EncodedKV(job.enc.codec, job.enc.shape, host)
             if job.pack is not None:
                 enc = job.pack(enc)
             prefix, payload, checksum = frame(job.key, enc, job.meta)
@@ -200,11 +167,11 @@ class DiskTier(StorageTier):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _is_pending(self, job: "_Write") -> bool:
+    def _is_pending(self, job: Write) -> bool:
         with self._changed:
             return self._pending.get(job.key) is job
 
-    def _settle(self, job: "_Write") -> None:
+    def _settle(self, job: Write) -> None:
         """Forget a queued write and its reservation (lock held)."""
         del self._pending[job.key]
         self._reserved -= job.reserved
