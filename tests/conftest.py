@@ -1,5 +1,5 @@
 """Shared fixtures: the real SmolLM2 model (converted once, cached) and real KV from it;
-a disk whose writes wait until a test lets them through."""
+a disk whose writes wait until a test lets them through; a real Mooncake Store."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from evicpress_sglang.kv_sample import real_kv
 from evicpress_sglang.model import prepare_model
+from mooncake_fixture import mooncake_store  # noqa: F401  (a real Mooncake Store for tests/test_remote_tier.py)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,7 @@
 """Disk tier: one file per blob in a directory, bounded by a byte capacity.
 
-File layout (little endian)::
-
-    b"EVICKV01" | u32 header_len | header (JSON: key, codec, shape, dtype, nbytes) | payload | u64 xxh64
-
-The checksum covers header and payload. A file that is truncated, fails its checksum
+Each file is one blob in the format of :mod:`.blob` (a JSON header naming its key, the
+payload, an xxh64 checksum over both). A file that is truncated, fails its checksum
 or cannot be parsed is a *miss*: it is deleted and never returned. Writes go to a
 temporary file that is renamed into place, so a crash leaves either the old state or
 the new one, never half a blob. The index is rebuilt from the files' headers on
@@ -18,35 +15,26 @@ it, so the scheduler never waits for the GPU or the disk to store a context.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import queue
-import struct
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import xxhash
 
-from ..codecs import CodecError, EncodedKV, KVShape
+from ..codecs import CodecError, EncodedKV
 from . import transfer
 from .base import Pack, StorageTier, TierError, TierFullError, TierUsage, Unpack
+from .blob import CorruptEntry, blob_size, decode, encode_header, frame, read_header
+from .writer import BackgroundWriter, Write
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"EVICKV01"
-_LEN = struct.Struct("<I")
-_SUM = struct.Struct("<Q")
 SUFFIX = ".kv"
 HEADER_SLACK = 64  # a packed blob's header may state a longer byte count than the estimate
 TMP_PREFIX = ".tmp-"
-
-
-class CorruptEntry(ValueError):
-    """A blob file that must not be used."""
 
 
 @dataclass
@@ -54,65 +42,6 @@ class _Entry:
     path: Path
     size: int  # file size, what counts against capacity
     meta: dict | None = None  # the caller's own description of the blob, kept in the header
-
-
-@dataclass
-class _Write:
-    """A put waiting for the writer thread."""
-
-    key: str
-    enc: EncodedKV  # as handed to put; its payload may still be on the GPU
-    meta: dict | None
-    pack: Pack | None
-    reserved: int  # bytes of capacity held for the file
-    ready: torch.cuda.Event | None  # recorded on the producer's stream: the payload is final after it
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptEntry(f"unknown dtype {name!r}")
-    return dtype
-
-
-def _encode_header(key: str, enc: EncodedKV, meta: dict | None) -> bytes:
-    s = enc.shape
-    return json.dumps(
-        {
-            "key": key,
-            "codec": enc.codec,
-            "shape": [s.layers, s.tokens, s.heads, s.head_dim],
-            "dtype": _dtype_name(s.dtype),
-            "nbytes": enc.nbytes,
-            "meta": meta,
-        }
-    ).encode()
-
-
-def _read_header(f) -> tuple[dict, bytes]:
-    if f.read(len(MAGIC)) != MAGIC:
-        raise CorruptEntry("bad magic")
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) != _LEN.size:
-        raise CorruptEntry("truncated header length")
-    (hlen,) = _LEN.unpack(raw_len)
-    raw = f.read(hlen)
-    if len(raw) != hlen:
-        raise CorruptEntry("truncated header")
-    try:
-        header = json.loads(raw)
-        _ = (header["key"], header["codec"], header["shape"], header["dtype"], int(header["nbytes"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptEntry(f"unreadable header: {e}") from e
-    return header, raw
-
-
-def _expected_size(header_len: int, nbytes: int) -> int:
-    return len(MAGIC) + _LEN.size + header_len + nbytes + _SUM.size
 
 
 class DiskTier(StorageTier):
@@ -131,19 +60,17 @@ class DiskTier(StorageTier):
             raise TierError(f"disk tier: cannot create {self.root}: {e.strerror}") from e
         self._changed = threading.Condition()  # guards everything below; notified as writes finish
         self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, _Write] = {}
+        self._pending: dict[str, Write] = {}
         self._used = 0
         self._reserved = 0
-        self._queued_bytes = 0
-        self.max_pending_bytes = max_pending_bytes
         self.failed_writes = 0
         self.last_error: str | None = None
         self._lost: list[str] = []  # keys whose write failed, until take_lost() hands them over
         self._logged_failures: set[str] = set()
         self._rebuild_index()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._queue: queue.Queue[_Write] = queue.Queue()
-        threading.Thread(target=self._writer, name=f"evicpress-disk-writer:{self.root}", daemon=True).start()
+        self._writes = BackgroundWriter(self._changed, self._write, max_pending_bytes,
+                                        f"evicpress-disk-writer:{self.root}")
 
     # -- index ---------------------------------------------------------------
 
@@ -160,8 +87,8 @@ class DiskTier(StorageTier):
             try:
                 size = p.stat().st_size
                 with open(p, "rb") as f:
-                    header, raw = _read_header(f)
-                if size != _expected_size(len(raw), int(header["nbytes"])) or p != self._path_for(header["key"]):
+                    header, raw = read_header(f)
+                if size != blob_size(len(raw), int(header["nbytes"])) or p != self._path_for(header["key"]):
                     raise CorruptEntry("size or name does not match header")
             except (OSError, CorruptEntry) as e:
                 log.warning("disk tier: dropping unreadable entry %s (%s)", p.name, e)
@@ -182,11 +109,8 @@ class DiskTier(StorageTier):
         Blocks only while more than ``max_pending_bytes`` are waiting to be written.
         """
         bound = enc.nbytes if pack is None else enc.nbytes + enc.nbytes // 128 + 4096  # zstd's worst case
-        reserve = _expected_size(len(_encode_header(key, enc, meta)) + HEADER_SLACK, bound)
-        ready = None
-        if enc.payload.is_cuda:  # the bytes are final once the work queued so far has run
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(enc.payload.device))
+        reserve = blob_size(len(encode_header(key, enc, meta)) + HEADER_SLACK, bound)
+        ready = transfer.ready_event(enc.payload)
         with self._changed:
             old = self._entries.get(key)
             freed = old.size if old else 0
@@ -195,52 +119,33 @@ class DiskTier(StorageTier):
                     f"disk tier: {reserve} bytes do not fit ({self._used + self._reserved}/{self.capacity} "
                     f"used at {self.root})"
                 )
-            while self._queued_bytes and self._queued_bytes + enc.nbytes > self.max_pending_bytes:
-                self._changed.wait()
-            job = _Write(key, enc, meta, pack, reserve, ready)
+            self._writes.wait_for_room(enc.nbytes)
+            job = Write(key, enc, meta, pack, ready, reserve)
             self._pending[key] = job
             self._reserved += reserve
-            self._queued_bytes += enc.nbytes
-        self._queue.put(job)
+            self._writes.submit(job, enc.nbytes)
 
     def flush(self) -> None:
         """Wait until every queued write has finished (or failed)."""
-        self._queue.join()
+        self._writes.flush()
 
-    def _writer(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                self._write(job)
-            finally:
-                with self._changed:
-                    self._queued_bytes -= job.enc.nbytes
-                    self._changed.notify_all()
-                self._queue.task_done()
-
-    def _write(self, job: "_Write") -> None:
+    def _write(self, job: Write) -> None:
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             if not self._is_pending(job):
                 return  # deleted before its turn
-            enc = job.enc
-            if enc.payload.is_cuda:
-                with torch.cuda.stream(self._stream):
-                    self._stream.wait_event(job.ready)
-                    enc = enc.to("cpu")  # waits for this stream only
+            host = transfer.to_host_after(job.enc.payload, job.ready, self._stream)
+            enc = EncodedKV(job.enc.codec, job.enc.shape, host)
             if job.pack is not None:
                 enc = job.pack(enc)
-            header = _encode_header(job.key, enc, job.meta)
-            size = _expected_size(len(header), enc.nbytes)
+            prefix, payload, checksum = frame(job.key, enc, job.meta)
+            size = len(prefix) + enc.nbytes + len(checksum)
             if size > job.reserved:
                 raise TierFullError(f"packed to {size} bytes, more than the {job.reserved} reserved")
-            payload = enc.payload.numpy()
-            digest = xxhash.xxh64(header)
-            digest.update(payload)
             with open(tmp, "wb") as f:
-                f.write(MAGIC + _LEN.pack(len(header)) + header)
+                f.write(prefix)
                 f.write(payload)
-                f.write(_SUM.pack(digest.intdigest()))
+                f.write(checksum)
             with self._changed:
                 if self._pending.get(job.key) is not job:
                     return  # deleted while being written
@@ -267,11 +172,11 @@ class DiskTier(StorageTier):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _is_pending(self, job: "_Write") -> bool:
+    def _is_pending(self, job: Write) -> bool:
         with self._changed:
             return self._pending.get(job.key) is job
 
-    def _settle(self, job: "_Write") -> None:
+    def _settle(self, job: Write) -> None:
         """Forget a queued write and its reservation (lock held)."""
         del self._pending[job.key]
         self._reserved -= job.reserved
@@ -310,21 +215,10 @@ class DiskTier(StorageTier):
 
     def _read(self, path: Path, key: str) -> EncodedKV:
         with open(path, "rb") as f:
-            header, raw = _read_header(f)
-            nbytes = int(header["nbytes"])
-            payload = f.read(nbytes)
-            tail = f.read(_SUM.size + 1)
-        if header["key"] != key:
-            raise CorruptEntry(f"file holds key {header['key']!r}")
-        if len(payload) != nbytes or len(tail) != _SUM.size:
-            raise CorruptEntry("truncated or oversized file")
-        digest = xxhash.xxh64(raw)
-        digest.update(payload)
-        if digest.intdigest() != _SUM.unpack(tail)[0]:
-            raise CorruptEntry("checksum mismatch")
-        L, n, H, D = (int(x) for x in header["shape"])
-        shape = KVShape(L, n, H, D, _dtype_from(header["dtype"]))
-        return EncodedKV(header["codec"], shape, torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(buf) != len(buf):
+                raise CorruptEntry("file shrank while being read")
+        return decode(buf, key)[0]
 
     def _forget(self, key: str, entry: _Entry, unlink: bool) -> None:
         with self._changed:

@@ -143,6 +143,26 @@ def upload(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return out
 
 
+def ready_event(src: torch.Tensor) -> torch.cuda.Event | None:
+    """For a writer thread that copies ``src`` off the GPU later: an event after which its
+    bytes are final (the work queued so far on the current stream); None on the CPU."""
+    if not src.is_cuda:
+        return None
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(src.device))
+    return ready
+
+
+def to_host_after(src: torch.Tensor, ready: torch.cuda.Event | None, stream: torch.cuda.Stream | None) -> torch.Tensor:
+    """``src`` on the CPU, copied once ``ready`` (from :func:`ready_event`) has fired, on the
+    writer's own ``stream``: the writer waits for the bytes, never for later compute."""
+    if not src.is_cuda:
+        return src
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        return src.to("cpu")  # waits for this stream only
+
+
 def to_device(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A copy of ``src`` on ``device`` by the cheapest of the paths above."""
     device = torch.device(device)
