@@ -83,7 +83,7 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
     drop = codec if isinstance(codec, DropCodec) else None
     if positions is not None and drop is None:
         raise ValueError(f"{codec.name} does not store positions; a token subset needs a keep+<quantizer> codec")
-    idx = slots.to(pool.k_buffer[0].device, torch.int64)
+    idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
     quantizer = drop.inner if drop else codec
     if _direct(quantizer, pool):
         shape = pool_layout(pool).with_tokens(idx.numel())
@@ -115,7 +115,7 @@ def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) 
     if out != layout.with_tokens(out.tokens):
         raise CodecError(f"blob holds KV of shape {out.tensor_shape}/{out.dtype}, the pool "
                          f"{(layout.layers, '*', layout.heads, layout.head_dim)}/{layout.dtype}")
-    idx = slots.to(pool.k_buffer[0].device, torch.int64)
+    idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
     if idx.numel() != out.tokens:
         raise ValueError(f"{idx.numel()} slots for {out.tokens} decoded tokens")
     drop = codec if isinstance(codec, DropCodec) else None

@@ -3,9 +3,12 @@
 The torch codecs gather a context into a ``[layers, tokens, heads, head_dim]`` tensor and
 quantize it op by op; on the way back they decode into a fresh tensor that is then scattered
 into the pool. That is several passes over bf16-sized memory, and it made decoding slower than
-the PCIe copy it follows (issue 20). Here one kernel per quantizer family reads the KV rows
-at a context's slots and writes the payload, and one writes the decoded values straight
-into the pool's rows: each byte is read once and written once.
+the PCIe copy it follows (issue 20). Here one kernel per quantizer family (absmax: fp8 and
+int8; KIVI: one for keys, one for values), compiled once per direction, reads the KV rows at a
+context's slots and writes the payload, or writes the decoded values straight into the pool's
+rows: each byte is read once and written once. On an H200 (8B-class geometry, 8k tokens and
+more) that is 2.0-2.6 TB/s of bf16 KV decoded and 0.6-1.8 TB/s encoded, against 0.1-0.2 for
+the torch codecs (bench/results/2026-12-01-codec-kernels/).
 
 **Layout.** The payload is the torch codec's, byte for byte (same segments, offsets and
 zero padding, :meth:`SegmentCodec.offsets`), so blobs written by either decode with either,
@@ -15,11 +18,12 @@ and token-dropped blobs (:class:`DropCodec`) keep their positions segment in fro
 division (``div_rn``; Triton's ``/`` is approximate), round half to even, and
 round-to-nearest-even conversions; every product they form (a code times a bf16 or fp16
 scale) is exact in float32, so fusing it into an FMA changes nothing. The output is therefore
-bit-identical to the torch codecs for finite KV, with one exception that cannot change the KV:
-when a KIVI group's minimum is zero and the group holds both +0 and -0, the two
-implementations may store zeros of different sign as that group's min (the decoded values
-are the same, since ``code * scale + (-0) == code * scale + 0``). KV holding NaN or inf is
-outside the contract (torch propagates NaN from max; Triton's max need not).
+bit-identical to the torch codecs for finite KV, with one exception that changes no value:
+when a KIVI group's min or max is a zero and the group holds both +0 and -0, either may pick
+either zero (reduction order), so the stored min or scale, and a decoded zero, may differ in
+sign only. The tests and the H200 bench found none (their KV has no signed zeros to tie).
+KV holding NaN or inf is outside the contract (torch propagates NaN from max; Triton's max
+need not).
 
 **Pool access.** SGLang keeps one buffer per layer for K and one for V. A launch covers
 every layer: the kernels get the first K buffer and the element offset of every buffer from
@@ -46,12 +50,14 @@ except ImportError:  # no Triton (e.g. CPU-only wheels on other platforms): the 
 #: True when Triton runs kernels on CPU tensors through its interpreter (tests).
 INTERPRET = bool(triton is not None and triton.knobs.runtime.interpret)
 
-#: Rows (token, head) per program of the absmax kernels and (token, channel group) of the KIVI
-#: V kernels; K channels per program of the KIVI K kernels (its tokens are one group).
+#: Tiles, measured on an H200 (bench/codec_speed.py --sweep; 8B-class geometry): rows (token,
+#: head) per program of the absmax kernels; per direction, columns (head x channel) per program
+#: of the KIVI K kernels (their tokens are one group) and rows (token, channel group) of the V
+#: kernels. Encoding wants small V tiles (32 rows: 595 GB/s, 128: 442), decoding larger ones.
 ABSMAX_ROWS = 32
-KIVI_V_ROWS = 128
-KIVI_K_COLS = 256
-NUM_WARPS = 4
+ABSMAX_WARPS = 4
+KIVI_TILES = {"encode": (128, 32), "decode": (256, 128)}
+KIVI_WARPS = 4
 
 
 def supports(codec: SegmentCodec | object, k_buffer: list[torch.Tensor]) -> bool:
@@ -129,26 +135,21 @@ def _launch(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Ten
             slots: torch.Tensor, payload: torch.Tensor, at: dict[str, int]) -> None:
     L, n, H, D = shape.tensor_shape
     if isinstance(codec, AbsmaxCodec):
-        fp8 = isinstance(codec, FP8Codec)
-        grid = (triton.cdiv(n * H, ABSMAX_ROWS), 2 * L)
-        kernel = _absmax_encode if encoding else _absmax_decode
-        kernel[grid](pool, offsets, slots, payload, at["k_codes"], at["v_codes"] - at["k_codes"], at["k_scale"],
-                     at["v_scale"] - at["k_scale"], n * H, LAYERS=L, HD=H * D, D=D, FP8=fp8, CODE_MAX=codec.code_max,
-                     BLOCK=ABSMAX_ROWS, num_warps=NUM_WARPS)
+        _absmax[(triton.cdiv(n * H, ABSMAX_ROWS), 2 * L)](
+            pool, offsets, slots, payload, at["k_codes"], at["v_codes"] - at["k_codes"], at["k_scale"],
+            at["v_scale"] - at["k_scale"], n * H, LAYERS=L, HD=H * D, D=D, FP8=isinstance(codec, FP8Codec),
+            CODE_MAX=codec.code_max, BLOCK=ABSMAX_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS)
         return
     assert isinstance(codec, KiviCodec)
-    full = n // GROUP * GROUP
-    cols = min(KIVI_K_COLS, H * D & -(H * D))  # a power of two that divides H * D
-    kernel = _kivi_k_encode if encoding else _kivi_k_decode
-    kernel[(triton.cdiv(n, GROUP), H * D // cols, L)](
-        pool, offsets, slots, payload, at["k_codes"], at["k_min"], at["k_scale"], at["k_resid"], n, full,
-        HD=H * D, BITS=codec.bits, COLS=cols, num_warps=NUM_WARPS)
+    k_cols, v_rows = KIVI_TILES["encode" if encoding else "decode"]
+    cols = min(k_cols, H * D & -(H * D))  # a power of two that divides H * D
+    _kivi_k[(triton.cdiv(n, GROUP), H * D // cols, L)](
+        pool, offsets, slots, payload, at["k_codes"], at["k_min"], at["k_scale"], at["k_resid"], n, n // GROUP * GROUP,
+        HD=H * D, BITS=codec.bits, COLS=cols, ENCODE=encoding, num_warps=KIVI_WARPS)
     rows = n * H * D // GROUP
-    kernel = _kivi_v_encode if encoding else _kivi_v_decode
-    kernel[(triton.cdiv(rows, KIVI_V_ROWS), L)](
+    _kivi_v[(triton.cdiv(rows, v_rows), L)](
         pool, offsets, slots, payload, at["v_codes"], at["v_min"], at["v_scale"], rows, LAYERS=L, HD=H * D,
-        BITS=codec.bits, BLOCK=KIVI_V_ROWS, num_warps=NUM_WARPS)
-
+        BITS=codec.bits, BLOCK=v_rows, ENCODE=encoding, num_warps=KIVI_WARPS)
 
 if triton is not None:
     _GROUP = tl.constexpr(GROUP)
@@ -177,45 +178,36 @@ if triton is not None:
         return pool + tl.load(offsets + buf) + slot[:, None] * HD + c[None, :], mask[:, None]
 
     @triton.jit
-    def _absmax_encode(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows,
-                       LAYERS: tl.constexpr, HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
-                       CODE_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        """AbsmaxCodec: one scale per (layer, token, head) = row; program (row block, K/V layer)."""
+    def _absmax(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows, LAYERS: tl.constexpr,
+                HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, CODE_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                ENCODE: tl.constexpr):
+        """AbsmaxCodec, program (row block, K/V layer); a row is (layer, token, head), with one bf16
+        scale, rounded before the codes are made. Decoding: code * scale, rounded once to the pool dtype."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         buf = tl.program_id(1).to(tl.int64)
         kv, layer = buf // LAYERS, buf % LAYERS
-        src, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
-        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), CODE_MAX).to(tl.bfloat16)
-        safe = tl.where(scale == 0, 1.0, scale.to(tl.float32))
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, safe[:, None]), -CODE_MAX), CODE_MAX)
+        tile, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
         row = layer * rows + r
         at = payload + codes_at + kv * kv_codes + row[:, None] * D + tl.arange(0, D)[None, :]
         if FP8:
-            tl.store(at.to(tl.pointer_type(tl.float8e4nv), bitcast=True), y.to(tl.float8e4nv), mask=mask)
+            codes = at.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
         else:
-            tl.store(at.to(tl.pointer_type(tl.int8), bitcast=True), _rne(y).to(tl.int8), mask=mask)
-        scales = (payload + scales_at + kv * kv_scales).to(tl.pointer_type(tl.bfloat16), bitcast=True)
-        tl.store(scales + row, scale, mask=r < rows)
-
-    @triton.jit
-    def _absmax_decode(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows,
-                       LAYERS: tl.constexpr, HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
-                       CODE_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        """Inverse of :func:`_absmax_encode`: code * scale, rounded once to the pool dtype."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        buf = tl.program_id(1).to(tl.int64)
-        kv, layer = buf // LAYERS, buf % LAYERS
-        dst, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
-        row = layer * rows + r
-        at = payload + codes_at + kv * kv_codes + row[:, None] * D + tl.arange(0, D)[None, :]
-        if FP8:
-            codes = tl.load(at.to(tl.pointer_type(tl.float8e4nv), bitcast=True), mask=mask)
+            codes = at.to(tl.pointer_type(tl.int8), bitcast=True)
+        scales = (payload + scales_at + kv * kv_scales).to(tl.pointer_type(tl.bfloat16), bitcast=True) + row
+        if ENCODE:
+            x = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), CODE_MAX).to(tl.bfloat16)
+            safe = tl.where(scale == 0, 1.0, scale.to(tl.float32))
+            y = tl.minimum(tl.maximum(tl.math.div_rn(x, safe[:, None]), -CODE_MAX), CODE_MAX)
+            if FP8:
+                tl.store(codes, y.to(tl.float8e4nv), mask=mask)
+            else:
+                tl.store(codes, _rne(y).to(tl.int8), mask=mask)
+            tl.store(scales, scale, mask=r < rows)
         else:
-            codes = tl.load(at.to(tl.pointer_type(tl.int8), bitcast=True), mask=mask)
-        scales = (payload + scales_at + kv * kv_scales).to(tl.pointer_type(tl.bfloat16), bitcast=True)
-        scale = tl.load(scales + row, mask=r < rows).to(tl.float32)
-        tl.store(dst, (codes.to(tl.float32) * scale[:, None]).to(pool.dtype.element_ty), mask=mask)
+            scale = tl.load(scales, mask=r < rows).to(tl.float32)
+            x = tl.load(codes, mask=mask).to(tl.float32) * scale[:, None]
+            tl.store(tile, x.to(pool.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _quantize(x, AXIS: tl.constexpr, LEVELS: tl.constexpr):
@@ -229,90 +221,96 @@ if triton is not None:
         return codes, mn, scale
 
     @triton.jit
-    def _pack(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
-        """[ROWS, COLS] codes -> [ROWS, COLS * BITS // 8] bytes, ``8 // BITS`` codes a byte, low bits first."""
-        shifts = (tl.arange(0, COLS) % (8 // BITS)) * BITS
-        shifted = codes.to(tl.int32) << shifts[None, :]
-        return tl.sum(tl.reshape(shifted, [ROWS, COLS * BITS // 8, 8 // BITS]), axis=2).to(tl.uint8)
+    def _pack(codes, BITS: tl.constexpr):
+        """[R, C] codes -> [R, C * BITS // 8] bytes, ``8 // BITS`` codes a byte, low bits first.
+        Neighbouring codes are split off the minor axis (registers only, no shuffles)."""
+        q = codes.to(tl.int32)
+        if BITS == 4:
+            lo, hi = tl.split(tl.reshape(q, [q.shape[0], q.shape[1] // 2, 2]))
+            packed = lo | (hi << 4)
+        else:  # 2 bits: [j, a, b] is code 4j + 2a + b
+            even, odd = tl.split(tl.reshape(q, [q.shape[0], q.shape[1] // 4, 2, 2]))
+            c0, c2 = tl.split(even)
+            c1, c3 = tl.split(odd)
+            packed = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+        return packed.to(tl.uint8)
 
     @triton.jit
-    def _unpack(at, c, mask, BITS: tl.constexpr):
-        """Codes of the columns ``c`` of a packed tile whose byte 0 of each row is ``at``."""
-        packed = tl.load(at + c // (8 // BITS), mask=mask, other=0).to(tl.int32)
-        return ((packed >> ((c % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    def _unpack(packed, BITS: tl.constexpr):
+        """Inverse of :func:`_pack`: [R, N] bytes -> [R, N * 8 // BITS] codes as float32. The bytes
+        are loaded as one contiguous tile and the codes joined back in on the minor axis."""
+        p = packed.to(tl.int32)
+        mask: tl.constexpr = (1 << BITS) - 1
+        if BITS == 4:
+            codes = tl.join(p & mask, p >> 4)
+        else:  # join(join(c0, c2), join(c1, c3)) lays out c0, c1, c2, c3
+            codes = tl.join(tl.join(p & mask, (p >> 4) & mask), tl.join((p >> 2) & mask, p >> 6))
+        return tl.reshape(codes, [p.shape[0], p.shape[1] * (8 // BITS)]).to(tl.float32)
+
+    @triton.jit
+    def _k_codes(payload, codes_at, layer, full, t, HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
+        """The packed K codes of tokens ``t`` and this program's COLS columns: [tokens, bytes]."""
+        b = tl.program_id(1).to(tl.int64) * (COLS * BITS // 8) + tl.arange(0, COLS * BITS // 8)
+        return payload + codes_at + (layer * full + t)[:, None] * (HD * BITS // 8) + b[None, :]
+
+    @triton.jit
+    def _v_codes(payload, codes_at, row, BITS: tl.constexpr):
+        """The packed V codes of ``row`` s (a row: one token's run of GROUP channels): [rows, bytes]."""
+        return payload + codes_at + row[:, None] * (_GROUP * BITS // 8) + tl.arange(0, _GROUP * BITS // 8)[None, :]
 
     @triton.jit
     def _fp16(payload, at):
         return (payload + at).to(tl.pointer_type(tl.float16), bitcast=True)
 
     @triton.jit
-    def _kivi_k_encode(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full,
-                       HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
-        """KIVI keys: program (token group, column block, layer); per column, one min and scale for
-        the group's GROUP tokens. The group past the last full one is the residual, copied as is."""
+    def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, HD: tl.constexpr,
+                BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
+        """KIVI keys, program (token group, column block, layer): per column, one min and scale for
+        the group's GROUP tokens. The group past the last full one is the residual, copied as is.
+        Decoding: code * scale + min, rounded once to the pool dtype."""
         g = tl.program_id(0).to(tl.int64)
         layer = tl.program_id(2).to(tl.int64)
         t = g * _GROUP + tl.arange(0, _GROUP)
         c = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-        src, mask = _group_tile(pool, offsets, slots, layer, t, tokens, c, HD)
-        x = tl.load(src, mask=mask, other=0.0)
+        tile, mask = _group_tile(pool, offsets, slots, layer, t, tokens, c, HD)
         if g * _GROUP < full:
-            codes, mn, scale = _quantize(x.to(tl.float32), 0, (1 << BITS) - 1)
-            b = tl.program_id(1).to(tl.int64) * (COLS * BITS // 8) + tl.arange(0, COLS * BITS // 8)
-            at = payload + codes_at + (layer * full + t)[:, None] * (HD * BITS // 8) + b[None, :]
-            tl.store(at, _pack(codes, _GROUP, COLS, BITS))
-            group = (layer * (full // _GROUP) + g) * HD + c
-            tl.store(_fp16(payload, min_at) + group, mn)
-            tl.store(_fp16(payload, scale_at) + group, scale)
+            codes = _k_codes(payload, codes_at, layer, full, t, HD, BITS, COLS)
+            mins = _fp16(payload, min_at) + (layer * (full // _GROUP) + g) * HD + c
+            scales = _fp16(payload, scale_at) + (layer * (full // _GROUP) + g) * HD + c
+            if ENCODE:
+                q, mn, scale = _quantize(tl.load(tile).to(tl.float32), 0, (1 << BITS) - 1)
+                tl.store(codes, _pack(q, BITS))
+                tl.store(mins, mn)
+                tl.store(scales, scale)
+            else:
+                q = _unpack(tl.load(codes), BITS)
+                x = q * tl.load(scales).to(tl.float32)[None, :] + tl.load(mins).to(tl.float32)[None, :]
+                tl.store(tile, x.to(pool.dtype.element_ty))
         else:
             resid = (payload + resid_at).to(pool.dtype, bitcast=True)
-            tl.store(resid + (layer * (tokens - full) + t - full)[:, None] * HD + c[None, :], x, mask=mask)
+            resid += (layer * (tokens - full) + t - full)[:, None] * HD + c[None, :]
+            if ENCODE:
+                tl.store(resid, tl.load(tile, mask=mask), mask=mask)
+            else:
+                tl.store(tile, tl.load(resid, mask=mask), mask=mask)
 
     @triton.jit
-    def _kivi_k_decode(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full,
-                       HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
-        """Inverse of :func:`_kivi_k_encode`: code * scale + min, rounded once to the pool dtype."""
-        g = tl.program_id(0).to(tl.int64)
-        layer = tl.program_id(2).to(tl.int64)
-        t = g * _GROUP + tl.arange(0, _GROUP)
-        c = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-        dst, mask = _group_tile(pool, offsets, slots, layer, t, tokens, c, HD)
-        if g * _GROUP < full:
-            at = payload + codes_at + (layer * full + t)[:, None] * (HD * BITS // 8)
-            codes = _unpack(at, c[None, :], mask, BITS)
-            group = (layer * (full // _GROUP) + g) * HD + c
-            scale = tl.load(_fp16(payload, scale_at) + group).to(tl.float32)
-            mn = tl.load(_fp16(payload, min_at) + group).to(tl.float32)
-            tl.store(dst, (codes * scale[None, :] + mn[None, :]).to(pool.dtype.element_ty))
+    def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, LAYERS: tl.constexpr,
+                HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
+        """KIVI values, program (row block, layer): one min and scale per row = (token, run of GROUP
+        channels). Decoding as for keys."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        layer = tl.program_id(1).to(tl.int64)
+        tile, mask = _row_tile(pool, offsets, slots, LAYERS + layer, r, rows, HD, _GROUP)
+        row = layer * rows + r
+        codes = _v_codes(payload, codes_at, row, BITS)
+        if ENCODE:
+            q, mn, scale = _quantize(tl.load(tile, mask=mask, other=0.0).to(tl.float32), 1, (1 << BITS) - 1)
+            tl.store(codes, _pack(q, BITS), mask=mask)
+            tl.store(_fp16(payload, min_at) + row, mn, mask=r < rows)
+            tl.store(_fp16(payload, scale_at) + row, scale, mask=r < rows)
         else:
-            resid = (payload + resid_at).to(pool.dtype, bitcast=True)
-            x = tl.load(resid + (layer * (tokens - full) + t - full)[:, None] * HD + c[None, :], mask=mask)
-            tl.store(dst, x, mask=mask)
-
-    @triton.jit
-    def _kivi_v_encode(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows,
-                       LAYERS: tl.constexpr, HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        """KIVI values: one min and scale per row = (token, run of GROUP channels); program (row block, layer)."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        layer = tl.program_id(1).to(tl.int64)
-        src, mask = _row_tile(pool, offsets, slots, LAYERS + layer, r, rows, HD, _GROUP)
-        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        codes, mn, scale = _quantize(x, 1, (1 << BITS) - 1)
-        row = layer * rows + r
-        at = payload + codes_at + row[:, None] * (_GROUP * BITS // 8) + tl.arange(0, _GROUP * BITS // 8)[None, :]
-        tl.store(at, _pack(codes, BLOCK, _GROUP, BITS), mask=mask)
-        tl.store(_fp16(payload, min_at) + row, mn, mask=r < rows)
-        tl.store(_fp16(payload, scale_at) + row, scale, mask=r < rows)
-
-    @triton.jit
-    def _kivi_v_decode(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows,
-                       LAYERS: tl.constexpr, HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        """Inverse of :func:`_kivi_v_encode`."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        layer = tl.program_id(1).to(tl.int64)
-        dst, mask = _row_tile(pool, offsets, slots, LAYERS + layer, r, rows, HD, _GROUP)
-        row = layer * rows + r
-        codes = _unpack(payload + codes_at + row[:, None] * (_GROUP * BITS // 8), tl.arange(0, _GROUP)[None, :], mask, BITS)
-        scale = tl.load(_fp16(payload, scale_at) + row[:, None], mask=mask).to(tl.float32)
-        mn = tl.load(_fp16(payload, min_at) + row[:, None], mask=mask).to(tl.float32)
-        tl.store(dst, (codes * scale + mn).to(pool.dtype.element_ty), mask=mask)
+            q = _unpack(tl.load(codes, mask=mask, other=0), BITS)
+            scale = tl.load(_fp16(payload, scale_at) + row[:, None], mask=mask).to(tl.float32)
+            mn = tl.load(_fp16(payload, min_at) + row[:, None], mask=mask).to(tl.float32)
+            tl.store(tile, (q * scale + mn).to(pool.dtype.element_ty), mask=mask)
