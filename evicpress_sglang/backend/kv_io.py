@@ -4,13 +4,26 @@ SGLang's ``MHATokenToKVPool`` keeps one ``[slots, kv_heads, head_dim]`` buffer p
 for K and for V; a radix node owns a list of slot indices. Codecs want
 ``[layers, tokens, kv_heads, head_dim]``. One gather per layer (a single GPU kernel each)
 builds that; one ``index_copy_`` per layer writes decoded KV back into fresh slots.
+
+:func:`encode_from_pool` and :func:`decode_into_pool` skip the ``[layers, tokens, ...]``
+tensor where they can: the fp8, int8, int4 and int2 quantizers (alone or under token dropping)
+run as fused Triton kernels between the pool and the payload (:mod:`..codecs.kernels`), and
+``bf16`` is copied between the pool and its payload segments directly. Anything else, or a
+kernel that fails, takes the gather / codec / scatter path above, which gives the same bytes.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from ..codecs import EncodedKV, KVCodec, KVShape, drops_tokens
+from ..codecs import CodecError, EncodedKV, KVCodec, KVShape, drops_tokens, kernels
+from ..codecs.base import SegmentCodec, check_blob
+from ..codecs.drop import DropCodec
+from ..codecs.identity import IdentityCodec
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedPool(ValueError):
@@ -36,9 +49,11 @@ def pool_layout(pool) -> KVShape:
 def gather(pool, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of ``slots`` as [layers, tokens, heads, head_dim] (copies)."""
     idx = slots.to(pool.k_buffer[0].device, torch.int64)
-    k = torch.stack([buf.index_select(0, idx) for buf in pool.k_buffer])
-    v = torch.stack([buf.index_select(0, idx) for buf in pool.v_buffer])
-    return k, v
+    return _stack(pool.k_buffer, idx), _stack(pool.v_buffer, idx)
+
+
+def _stack(buffers: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    return torch.stack([buf.index_select(0, idx) for buf in buffers])
 
 
 def scatter(pool, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -57,3 +72,98 @@ def decode(codec: KVCodec, enc: EncodedKV, device) -> tuple[torch.Tensor, torch.
     v = torch.empty_like(k)
     codec.decode(enc, k, v)
     return k, v, codec.positions(enc) if drops_tokens(codec) else None
+
+
+def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch.Tensor | None = None) -> EncodedKV:
+    """The blob ``codec``'s device part makes of the KV at ``slots``: what
+    ``codec.device_codec.encode(*gather(pool, slots))`` returns, byte for byte, with fewer
+    passes over memory (module docstring). ``positions``: where a token subset's tokens sit in
+    their context, for a ``keep+...`` codec (as ``cache._put`` passes them)."""
+    codec = codec.device_codec
+    drop = codec if isinstance(codec, DropCodec) else None
+    if positions is not None and drop is None:
+        raise ValueError(f"{codec.name} does not store positions; a token subset needs a keep+<quantizer> codec")
+    idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
+    quantizer = drop.inner if drop else codec
+    if _direct(quantizer, pool):
+        shape = pool_layout(pool).with_tokens(idx.numel())
+        payload = torch.empty(codec.nbytes(shape), dtype=torch.uint8, device=idx.device)
+        inner, kept = payload, idx
+        if drop is not None:
+            picked, kept_pos = drop.keep(idx.numel(), idx.device, lambda: _stack(pool.k_buffer, idx), positions)
+            head = drop.header(kept_pos)
+            payload[: head.numel()] = head
+            inner, kept = payload[head.numel():], idx[picked]
+        try:
+            _encode_into(pool, kept, quantizer, inner)
+            return EncodedKV(codec.name, shape, payload)
+        except Exception as e:  # noqa: BLE001 - any kernel failure: the torch path below is always right
+            _give_up(quantizer, e)
+    k, v = gather(pool, idx)
+    return codec.encode(k, v, positions=positions) if drop else codec.encode(k, v)
+
+
+def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) -> torch.Tensor | None:
+    """Write the KV of ``enc`` (a blob of ``codec``'s device part, on any device) into ``slots``
+    of every layer; returns the kept tokens' positions for a token-dropping codec, else None.
+    ``slots`` holds one slot per decoded token: ``codec.output_shape(enc.shape).tokens``, fewer
+    than the context's tokens for a token-dropped blob. A blob that does not fit is a
+    :class:`CodecError` raised before anything is written."""
+    codec = codec.device_codec
+    check_blob(codec, enc)
+    layout, out = pool_layout(pool), codec.output_shape(enc.shape)
+    if out != layout.with_tokens(out.tokens):
+        raise CodecError(f"blob holds KV of shape {out.tensor_shape}/{out.dtype}, the pool "
+                         f"{(layout.layers, '*', layout.heads, layout.head_dim)}/{layout.dtype}")
+    idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
+    if idx.numel() != out.tokens:
+        raise ValueError(f"{idx.numel()} slots for {out.tokens} decoded tokens")
+    drop = codec if isinstance(codec, DropCodec) else None
+    quantizer = drop.inner if drop else codec
+    enc = enc.to(idx.device)
+    if _direct(quantizer, pool):
+        try:
+            _decode_from(pool, idx, quantizer, drop.inner_payload(enc).payload if drop else enc.payload)
+            return drop.positions(enc) if drop else None
+        except Exception as e:  # noqa: BLE001 - as in encode_from_pool; the slots are all rewritten below
+            _give_up(quantizer, e)
+    k, v, positions = decode(codec, enc, idx.device)
+    scatter(pool, idx, k, v)
+    return positions
+
+
+#: Quantizers whose kernel failed once (e.g. fp8 on a GPU without it): torch from then on.
+_failed: set[str] = set()
+
+
+def _direct(quantizer: KVCodec, pool) -> bool:
+    """True when ``quantizer`` goes between pool and payload without the intermediate tensor."""
+    if quantizer.name in _failed:
+        return False
+    return isinstance(quantizer, IdentityCodec) or kernels.supports(quantizer, pool.k_buffer)
+
+
+def _give_up(quantizer: KVCodec, e: Exception) -> None:
+    _failed.add(quantizer.name)
+    log.warning("evicpress: the fused %s path failed (%s: %s); using the torch codec for it from now on",
+                quantizer.name, type(e).__name__, e, exc_info=True)
+
+
+def _encode_into(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor) -> None:
+    if isinstance(quantizer, IdentityCodec):
+        shape = pool_layout(pool).with_tokens(idx.numel())
+        quantizer.zero_padding(payload, shape)
+        views = quantizer.views(payload, shape)
+        for layer, (kb, vb) in enumerate(zip(pool.k_buffer, pool.v_buffer)):
+            torch.index_select(kb, 0, idx, out=views["k"][layer])
+            torch.index_select(vb, 0, idx, out=views["v"][layer])
+    else:
+        kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+
+
+def _decode_from(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor) -> None:
+    if isinstance(quantizer, IdentityCodec):
+        views = quantizer.views(payload, pool_layout(pool).with_tokens(idx.numel()))
+        scatter(pool, idx, views["k"], views["v"])
+    else:
+        kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)

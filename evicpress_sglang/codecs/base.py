@@ -192,26 +192,47 @@ class SegmentCodec(KVCodec):
         payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=k.device)
         return EncodedKV(self.name, shape, payload)
 
+    def offsets(self, shape: KVShape) -> dict[str, tuple[int, Segment]]:
+        """Byte offset of every segment in the payload (the fused kernels address them directly)."""
+        out, offset = {}, 0
+        for seg in self.segments(shape):
+            out[seg.name] = (offset, seg)
+            offset += _aligned(seg.nbytes)
+        return out
+
+    def views(self, payload: torch.Tensor, shape: KVShape) -> dict[str, torch.Tensor]:
+        """Every segment of ``payload`` as a typed view of its shape (no copy)."""
+        return {name: payload[at : at + seg.nbytes].view(seg.dtype).view(seg.shape)
+                for name, (at, seg) in self.offsets(shape).items()}
+
+    def zero_padding(self, payload: torch.Tensor, shape: KVShape) -> None:
+        """Zero the gaps after the segments, as :meth:`encode` does, for writers that fill the
+        segments of a fresh payload in place (the fused kernels)."""
+        segments = list(self.offsets(shape).values())
+        starts = [at for at, _ in segments[1:]] + [payload.numel()]
+        for (at, seg), start in zip(segments, starts):
+            if start > at + seg.nbytes:
+                payload[at + seg.nbytes : start].zero_()
+
     def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         check_decodable(self, enc, out_k, out_v)
-        parts, offset = {}, 0
-        payload = enc.payload.to(out_k.device)
-        for seg in self.segments(enc.shape):
-            raw = payload[offset : offset + seg.nbytes]
-            parts[seg.name] = raw.view(seg.dtype).view(seg.shape)
-            offset += _aligned(seg.nbytes)
-        self.decode_segments(parts, enc.shape, out_k, out_v)
+        self.decode_segments(self.views(enc.payload.to(out_k.device), enc.shape), enc.shape, out_k, out_v)
 
 
-def check_decodable(codec: KVCodec, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-    """Refuse blobs of another codec, the wrong size or mismatched outputs: a bad
-    entry must be a miss, never silently wrong KV."""
+def check_blob(codec: KVCodec, enc: EncodedKV) -> None:
+    """Refuse blobs of another codec or the wrong size: a bad entry must be a miss, never
+    silently wrong KV."""
     if enc.codec != codec.name:
         raise CodecError(f"blob was written by codec {enc.codec!r}, not {codec.name!r}")
     if enc.payload.dtype != torch.uint8 or enc.payload.dim() != 1:
         raise CodecError("payload must be a 1-D uint8 tensor")
     if codec.fixed_rate and enc.nbytes != codec.nbytes(enc.shape):
         raise CodecError(f"payload has {enc.nbytes} bytes, codec {codec.name} expects {codec.nbytes(enc.shape)}")
+
+
+def check_decodable(codec: KVCodec, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+    """:func:`check_blob`, and outputs of the shape and dtype the blob decodes to."""
+    check_blob(codec, enc)
     want = codec.output_shape(enc.shape)
     for name, out in (("out_k", out_k), ("out_v", out_v)):
         if tuple(out.shape) != want.tensor_shape or out.dtype != want.dtype:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
@@ -141,17 +142,33 @@ class DropCodec(KVCodec):
         """``positions``: where the given tokens sit in the context (default 0..tokens-1);
         a context dropped before passes the positions its kept tokens had."""
         shape = KVShape.of(k)
-        idx = self.selector.select(k)
-        if positions is None:
-            kept_pos = idx
-        else:
-            if positions.numel() != shape.tokens:
-                raise CodecError(f"{positions.numel()} positions for {shape.tokens} tokens")
-            kept_pos = positions.to(k.device, torch.int64)[idx]
+        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, positions)
         inner = self.inner.encode(k[:, idx], v[:, idx])
-        head = torch.zeros(_aligned(idx.numel() * 4), dtype=torch.uint8, device=k.device)
-        head[: idx.numel() * 4] = kept_pos.to(POSITION_DTYPE).view(torch.uint8)
-        return EncodedKV(self.name, shape, torch.cat([head, inner.payload]))
+        return EncodedKV(self.name, shape, torch.cat([self.header(kept_pos), inner.payload]))
+
+    def keep(self, tokens: int, device: torch.device, keys: Callable[[], torch.Tensor],
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ascending indices of the kept tokens, their positions in the context), both int64.
+        ``keys`` returns the tokens' K; it is called only when some token is dropped, so a
+        subset codec (``keep+...``) never needs the keys gathered."""
+        if positions is not None and positions.numel() != tokens:
+            raise CodecError(f"{positions.numel()} positions for {tokens} tokens")
+        if self.selector.kept(tokens) >= tokens:
+            idx = torch.arange(tokens, device=device)
+        else:
+            idx = self.selector.select(keys())
+        return idx, idx if positions is None else positions.to(device, torch.int64)[idx]
+
+    def header(self, kept_pos: torch.Tensor) -> torch.Tensor:
+        """The payload's first segment: the kept positions as int32, zero-padded to alignment."""
+        head = torch.zeros(_aligned(kept_pos.numel() * 4), dtype=torch.uint8, device=kept_pos.device)
+        head[: kept_pos.numel() * 4] = kept_pos.to(POSITION_DTYPE).view(torch.uint8)
+        return head
+
+    def inner_payload(self, enc: EncodedKV) -> EncodedKV:
+        """The inner codec's blob inside ``enc`` (a view: the payload after the positions)."""
+        kept = self.output_shape(enc.shape)
+        return EncodedKV(self.inner.name, kept, enc.payload[_aligned(kept.tokens * 4):])
 
     def positions(self, enc: EncodedKV) -> torch.Tensor:
         """The kept tokens' positions in the context (int64, the payload's device)."""
@@ -161,10 +178,7 @@ class DropCodec(KVCodec):
     def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Writes the kept tokens (``output_shape`` of the blob's shape) into the outputs."""
         check_decodable(self, enc, out_k, out_v)
-        kept = self.output_shape(enc.shape)
-        payload = enc.payload.to(out_k.device)
-        inner = EncodedKV(self.inner.name, kept, payload[_aligned(kept.tokens * 4):])
-        self.inner.decode(inner, out_k, out_v)
+        self.inner.decode(self.inner_payload(enc.to(out_k.device)), out_k, out_v)
 
 
 def parse_selector(stage: str) -> TokenSelector | None:

@@ -1,0 +1,115 @@
+"""The fused codec kernels (``evicpress_sglang/codecs/kernels.py``) and the kv_io entry points
+that use them.
+
+The kernel cases run on CPU under Triton's interpreter in one subprocess (``kernel_checks.py``
+says why and what each case checks); each case is reported here as its own test. The rest
+runs in this process: the torch paths of the entry points and what happens when a kernel
+fails or a blob does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evicpress_sglang.backend import kv_io
+from evicpress_sglang.codecs import CodecError, get_codec
+
+import kernel_checks
+from harness import make_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict[str, str | None]:
+    """Every kernel case's outcome: None when it passed, else its traceback."""
+    out = tmp_path_factory.mktemp("kernels") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_checks.py"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", kernel_checks.cases())
+def test_kernel_matches_torch_codec(interpreted, case):
+    assert case in interpreted, "case did not run"
+    assert interpreted[case] is None, interpreted[case]
+
+
+def _pool_with_kv(tokens: int = 40):
+    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
+    g = torch.Generator().manual_seed(1)
+    for buf in (*pool.k_buffer, *pool.v_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    return pool, torch.randperm(128, generator=g)[:tokens]
+
+
+@pytest.mark.parametrize("name", ["int4", "bf16", "keydiff:0.5+int8", "int8+zstd"])
+def test_entry_points_match_gather_encode_decode_scatter(name):
+    pool, slots = _pool_with_kv()
+    codec = get_codec(name)
+    enc = kv_io.encode_from_pool(pool, slots, codec)
+    assert torch.equal(enc.payload, codec.device_codec.encode(*kv_io.gather(pool, slots)).payload)
+    n = codec.output_shape(enc.shape).tokens
+    into = slots[:n].flip(0)
+    positions = kv_io.decode_into_pool(pool, into, codec, enc)
+    k, v, want_positions = kv_io.decode(codec.device_codec, enc, "cpu")
+    got_k, got_v = kv_io.gather(pool, into)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    assert (positions is None) == (want_positions is None)
+    assert positions is None or torch.equal(positions, want_positions)
+
+
+def test_a_failing_kernel_falls_back_to_torch_once_and_logged(monkeypatch, caplog):
+    pool, slots = _pool_with_kv()
+    codec = get_codec("int8")
+    monkeypatch.setattr(kv_io, "_failed", set())
+    monkeypatch.setattr(kv_io.kernels, "supports", lambda quantizer, k_buffer: True)
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("no such GPU feature")
+
+    monkeypatch.setattr(kv_io.kernels, "encode", broken)
+    monkeypatch.setattr(kv_io.kernels, "decode", broken)
+    want = codec.encode(*kv_io.gather(pool, slots))
+    with caplog.at_level(logging.WARNING, logger=kv_io.__name__):
+        for _ in range(2):
+            assert torch.equal(kv_io.encode_from_pool(pool, slots, codec).payload, want.payload)
+            kv_io.decode_into_pool(pool, slots, codec, want)
+    assert len(calls) == 1, "a kernel that failed once is not tried again"
+    assert sum("fused int8 path failed" in r.message for r in caplog.records) == 1
+    k, v = kv_io.gather(pool, slots)
+    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+    codec.decode(want, out_k, out_v)
+    assert torch.equal(k, out_k) and torch.equal(v, out_v)
+
+
+def test_a_blob_that_does_not_fit_is_refused_before_writing():
+    pool, slots = _pool_with_kv()
+    before = [b.clone() for b in pool.k_buffer]
+    enc = kv_io.encode_from_pool(pool, slots, get_codec("int4"))
+    with pytest.raises(CodecError):
+        kv_io.decode_into_pool(pool, slots, get_codec("int8"), enc)  # another codec's blob
+    small = get_codec("int4").encode(*(x[:, :, :, :32].contiguous() for x in kv_io.gather(pool, slots)))
+    with pytest.raises(CodecError):
+        kv_io.decode_into_pool(pool, slots, get_codec("int4"), small)  # another geometry's
+    with pytest.raises(ValueError):
+        kv_io.decode_into_pool(pool, slots[:-1], get_codec("int4"), enc)  # a slot short
+    assert all(torch.equal(a, b) for a, b in zip(pool.k_buffer, before))
+
+
+def test_positions_only_with_a_subset_codec():
+    pool, slots = _pool_with_kv()
+    with pytest.raises(ValueError):
+        kv_io.encode_from_pool(pool, slots, get_codec("int8"), positions=torch.arange(len(slots)))
