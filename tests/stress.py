@@ -432,6 +432,9 @@ class Stress:
         for node in list(c.nodes.values()):
             if is_placeholder(node):
                 tier, key = c.tiers[node.evp.tier], node.evp.blob
+                if tier.contains(key):
+                    continue
+                # Read after contains(): a failed write is in _lost by the time its entry is gone.
                 excused = key in getattr(tier, "_lost", ()) or (
                     hasattr(tier, "_path_for") and tier._path_for(key).name in self.faults.damaged)
-                assert tier.contains(key) or excused, f"placeholder {node.id} lost its blob"
+                assert excused, f"placeholder {node.id} lost its blob"

@@ -9,7 +9,7 @@ import pytest
 
 from stress import Stress
 
-STEPS = int(os.environ.get("EVICPRESS_STRESS_STEPS", "4000"))
+STEPS = int(os.environ.get("EVICPRESS_STRESS_STEPS", "2500"))
 SEEDS = [int(os.environ["EVICPRESS_STRESS_SEED"])] if "EVICPRESS_STRESS_SEED" in os.environ else [1, 2]
 TOKEN_BYTES = 2 * 4 * 2 * 64 * 2
 
@@ -31,7 +31,7 @@ def test_lossless_stress_serves_exact_kv(tmp_path, monkeypatch, seed, page_size)
     s = Stress(seed, _settings(tmp_path, LOSSLESS, host_tokens=500), tmp_path, page_size=page_size,
                monkeypatch=monkeypatch)
     counts = s.run(STEPS)
-    assert counts["finished"] > STEPS // 10 and counts["loads"] > 0 and counts["switches"] > 0
+    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0 and counts["switches"] > 0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -40,7 +40,7 @@ def test_lossy_stress_with_token_dropping_and_a_tiny_host_arena(tmp_path, monkey
     bound, token-dropped prefixes at their original positions."""
     s = Stress(seed, _settings(tmp_path, LOSSY, host_tokens=60), tmp_path, lossless=False, monkeypatch=monkeypatch)
     counts = s.run(STEPS)
-    assert counts["finished"] > STEPS // 10 and counts["loads"] > 0
+    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -49,4 +49,4 @@ def test_lossy_paged_stress(tmp_path, monkeypatch, seed):
     s = Stress(seed, _settings(tmp_path, codecs, host_tokens=120), tmp_path, page_size=4, lossless=False,
                monkeypatch=monkeypatch)
     counts = s.run(STEPS)
-    assert counts["finished"] > STEPS // 10 and counts["loads"] > 0
+    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0

@@ -15,7 +15,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
-from ..codecs import CodecError, get_codec
+from ..codecs import CodecError, EncodedKV, get_codec
 from . import kv_io
 from .nodes import Decoded, Stored, is_placeholder
 from .store import StoreOnEvict
@@ -77,9 +77,10 @@ class LoadBack(StoreOnEvict):
     def _no_slots(self) -> torch.Tensor:
         return torch.empty((0,), dtype=torch.int64, device=self.device)
 
-    def _read(self, node: TreeNode) -> Optional[Decoded]:
-        """A placeholder's KV decoded on the cache's device; on a missing, damaged or
-        undecodable blob, None, and the placeholder is gone (a miss)."""
+    def _fetch(self, node: TreeNode) -> Optional[EncodedKV]:
+        """A placeholder's blob, on the cache's device (the copy may still be in flight) and
+        checked against the node; None on a missing, damaged or foreign blob, and then the
+        placeholder is gone (a miss)."""
         stored: Stored = node.evp
         tier = self.tiers.get(stored.tier)
         try:
@@ -92,35 +93,56 @@ class LoadBack(StoreOnEvict):
                 raise CodecError("missing or damaged blob")
             if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):
                 raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
-            k, v, positions = kv_io.decode(codec.device_codec, enc, self.device)
         except (CodecError, OSError) as e:  # the tiers report I/O faults as misses; a stray one is one too
-            self.stats.miss(stored.tier.label, str(e))
-            self._drop_placeholder(node)
+            self._miss(node, str(e))
+            return None
+        return enc
+
+    def _miss(self, node: TreeNode, why: str) -> None:
+        self.stats.miss(node.evp.tier.label, why)
+        self._drop_placeholder(node)
+
+    def _read(self, node: TreeNode) -> Optional[Decoded]:
+        """A placeholder's KV decoded into fresh tensors (to be stored again); None on a miss."""
+        enc = self._fetch(node)
+        if enc is None:
+            return None
+        try:
+            k, v, positions = kv_io.decode(get_codec(node.evp.codec).device_codec, enc, self.device)
+        except CodecError as e:
+            self._miss(node, str(e))
             return None
         return Decoded(k, v, enc.nbytes, positions)
 
     def _load(self, node: TreeNode, protect: set[int]) -> Optional[torch.Tensor]:
-        """Decode one placeholder into new pool slots; None on a miss or when no room is left."""
+        """Decode one placeholder straight into new pool slots; None on a miss or when no
+        room is left."""
         stored: Stored = node.evp
         t0 = time.perf_counter()
-        read = self._read(node)
-        if read is None:
+        enc = self._fetch(node)
+        if enc is None:
             return None
-        k, v, nbytes, positions = read
-        n = k.shape[1]  # slots: fewer than len(node.key) for a token-dropped blob
-        if self.token_to_kv_pool_allocator.available_size() < n:
+        codec = get_codec(stored.codec)
+        n = codec.device_codec.output_shape(enc.shape).tokens  # fewer than len(node.key) for a token subset
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.available_size() < n:
             self._evict_with(n, protect=protect)
-        slots = self.token_to_kv_pool_allocator.alloc(n)
+        slots = allocator.alloc(n)
         if slots is None:
             return None  # no room even after eviction: the request recomputes the rest
-        kv_io.scatter(self.kvpool, slots, k, v)
+        try:
+            positions = kv_io.decode_into_pool(self.kvpool, slots, codec, enc)
+        except CodecError as e:  # checked before anything was written: the slots go back untouched
+            allocator.free(slots)
+            self._miss(node, str(e))
+            return None
         self._tier_delete(stored)
         node.value = slots.to(torch.int64)
         node.evp = None
         node.evp_kept = positions
         if positions is not None:
             self.table.set_stored_tokens(node.id, n)
-        if get_codec(stored.codec).lossless:
+        if codec.lossless:
             self._verify(node, "by store + load-back")
         elif self.settings.verify:
             node.evp_fp = self._fingerprint(node)  # lossy: the reference is what came back
@@ -128,5 +150,5 @@ class LoadBack(StoreOnEvict):
         self._set_config(node, self.table.gpu_config)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)
-        self.stats.loaded(stored.tier.label, stored.codec, len(node.key), nbytes, time.perf_counter() - t0)
+        self.stats.loaded(stored.tier.label, stored.codec, len(node.key), enc.nbytes, time.perf_counter() - t0)
         return node.value

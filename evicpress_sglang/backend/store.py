@@ -18,7 +18,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
-from ..codecs import get_codec, subset_codec
+from ..codecs import EncodedKV, get_codec, subset_codec
 from ..policy import Tier
 from ..tiers import TierError
 from . import kv_io
@@ -122,11 +122,12 @@ class StoreOnEvict(TreeBookkeeping):
     def _store(self, node: TreeNode, target, config: int) -> int:
         if node.lock_ref > 0:
             return 0
+        t0 = time.perf_counter()
         self._verify(node, "between insert and eviction")
-        k, v = kv_io.gather(self.kvpool, node.value)
         positions = getattr(node, "evp_kept", None)
         stored = Stored(target.tier, self._blob_codec(target.codec, positions), uuid.uuid4().hex)
-        if not self._put(stored, node, k, v, positions):
+        enc = kv_io.encode_from_pool(self.kvpool, node.value, get_codec(stored.codec), positions)
+        if not self._put(stored, node, enc, t0):
             return self._drop(node)
         n = len(node.value)
         self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
@@ -139,6 +140,7 @@ class StoreOnEvict(TreeBookkeeping):
 
     def _restore_and_store(self, node: TreeNode, target, config: int) -> int:
         stored: Stored = node.evp
+        t0 = time.perf_counter()
         read = self._read(node)
         if read is None:
             return 0
@@ -147,7 +149,9 @@ class StoreOnEvict(TreeBookkeeping):
         self._tier_delete(stored)
         new = Stored(target.tier, self._blob_codec(target.codec, read.positions), uuid.uuid4().hex)
         node.evp = new
-        if not self._put(new, node, read.k, read.v, read.positions):
+        codec = get_codec(new.codec).device_codec
+        enc = codec.encode(read.k, read.v, positions=read.positions) if new.token_subset else codec.encode(read.k, read.v)
+        if not self._put(new, node, enc, t0):
             self._drop_placeholder(node)  # its KV is gone with the old blob: a miss from now on
             return 0
         self._after_store(node, config)
@@ -158,18 +162,12 @@ class StoreOnEvict(TreeBookkeeping):
         """A token subset is stored with its positions and is not dropped again (keep+<quantizer>)."""
         return codec if positions is None else subset_codec(codec)
 
-    def _put(self, stored: Stored, node: TreeNode, k: torch.Tensor, v: torch.Tensor,
-             positions: torch.Tensor | None = None) -> bool:
-        """Encode on the device and hand the blob to its tier, which copies it out (and
-        entropy-codes it) without the scheduler waiting; the seconds counted are the
-        scheduler's own. ``positions``: those of a token subset's tokens in the node.
-        False when the tier refused it (full, I/O error): nothing was stored."""
-        t0 = time.perf_counter()
+    def _put(self, stored: Stored, node: TreeNode, enc: EncodedKV, started: float) -> bool:
+        """Hand a blob (encoded on the device, maybe still in flight) to its tier, which copies
+        it out (and entropy-codes it) without the scheduler waiting; the seconds counted since
+        ``started`` are the scheduler's own. False when the tier refused it (full, I/O error):
+        nothing was stored."""
         codec = get_codec(stored.codec)
-        if stored.token_subset:
-            enc = codec.device_codec.encode(k, v, positions=positions)
-        else:
-            enc = codec.device_codec.encode(k, v)
         meta = None
         if stored.tier == Tier.DISK:  # enough to re-attach the blob to a new tree after a restart
             meta = {"tokens": list(self._path_tokens(node)), "own": len(node.key), "extra_key": node.key.extra_key,
@@ -181,8 +179,8 @@ class StoreOnEvict(TreeBookkeeping):
             self.health.note_tier_failure(f"{stored.tier.label} put", e)
             self.stats.tier_errors += 1
             return False
-        self.stats.stored(stored.tier.label, stored.codec, len(node.key), k.numel() * 2 * k.element_size(),
-                          enc.nbytes, time.perf_counter() - t0)
+        self.stats.stored(stored.tier.label, stored.codec, len(node.key), enc.shape.raw_nbytes, enc.nbytes,
+                          time.perf_counter() - started)
         return True
 
     def _after_store(self, node: TreeNode, config: int) -> None:

@@ -66,7 +66,7 @@ class DiskTier(StorageTier):
         self.failed_writes = 0
         self.last_error: str | None = None
         self._lost: list[str] = []  # keys whose write failed, until take_lost() hands them over
-        self._logged_failures: set[str] = set()
+        self._logged_failures: set[tuple[str, str]] = set()
         self._rebuild_index()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._writes = BackgroundWriter(self._changed, self._write, max_pending_bytes,
@@ -90,8 +90,11 @@ class DiskTier(StorageTier):
                     header, raw = read_header(f)
                 if size != blob_size(len(raw), int(header["nbytes"])) or p != self._path_for(header["key"]):
                     raise CorruptEntry("size or name does not match header")
-            except (OSError, CorruptEntry) as e:
-                log.warning("disk tier: dropping unreadable entry %s (%s)", p.name, e)
+            except OSError as e:  # maybe transient: not indexed now, not deleted either
+                log.warning("disk tier: cannot read %s (%s); left in place, not used", p.name, e)
+                continue
+            except CorruptEntry as e:
+                log.warning("disk tier: dropping damaged entry %s (%s)", p.name, e)
                 p.unlink(missing_ok=True)
                 continue
             self._entries[header["key"]] = _Entry(p, size, header.get("meta"))
@@ -158,11 +161,7 @@ class DiskTier(StorageTier):
                 self._used += size
                 self._settle(job)
         except Exception as e:  # the writer must survive anything one entry does
-            why = getattr(e, "strerror", None) or str(e)
-            if why not in self._logged_failures:  # an outage (a full disk) would otherwise log every write
-                self._logged_failures.add(why)
-                log.warning("disk tier: writing %r under %s failed (%s); the entry is lost (a miss); further "
-                            "failures of this kind are only counted (failed_writes)", job.key, self.root, why)
+            why = self._note_failure("writing", job.key, e)
             with self._changed:
                 self.failed_writes += 1
                 self.last_error = f"writing {job.key!r}: {why}"
@@ -180,6 +179,16 @@ class DiskTier(StorageTier):
         """Forget a queued write and its reservation (lock held)."""
         del self._pending[job.key]
         self._reserved -= job.reserved
+
+    def _note_failure(self, doing: str, key: str, e: Exception) -> str:
+        """Log the first failure of each kind (an outage, a full disk, would otherwise log
+        every entry); returns its description."""
+        why = getattr(e, "strerror", None) or str(e)
+        if (doing, why) not in self._logged_failures:
+            self._logged_failures.add((doing, why))
+            log.warning("disk tier: %s %r under %s failed (%s); a miss; further failures of this kind are only "
+                        "counted", doing, key, self.root, why)
+        return why
 
     def take_lost(self) -> list[str]:
         with self._changed:
@@ -207,7 +216,11 @@ class DiskTier(StorageTier):
         except FileNotFoundError:
             self._forget(key, e, unlink=False)
             return None
-        except (OSError, CorruptEntry, CodecError) as err:
+        except OSError as err:  # maybe transient (EIO): a miss now, but the file stays for a restart to retry
+            self._note_failure("reading", key, err)
+            self._forget(key, e, unlink=False)
+            return None
+        except (CorruptEntry, CodecError) as err:
             log.warning("disk tier: entry %r is damaged (%s); treating it as a miss", key, err)
             self._forget(key, e, unlink=True)
             return None
