@@ -59,6 +59,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mem-fraction", type=float, default=0.3, help="--mem-fraction-static of each server")
     p.add_argument("--port", type=int, default=30200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--launcher", default=f"{sys.executable} -m sglang.launch_server",
+                   help="the server command (tests use a stand-in)")
     p.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to both servers")
     a = p.parse_args(argv)
     a.sglang_args = [x for x in a.sglang_args if x != "--"]
@@ -126,7 +128,7 @@ def soak(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     texts, codes = doc_texts(rng, args.docs, args.doc_chars, args.doc_chars + 1000)
-    common = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--host", "127.0.0.1",
+    common = [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
               "--mem-fraction-static", str(args.mem_fraction), *args.sglang_args]
     pool = int(args.pool_docs * args.tokens_per_doc)
     settings = {"host_bytes": args.host_bytes, "disk_dir": str(args.out / "disk"), "disk_bytes": args.disk_bytes,

@@ -1,8 +1,9 @@
 """A stand-in for an SGLang server, for testing the bench without a GPU.
 
-Speaks the parts of SGLang's HTTP API the bench uses: ``/health``, streamed
-``/generate`` (SSE ``data:`` lines, cumulative text, ``meta_info``) and, with
-``--evicpress``, ``/evicpress/status``. A prompt seen before is a "cache hit": its
+Speaks the parts of SGLang's HTTP API the bench and the soak use: ``/health``,
+``/generate`` (streamed as SSE ``data:`` lines with cumulative text and ``meta_info``, or
+one JSON reply), ``/flush_cache`` and, with ``--evicpress``, ``/evicpress/status`` and
+``/evicpress/policy``. A prompt seen before is a "cache hit": its
 first token comes sooner and ``cached_tokens`` says so. Answers are a function of the
 prompt, so a bench's quality maths has something real to score. A prompt may be
 ``text`` or ``input_ids`` (as SGLang's); with ``--record FILE`` every request body is
@@ -10,6 +11,7 @@ appended to FILE as one JSON line when it arrives, so a test can check what was 
 in which order.
 
 Usage: python tests/fake_sglang_server.py PORT [--evicpress] [--answer-salt S] [--record FILE]
+(or with SGLang's own ``--port PORT``; other SGLang arguments are ignored)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LOCK = threading.Lock()
 EVICPRESS = "--evicpress" in sys.argv
 SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
 RECORD = sys.argv[sys.argv.index("--record") + 1] if "--record" in sys.argv else None
+POLICY = ["evicpress"]
 
 
 def answer(prompt: str, n: int) -> list[str]:
@@ -48,17 +51,31 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET_status(self) -> None:
+        self.path = "/evicpress/status"
+        self.do_GET()
+
     def do_GET(self) -> None:
         if self.path == "/health":
             self._json(200, {})
         elif self.path == "/evicpress/status" and EVICPRESS:
-            self._json(200, {"stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1}, "stores": {"host:int4": 2},
+            self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
+                             "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1}, "stores": {"host:int4": 2},
                                        "bytes_loaded": {"host": 100}, "stored_bytes": 200, "compression_ratio": 3.5}})
         else:
             self._json(404, {"error": "not found"})
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+        if self.path == "/flush_cache":
+            with LOCK:
+                SEEN.clear()
+            self._json(200, {})
+            return
+        if self.path == "/evicpress/policy" and EVICPRESS:
+            POLICY[0] = body.get("policy", POLICY[0])
+            self.do_GET_status()
+            return
         if ("text" in body) == ("input_ids" in body):
             self._json(400, {"error": "exactly one of text and input_ids"})
             return
@@ -72,6 +89,10 @@ class Handler(BaseHTTPRequestHandler):
                     f.write(json.dumps(body) + "\n")
         tokens = len(prompt.split())
         time.sleep(0.002 if hit else 0.02)  # prefill
+        if not body.get("stream"):
+            self._json(200, {"text": "".join(answer(prompt, n)), "meta_info": {
+                "prompt_tokens": tokens, "cached_tokens": tokens - 1 if hit else 0, "completion_tokens": n}})
+            return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
@@ -89,4 +110,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    EVICPRESS = EVICPRESS or "evicpress" in sys.argv  # as SGLang's --radix-cache-backend evicpress
+    port = sys.argv[sys.argv.index("--port") + 1] if "--port" in sys.argv else sys.argv[1]
+    ThreadingHTTPServer(("127.0.0.1", int(port)), Handler).serve_forever()
