@@ -50,6 +50,7 @@ from ..settings import Settings, SettingsError, validate_policy_name
 from ..tiers import DiskTier, HostTier, StorageTier
 from . import dropped, kv_io, prefill_timer
 from .audit import StateAudit, free_slots
+from .content_keys import layout_fingerprint, model_name
 from .guard import HOOKS, Health, entry_point
 from .insert import InsertRevive
 from .load import LoadBack
@@ -158,6 +159,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
         self.set_policy(settings.policy, settings.weights)
+        self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *_tp_rank_size(params))
         self._ready = True
         self._restore_from_disk()
 
@@ -227,6 +229,8 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
             return
         for tier in self.tiers.values():  # /flush_cache clears every tier
             tier.clear()
+        self.dormant.clear()
+        self.dormant_bytes = 0
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
         self.queries = HeldOutQueries(self.settings.held_out_queries)
@@ -341,6 +345,14 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.dec_lock_ref(req.last_node)
         req.prefix_indices = torch.cat([tree, kv[len(tree):]]) if len(tree) < n else tree
         req.last_node = m.last_device_node
+
+
+def _tp_rank_size(params: CacheInitParams) -> tuple[int, int]:
+    """This scheduler's tensor-parallel rank and size (its blobs hold its shard of the KV heads)."""
+    group = params.tp_cache_group
+    if group is None or not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 def build(ctx, settings: Settings | None = None) -> EvicPressRadixCache:

@@ -1,52 +1,111 @@
-"""Restart: disk blobs written before a restart are re-attached to the new tree as
-placeholders, so the first request for a stored context loads it instead of prefilling."""
+"""Stored contexts found by content: disk blobs that no placeholder points at (written
+before a restart, or by another process on the same directory) wait in a *dormant* index
+by the hash of the prefix they continue. When a request's match ends where a dormant blob
+starts and the request continues with that blob's tokens, the blob is attached to the
+tree as a placeholder and loaded back like any other.
+
+A blob of another model, layout or shard (another fingerprint) is never attached, nor
+deleted: it may be another server's. Dormant blobs are the first to go when the disk
+tier needs room.
+"""
 
 from __future__ import annotations
 
 import logging
 from array import array
+from dataclasses import dataclass
 
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from ..policy import Tier
+from .content_keys import token_hash
 from .nodes import Stored
 from .tree import TreeBookkeeping
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Dormant:
+    blob: str
+    codec: str
+    tokens: array  # the context's own tokens (after the prefix it continues)
+    extra_key: str | None
+    nbytes: int  # on disk
+
+
 class RestoreFromDisk(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`."""
 
     def _restore_from_disk(self) -> None:
-        """Re-attach disk blobs written before a restart as placeholders (prefix order);
-        a blob whose prefix is not on disk too cannot be used and is deleted."""
+        """Index the disk's blobs of this fingerprint as dormant; attach nothing yet."""
+        self.dormant: dict[str, list[Dormant]] = {}
+        self.dormant_bytes = 0
         disk = self.tiers.get(Tier.DISK)
         if disk is None:
             return
-        entries = []
+        foreign = 0
         for blob in disk.keys():
-            meta = disk.meta(blob)
-            if not meta or self._config_index(Tier.DISK, str(meta.get("codec"))) is None:
-                disk.delete(blob)
+            meta = disk.meta(blob) or {}
+            if meta.get("fp") != self.fingerprint or self._config_index(Tier.DISK, str(meta.get("codec"))) is None:
+                foreign += 1
                 continue
-            entries.append((len(meta["tokens"]), blob, meta))
-        restored = 0
-        for _, blob, meta in sorted(entries, key=lambda e: e[0]):
-            tokens = array("q", meta["tokens"])
-            own = int(meta["own"])
-            key = RadixKey(tokens, meta.get("extra_key"))
-            parent = self._find_exact(key[: len(tokens) - own])
-            child_key = key[len(tokens) - own :]
-            if parent is None or own <= 0 or child_key.child_key(self.page_size) in parent.children:
-                disk.delete(blob)
-                continue
-            node = TreeNode()
-            node.parent, node.key, node.value = parent, child_key, None
-            node.evp = Stored(Tier.DISK, meta["codec"], blob)
-            parent.children[child_key.child_key(self.page_size)] = node
-            self._register(node)
-            self._set_config(node, self._config_index(Tier.DISK, meta["codec"]))
-            restored += 1
-        if restored:
-            log.info("evicpress: re-attached %d disk entries from %s", restored, disk.root)
+            self._add_dormant(meta["start_hash"], Dormant(blob, meta["codec"], array("q", meta["tokens"]),
+                                                          meta.get("extra_key"), disk.entry_bytes(blob)))
+        n = sum(len(v) for v in self.dormant.values())
+        if n or foreign:
+            log.info("evicpress: %d stored contexts found in %s (%d of another model/layout/codec left alone)",
+                     n, disk.root, foreign)
+
+    def _add_dormant(self, start_hash: str, entry: Dormant) -> None:
+        self.dormant.setdefault(start_hash, []).append(entry)
+        self.dormant_bytes += entry.nbytes
+
+    def _disk_meta(self, node: TreeNode, codec: str) -> dict:
+        """What a disk blob of ``node`` carries so that any later process finds it by content."""
+        start = self._path_tokens(node.parent) if node.parent is not self.root_node else []
+        return {"fp": self.fingerprint, "codec": codec, "start_hash": token_hash(node.key.extra_key, start),
+                "tokens": list(node.key.token_ids), "extra_key": node.key.extra_key}
+
+    def _attach_dormant(self, node: TreeNode, key: RadixKey) -> TreeNode | None:
+        """The dormant blob continuing the path at ``node`` that shares the most leading
+        tokens with ``key``, attached as a placeholder child of ``node`` (a request that
+        needs only part of it loads it and splits it); None if there is none."""
+        if not self.dormant or len(key) == 0:
+            return None
+        start = self._path_tokens(node) if node is not self.root_node else []
+        found = self.dormant.get(token_hash(key.extra_key, start))
+        if not found or key.child_key(self.page_size) in node.children:
+            return None
+        best, shared = None, 0
+        for entry in found:
+            candidate = RadixKey(entry.tokens, entry.extra_key)
+            n = candidate.match(key, page_size=self.page_size)
+            if n > shared:
+                best, shared = entry, n
+        if best is None:
+            return None
+        found.remove(best)
+        self.dormant_bytes -= best.nbytes
+        child_key = RadixKey(best.tokens, best.extra_key)
+        child = TreeNode()
+        child.parent, child.key, child.value = node, child_key, None
+        child.evp = Stored(Tier.DISK, best.codec, best.blob)
+        node.children[child_key.child_key(self.page_size)] = child
+        self._register(child)
+        self._set_config(child, self._config_index(Tier.DISK, best.codec))
+        self.stats.found_by_content += 1
+        return child
+
+    def _free_dormant(self, nbytes: int) -> bool:
+        """Delete dormant blobs (oldest index entries first) until ``nbytes`` more fit on
+        disk; False if there were not enough."""
+        disk = self.tiers[Tier.DISK]
+        while disk.usage().free_bytes < nbytes and self.dormant:
+            start, entries = next(iter(self.dormant.items()))
+            entry = entries.pop(0)
+            self.dormant_bytes -= entry.nbytes
+            if not entries:
+                del self.dormant[start]
+            self._tier_delete(Stored(Tier.DISK, entry.codec, entry.blob))
+        return disk.usage().free_bytes >= nbytes

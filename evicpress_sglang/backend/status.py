@@ -38,6 +38,8 @@ class CacheStatus(RadixCache):
                 u = store.usage()
                 tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
                                      "entries": u.entries, **u.counters}
+            if "disk" in tiers:
+                tiers["disk"]["dormant"] = sum(len(v) for v in self.dormant.values())
             return json_safe({
                 "policy": self.settings.policy,
                 "weights": {"alpha": self.settings.alpha, "quality_floor": self.settings.quality_floor},

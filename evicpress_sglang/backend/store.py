@@ -20,7 +20,7 @@ from sglang.srt.mem_cache.radix_cache import TreeNode
 
 from ..codecs import EncodedKV, get_codec, subset_codec
 from ..policy import Tier
-from ..tiers import TierError
+from ..tiers import TierError, TierFullError
 from . import kv_io
 from .nodes import Stored, is_placeholder
 from .tree import TreeBookkeeping
@@ -87,7 +87,8 @@ class StoreOnEvict(TreeBookkeeping):
         t = self.table
         rows = t.rows()
         here = rows[t.tier_of[t.assign[rows]] == tier]
-        unseen = max(0.0, u.used_bytes - float(t.sizes[here, t.assign[here]].sum()))
+        reclaimable = self.dormant_bytes if tier == Tier.DISK else 0  # freed on demand (_free_dormant)
+        unseen = max(0.0, u.used_bytes - reclaimable - float(t.sizes[here, t.assign[here]].sum()))
         return max(0.0, 0.99 * u.capacity_bytes - unseen - 512.0 * (u.entries + 16))
 
     def _is_demotion(self, row: int, old: int, new: int) -> bool:
@@ -168,13 +169,16 @@ class StoreOnEvict(TreeBookkeeping):
         ``started`` are the scheduler's own. False when the tier refused it (full, I/O error):
         nothing was stored."""
         codec = get_codec(stored.codec)
-        meta = None
-        if stored.tier == Tier.DISK:  # enough to re-attach the blob to a new tree after a restart
-            meta = {"tokens": list(self._path_tokens(node)), "own": len(node.key), "extra_key": node.key.extra_key,
-                    "codec": stored.codec}
+        meta = self._disk_meta(node, stored.codec) if stored.tier == Tier.DISK else None  # found by content later
+        pack = codec.pack_host if codec.has_host_stage else None
         try:
-            self.tiers[stored.tier].put(stored.blob, enc, meta,
-                                        pack=codec.pack_host if codec.has_host_stage else None)
+            try:
+                self.tiers[stored.tier].put(stored.blob, enc, meta, pack=pack)
+            except TierFullError:
+                # Dormant blobs (stored by an earlier process, not asked for since) make room first.
+                if stored.tier != Tier.DISK or not self._free_dormant(enc.nbytes + enc.nbytes // 64 + 65536):
+                    raise
+                self.tiers[stored.tier].put(stored.blob, enc, meta, pack=pack)
         except (TierError, OSError) as e:
             self.health.note_tier_failure(f"{stored.tier.label} put", e)
             self.stats.tier_errors += 1

@@ -190,6 +190,12 @@ class DiskTier(StorageTier):
                         "counted", doing, key, self.root, why)
         return why
 
+    def entry_bytes(self, key: str) -> int:
+        """Bytes the entry takes against capacity (0 if there is none)."""
+        with self._changed:
+            e = self._entries.get(key) or self._pending.get(key)
+            return getattr(e, "size", 0) or getattr(e, "reserved", 0) if e else 0
+
     def take_lost(self) -> list[str]:
         with self._changed:
             lost, self._lost = self._lost, []
