@@ -71,6 +71,11 @@ class Settings:
     #: False only to measure what wrong positions cost: requests continuing a token-dropped
     #: context then take positions that follow the kept tokens instead of the original length.
     shift_positions: bool = True
+    #: A store shared with other servers (``{"backend": "mooncake", ...}``, see
+    #: :func:`evicpress_sglang.tiers.make_remote_tier`): every context this server stores is
+    #: published there too, and a request that continues a context another server published
+    #: loads it from there instead of prefilling it. None: nothing shared.
+    remote: dict | None = None
 
     @property
     def active_disk_codecs(self) -> list[str]:
@@ -141,6 +146,10 @@ def _coerce(name: str, value):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise SettingsError(f"{name}: expected a list of codec names, got {value!r}")
+        return value
+    if name == "remote":
+        if value is not None and (not isinstance(value, dict) or value.get("backend") != "mooncake"):
+            raise SettingsError(f'{name}: expected null or an object with "backend": "mooncake", got {value!r}')
         return value
     if value is not None and not isinstance(value, str):
         raise SettingsError(f"{name}: expected a string, got {value!r}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -47,7 +48,7 @@ from ..codecs import drops_tokens, get_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
 from ..profiler import HeldOutQueries
 from ..settings import Settings, SettingsError, validate_policy_name
-from ..tiers import DiskTier, HostTier, StorageTier
+from ..tiers import DiskTier, HostTier, StorageTier, make_remote_tier
 from . import dropped, kv_io, prefill_timer
 from .audit import StateAudit, free_slots
 from .content_keys import layout_fingerprint, model_name
@@ -57,6 +58,7 @@ from .load import LoadBack
 from .match import PrefixMatch
 from .profiling import ProfileStaging
 from .restore import RestoreFromDisk
+from .shared import SharedContexts
 from .stats import Stats
 from .status import CacheStatus
 from .verify import KVVerification
@@ -124,8 +126,8 @@ def _quietly(cache: "EvicPressRadixCache", where: str, fn, *args) -> None:
         cache._degrade(f"{where} failed")
 
 
-class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, KVVerification, CacheStatus,
-                          StateAudit, RadixCache):
+class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, SharedContexts, KVVerification,
+                          CacheStatus, StateAudit, RadixCache):
     def __init__(self, params: CacheInitParams, settings: Settings, cost: CostModel | None = None) -> None:
         self._ready = False
         super().__init__(params)
@@ -159,7 +161,11 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
         self.set_policy(settings.policy, settings.weights)
-        self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *_tp_rank_size(params))
+        tp = _tp_rank_size(params)
+        self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
+        self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
+        self._published: OrderedDict[str, bool] = OrderedDict()
+        self._absent: OrderedDict[str, float] = OrderedDict()
         self._ready = True
         self._restore_from_disk()
 

@@ -48,8 +48,8 @@ class PrefixMatch(TreeBookkeeping):
         host_hit, best = 0, node
         while len(key) > 0 and self.health.loads_allowed:
             child = node.children.get(key.child_key(self.page_size))
-            if child is None:  # a context stored earlier may continue here (found by content)
-                child = self._attach_dormant(node, key)
+            if child is None:  # a context stored earlier, here or by another server, may continue here
+                child = self._attach_dormant(node, key) or self._attach_shared(node, key)
             if child is None or not is_placeholder(child):
                 break
             n = child.key.match(key, page_size=self.page_size)

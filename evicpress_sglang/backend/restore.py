@@ -87,15 +87,10 @@ class RestoreFromDisk(TreeBookkeeping):
             return None
         found.remove(best)
         self.dormant_bytes -= best.nbytes
-        child_key = RadixKey(best.tokens, best.extra_key)
-        child = TreeNode()
-        child.parent, child.key, child.value = node, child_key, None
-        child.evp = Stored(Tier.DISK, best.codec, best.blob)
-        node.children[child_key.child_key(self.page_size)] = child
-        self._register(child)
-        self._set_config(child, self._config_index(Tier.DISK, best.codec))
         self.stats.found_by_content += 1
-        return child
+        return self._attach_placeholder(node, RadixKey(best.tokens, best.extra_key),
+                                        Stored(Tier.DISK, best.codec, best.blob),
+                                        self._config_index(Tier.DISK, best.codec))
 
     def _free_dormant(self, nbytes: int) -> bool:
         """Delete dormant blobs (oldest index entries first) until ``nbytes`` more fit on

@@ -24,6 +24,8 @@ class Stats:
     bytes_loaded: dict = field(default_factory=lambda: defaultdict(int))  # tier -> bytes read
     dropped: int = 0
     tier_errors: int = 0
+    published: int = 0  # contexts offered to the shared store
+    shared_hits: int = 0  # contexts another server published, attached here
     found_by_content: int = 0  # stored contexts attached to the tree when a request continued with them
     stale_load_backs: int = 0  # load-backs refused because the tree changed since the match
     verify_mismatches: int = 0  # only counted with the `verify` setting
@@ -67,7 +69,7 @@ class Stats:
             "stores": dict(self.stores), "compression_ratio": self.compression_ratio,
             "bytes_loaded": dict(self.bytes_loaded), "dropped": self.dropped, "tier_errors": self.tier_errors,
             "verify_mismatches": self.verify_mismatches, "stale_load_backs": self.stale_load_backs,
-            "found_by_content": self.found_by_content,
+            "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,
             "evict_seconds": self.evict_seconds, "encode_seconds": self.encode_seconds,
             "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),
                              "sum_seconds": self.load_seconds_sum},

@@ -38,6 +38,9 @@ class CacheStatus(RadixCache):
                 u = store.usage()
                 tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
                                      "entries": u.entries, **u.counters}
+            if self.shared is not None:
+                u = self.shared.usage()
+                tiers["remote"] = {"published_bytes": u.used_bytes, "entries": u.entries, **u.counters}
             if "disk" in tiers:
                 tiers["disk"]["dormant"] = sum(len(v) for v in self.dormant.values())
             return json_safe({

@@ -183,6 +183,7 @@ class StoreOnEvict(TreeBookkeeping):
             self.health.note_tier_failure(f"{stored.tier.label} put", e)
             self.stats.tier_errors += 1
             return False
+        self._publish(node, stored.codec, enc, pack)
         self.stats.stored(stored.tier.label, stored.codec, len(node.key), enc.shape.raw_nbytes, enc.nbytes,
                           time.perf_counter() - started)
         return True

@@ -111,6 +111,16 @@ class TreeBookkeeping(RadixCache):
         self._forget(node)
         self._update_leaf_status(node.parent)
 
+    def _attach_placeholder(self, parent: TreeNode, key: RadixKey, stored: Stored, config: int) -> TreeNode:
+        """A new placeholder child of ``parent`` for a blob found by content."""
+        child = TreeNode()
+        child.parent, child.key, child.value = parent, key, None
+        child.evp = stored
+        parent.children[key.child_key(self.page_size)] = child
+        self._register(child)
+        self._set_config(child, config)
+        return child
+
     def _forget_lost_blobs(self) -> None:
         """Placeholders whose blob a tier lost in the background (a failed disk write) are
         misses from now on: remove them, so every placeholder left holds a blob."""

@@ -311,10 +311,17 @@ class MooncakeTier(StorageTier):
     def get(self, key: str, device: torch.device | str = "cpu", unpack: Unpack | None = None) -> EncodedKV | None:
         """The blob, or None on a miss: absent, damaged, foreign, or the store did not answer
         within ``contains_timeout_s`` (size query) + ``get_timeout_s`` + size / ``min_bandwidth``."""
+        found = self.get_with_meta(key, device, unpack)
+        return None if found is None else found[0]
+
+    def get_with_meta(self, key: str, device: torch.device | str = "cpu",
+                      unpack: Unpack | None = None) -> tuple[EncodedKV, dict | None] | None:
+        """:meth:`get`, with the meta the writer stored beside the blob (None for a blob
+        still queued here, whose meta the caller has)."""
         with self._lock:
             job = self._pending.get(key)
         if job is not None:  # not sent yet: serve the bytes put was handed (already unpacked)
-            return EncodedKV(job.enc.codec, job.enc.shape, transfer.to_device(job.enc.payload, device))
+            return EncodedKV(job.enc.codec, job.enc.shape, transfer.to_device(job.enc.payload, device)), job.meta
         name = self.stored_key(key)
         opts = self.options
         try:
@@ -327,14 +334,14 @@ class MooncakeTier(StorageTier):
         if not data:  # evicted between the two calls
             return None
         try:
-            enc, _ = decode(data, name)
+            enc, meta = decode(data, name)
             if unpack is not None:
                 enc = unpack(enc)
         except (CorruptEntry, CodecError) as e:
             self._count("damaged")
             log.warning("remote tier: object %r is damaged or foreign (%s); treating it as a miss", name, e)
             return None
-        return EncodedKV(enc.codec, enc.shape, transfer.to_device(enc.payload, device))
+        return EncodedKV(enc.codec, enc.shape, transfer.to_device(enc.payload, device)), meta
 
     def delete(self, key: str) -> bool:
         """Forget ``key`` here (and drop its write if still queued); the object stays in the

@@ -1,0 +1,72 @@
+"""Two servers share contexts through a real Mooncake store (issue 19): what server A stored
+(compressed), server B loads on its first request for it instead of prefilling; a store
+that goes away turns B's lookups into misses without hanging."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from content_key_setup import DOCS, SYSTEM, TOKEN_BYTES
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.settings import Settings
+from harness import expected_kv, free_slots_accounted, make_params, serve
+
+WORKER = Path(__file__).with_name("shared_worker.py")
+
+
+def _server_b(remote: dict) -> EvicPressRadixCache:
+    return EvicPressRadixCache(make_params(1024), Settings(policy="static:int8", host_bytes=2000 * TOKEN_BYTES,
+                                                           host_codecs=["bf16", "int8"], remote=remote))
+
+
+def test_server_b_loads_what_server_a_stored(mooncake_store):
+    remote = mooncake_store.remote_config("shared-test")
+    a = _worker("publish", remote, 4)
+    try:
+        line = a.stdout.readline()
+        assert line, a.stderr.read()[-3000:]
+        report = json.loads(line)
+        assert report["published"] >= 4 and report["stores"].get("host:int8", 0) >= 4
+        b = _server_b(remote)
+        serve(b, SYSTEM)  # B's own first request computes the shared prompt
+        for doc in DOCS[:4]:
+            tokens = SYSTEM + doc + [8]
+            r = serve(b, tokens)
+            assert r.loaded >= len(doc)  # from the store, through host memory, not prefilled
+            k, v = expected_kv(tokens)
+            for got, want in ((r.k, k), (r.v, v)):
+                assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 0.02  # int8's bound
+            assert free_slots_accounted(b) and b.audit() == []
+        assert b.stats.shared_hits >= 4 and b.stats.hits.get("host:int8", 0) >= 4
+        assert b.health.internal_errors == 0
+        assert b.status()["tiers"]["remote"]["entries"] == 0  # B published nothing yet
+    finally:
+        a.stdin.close()
+        a.kill()
+        a.wait()
+
+
+def test_a_store_that_goes_away_is_a_miss_and_nothing_hangs(tmp_path):
+    from mooncake_fixture import mooncake_server
+
+    with mooncake_server(tmp_path / "mc") as store:
+        b = _worker("outage", store.remote_config("outage-test", get_timeout_s=0.3, contains_timeout_s=0.2), 3)
+        try:
+            assert json.loads(b.stdout.readline() or "{}").get("ready"), b.stderr.read()[-3000:]
+            store.kill_master()
+            b.stdin.write("go\n")
+            b.stdin.flush()
+            report = json.loads(b.stdout.readline() or "{}")
+            assert report, b.stderr.read()[-3000:]
+        finally:
+            b.kill()
+            b.wait()
+    assert report["seconds"] < 10 and report["internal_errors"] == 0
+    assert all(r["loaded"] == 0 and r["exact"] for r in report["results"])
+
+
+def _worker(mode: str, remote: dict, n: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), mode, json.dumps(remote), str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
