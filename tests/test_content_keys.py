@@ -86,3 +86,22 @@ def test_dormant_blobs_make_room_when_the_disk_is_full(tmp_path):
     assert cache.stats.stores.get("disk:bf16", 0) + cache.stats.stores.get("disk:bf16+zstd", 0) >= 3
     assert cache.status()["tiers"]["disk"]["dormant"] < before
     assert cache.tiers[Tier.DISK].usage().used_bytes <= used + 4096
+
+
+def test_blobs_with_malformed_meta_are_left_alone(tmp_path):
+    """A file written by another version or tool (its meta not ours) neither stops the
+    start-up nor is deleted."""
+    from evicpress_sglang.codecs import get_codec
+    from evicpress_sglang.tiers import DiskTier
+
+    k, v = expected_kv(list(range(40)))
+    disk = DiskTier(tmp_path / "disk", 10**8)
+    cache_fp = EvicPressRadixCache(make_params(1024), settings(tmp_path / "other")).fingerprint
+    metas = [{"fp": cache_fp, "codec": "bf16"}, {"fp": cache_fp, "codec": "bf16", "tokens": "x", "start_hash": 1},
+             {"fp": cache_fp, "codec": 5, "tokens": [1], "start_hash": "a"}, None, {"unrelated": True}]
+    for i, meta in enumerate(metas):
+        disk.put(f"b{i}", get_codec("bf16").encode(k, v), meta)
+    disk.flush()
+    cache = EvicPressRadixCache(make_params(1024), settings(tmp_path / "disk"))
+    assert cache.status()["tiers"]["disk"]["dormant"] == 0
+    assert len(list((tmp_path / "disk").glob("*.kv"))) == len(metas)

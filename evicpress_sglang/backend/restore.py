@@ -47,11 +47,16 @@ class RestoreFromDisk(TreeBookkeeping):
         foreign = 0
         for blob in disk.keys():
             meta = disk.meta(blob) or {}
-            if meta.get("fp") != self.fingerprint or self._config_index(Tier.DISK, str(meta.get("codec"))) is None:
+            try:
+                if meta.get("fp") != self.fingerprint or self._config_index(Tier.DISK, str(meta["codec"])) is None:
+                    raise ValueError("another model, layout or codec")
+                entry = Dormant(blob, str(meta["codec"]), array("q", meta["tokens"]), meta.get("extra_key"),
+                                disk.entry_bytes(blob))
+                start_hash = str(meta["start_hash"])
+            except (KeyError, TypeError, ValueError, OverflowError):  # not ours to use: left alone
                 foreign += 1
                 continue
-            self._add_dormant(meta["start_hash"], Dormant(blob, meta["codec"], array("q", meta["tokens"]),
-                                                          meta.get("extra_key"), disk.entry_bytes(blob)))
+            self._add_dormant(start_hash, entry)
         n = sum(len(v) for v in self.dormant.values())
         if n or foreign:
             log.info("evicpress: %d stored contexts found in %s (%d of another model/layout/codec left alone)",
