@@ -70,3 +70,29 @@ def test_a_store_that_goes_away_is_a_miss_and_nothing_hangs(tmp_path):
 def _worker(mode: str, remote: dict, n: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(WORKER), mode, json.dumps(remote), str(n)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+
+
+def test_an_unusable_shared_blob_is_a_miss(mooncake_store):
+    """Under the key a request computes: a blob of a codec this server cannot hold, or one whose
+    tokens the request does not continue (another namespace), is a miss, never attached."""
+    from evicpress_sglang.codecs import get_codec
+
+    remote = mooncake_store.remote_config("unusable-test")
+    b = _server_b(remote)
+    serve(b, SYSTEM)
+    node = next(iter(b.root_node.children.values()))
+    doc = DOCS[5]
+    k, v = expected_kv(doc)
+    key = b._shared_key(SYSTEM, None, doc[:32])
+    b.shared.put(key, get_codec("int4").encode(k, v), {"codec": "int4", "tokens": doc, "extra_key": None})
+    b.shared.flush()  # sent: read back from the store
+    r = serve(b, SYSTEM + doc + [8])  # int4 is not among this server's host codecs
+    assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 1
+    key = b._shared_key(SYSTEM, None, DOCS[6][:32])
+    k, v = expected_kv(DOCS[6])
+    b.shared.put(key, get_codec("int8").encode(k, v), {"codec": "int8", "tokens": DOCS[6], "extra_key": "other"})
+    b.shared.flush()
+    r = serve(b, SYSTEM + DOCS[6] + [8])
+    assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 2
+    assert node.lock_ref == 0 and b.audit() == [] and b.health.internal_errors == 0
+
