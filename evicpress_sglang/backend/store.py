@@ -185,9 +185,13 @@ class StoreOnEvict(TreeBookkeeping):
             self.health.note_tier_failure(f"{stored.tier.label} put", e)
             self.stats.tier_errors += 1
             ok = False
-        if not self.sync.all_ok(ok):  # stored only if every rank stored its shard
-            if ok:
+        agreed = False
+        try:
+            agreed = self.sync.all_ok(ok)  # stored only if every rank stored its shard
+        finally:
+            if ok and not agreed:  # refused elsewhere, or another rank failed: no node will point at it
                 self._tier_delete(stored)
+        if not agreed:
             return False
         self._publish(node, stored.codec, enc, pack)
         self.stats.stored(stored.tier.label, stored.codec, len(node.key), enc.shape.raw_nbytes, enc.nbytes,
