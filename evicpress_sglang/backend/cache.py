@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -60,6 +61,7 @@ from .profiling import ProfileStaging
 from .restore import RestoreFromDisk
 from .shared import SharedContexts
 from .stats import Stats
+from .tp_sync import RankSync
 from .status import CacheStatus
 from .verify import KVVerification
 
@@ -136,7 +138,12 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.token_bytes = self.layout.with_tokens(1).raw_nbytes
         self.settings = settings
         heap.keep_freed_heap(settings.keep_freed_heap_bytes)  # the solver's temporaries stay mapped
-        self.cost = cost or self._measured_cost(settings)
+        self.sync = RankSync(params.tp_cache_group)
+        # Under TP rank 0 calibrates and every rank plans with its figures.
+        self.cost = self.sync.object_from_rank0(cost or (self._measured_cost(settings) if self.sync.rank == 0
+                                                         else CostModel()))
+        self._clock = self.sync.from_rank0(time.monotonic())[0]  # see _now
+        self._lookups = True  # see _closes; agreed below once the disk is indexed
         if settings.prefill_s_per_token is not None:  # pinned by the operator: not learnt
             self.cost.prefill_s_per_token = settings.prefill_s_per_token
         prefill_timer.activate(self.cost if settings.prefill_s_per_token is None else None)
@@ -161,13 +168,14 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
         self.set_policy(settings.policy, settings.weights)
-        tp = _tp_rank_size(params)
+        tp = self.sync.rank, self.sync.size  # each rank's blobs hold its shard of the KV heads
         self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
         self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
         self._published: OrderedDict[str, bool] = OrderedDict()
         self._absent: OrderedDict[str, float] = OrderedDict()
         self._ready = True
         self._restore_from_disk()
+        self._lookups = self.shared is not None or not self.sync.agree(mins=[not self.dormant])[1][0]
 
     def _measured_cost(self, settings: Settings) -> CostModel:
         """Decode rates, zstd speed and gain, host->GPU and disk bandwidth measured here at
@@ -196,10 +204,12 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         weights.validate()
         validate_policy_name(name, self.settings)
         with self.lock:
+            problems = self.audit() if self.health.degraded is not None and name != "off" else []
+            # Every rank leaves degraded mode, or none: agreed on every call, so that no rank
+            # waits in a collective the others skip (each rank gets every admin change).
+            if not self.sync.all_ok(not problems):
+                raise SettingsError(f"evicpress stays degraded: {'; '.join(problems[:3]) or 'another rank'}")
             if self.health.degraded is not None and name != "off":
-                problems = self.audit()
-                if problems:
-                    raise SettingsError(f"evicpress stays degraded: {'; '.join(problems[:3])}")
                 log.warning("evicpress: state checks out again; leaving degraded mode (%s)", self.health.degraded)
                 self.health.degraded = None
             self.policy = None if name == "off" else make_policy(name, self.table, weights)
@@ -211,6 +221,25 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.health.degrade(reason)
         self.policy = None
         self.settings.policy = "off"
+
+    def _closes(self, entry: str) -> bool:
+        """Whether ``entry`` ends with a closing collective (see :func:`.guard.entry_point`):
+        under TP, eviction and load-back (they agree on clocks and tier outcomes), and a
+        match while some rank may attach a context found by content. Decided from agreed
+        state only, so every rank closes the same calls."""
+        if not (self.sync.on and getattr(self, "_ready", False)):
+            return False
+        return entry in ("evict", "init_load_back") or (entry == "match_prefix" and self._lookups)
+
+    def _close_step(self, entry: str, failed: bool) -> None:
+        """The closing collective; a failure on any rank degrades every rank, so they stay alike."""
+        try:
+            anyone = self.sync.close(failed)
+        except Exception as e:  # noqa: BLE001 - the group itself failed: nothing to agree with any more
+            self.health.record(f"{entry} close", e)
+            anyone = True
+        if anyone:
+            self._degrade(f"a tensor-parallel rank failed in {entry}")
 
     def _after_internal_error(self) -> None:
         """Check the state after an error; if it does not add up, repair SGLang's size
@@ -353,12 +382,15 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         req.last_node = m.last_device_node
 
 
-def _tp_rank_size(params: CacheInitParams) -> tuple[int, int]:
-    """This scheduler's tensor-parallel rank and size (its blobs hold its shard of the KV heads)."""
-    group = params.tp_cache_group
-    if group is None or not torch.distributed.is_initialized():
-        return 0, 1
-    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+def _refuse_unsynced_parallelism(params: CacheInitParams) -> None:
+    """Ranks agree over ``tp_cache_group`` only (:mod:`.tp_sync`); pipeline stages and
+    attention context-parallel ranks would each decide alone, so they are refused."""
+    if getattr(params, "pp_size", 1) > 1:
+        raise SettingsError("evicpress: pipeline parallelism (--pp-size > 1) is not supported: stages would evict "
+                            "and load independently; use --tp / --dp-size")
+    cp = getattr(params, "attn_cp_cache_group", None)
+    if cp is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(cp) > 1:
+        raise SettingsError("evicpress: attention context parallelism is not supported; use --tp / --dp-size")
 
 
 def build(ctx, settings: Settings | None = None) -> EvicPressRadixCache:
@@ -368,4 +400,5 @@ def build(ctx, settings: Settings | None = None) -> EvicPressRadixCache:
     settings = settings or load_settings()
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.enable_hierarchical_cache:
         raise SettingsError("evicpress: needs a plain full-attention model without --enable-hierarchical-cache")
+    _refuse_unsynced_parallelism(ctx.params)
     return EvicPressRadixCache(ctx.params, settings)

@@ -16,6 +16,8 @@ import traceback
 from collections import defaultdict
 from typing import Any, Callable, TypeVar
 
+from .tp_sync import RankAbort
+
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,17 +76,36 @@ class Health:
 def entry_point(fallback: Callable[..., Any]) -> Callable[[F], F]:
     """Guard an SGLang entry point of the cache: on an exception, record it, let the cache
     check its state (``_after_internal_error``) and return ``fallback(self, *args, **kwargs)``.
-    Fallbacks are trivially safe (an empty match, freeing a request's own slots)."""
+    Fallbacks are trivially safe (an empty match, freeing a request's own slots).
+
+    Under tensor parallelism an entry point in which ranks agree (``cache._closes(name)``,
+    decided from agreed state, so alike on every rank) ends with a closing collective that
+    also carries a failure here; a rank that failed, or saw another fail
+    (:class:`~.tp_sync.RankAbort`), degrades with every other, and no rank waits for one
+    that has left (see :mod:`.tp_sync`)."""
 
     def wrap(method: F) -> F:
+        name = method.__name__
+
         @functools.wraps(method)
         def guarded(self, *args, **kwargs):
+            closes = getattr(self, "_closes", None)
+            closing = closes is not None and closes(name)
             try:
-                return method(self, *args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - the whole point: nothing reaches the scheduler
-                self.health.record(method.__name__, e)
-                self._after_internal_error()
+                result = method(self, *args, **kwargs)
+            except RankAbort as e:  # that collective was this rank's close
+                self.health.record(name, e)
+                self._degrade("another tensor-parallel rank failed in the same step")
                 return fallback(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the whole point: nothing reaches the scheduler
+                self.health.record(name, e)
+                self._after_internal_error()
+                if closing:
+                    self._close_step(name, failed=True)
+                return fallback(self, *args, **kwargs)
+            if closing:
+                self._close_step(name, failed=False)
+            return result
 
         return guarded  # type: ignore[return-value]
 

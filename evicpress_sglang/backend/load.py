@@ -116,11 +116,16 @@ class LoadBack(StoreOnEvict):
 
     def _load(self, node: TreeNode, protect: set[int]) -> Optional[torch.Tensor]:
         """Decode one placeholder straight into new pool slots; None on a miss or when no
-        room is left."""
+        room is left. Under TP it counts only if it worked on every rank: ranks agree that
+        every blob was found before making room (so all evict alike), and that every decode
+        worked before any rank commits (frees the blob, points the node at the slots);
+        otherwise the ranks that decoded free their slots, and a miss anywhere removes the
+        placeholder everywhere."""
         stored: Stored = node.evp
         t0 = time.perf_counter()
         enc = self._fetch(node)
-        if enc is None:
+        if not self.sync.all_ok(enc is not None):
+            self._agreed_miss(node)
             return None
         codec = get_codec(stored.codec)
         n = codec.device_codec.output_shape(enc.shape).tokens  # fewer than len(node.key) for a token subset
@@ -129,12 +134,18 @@ class LoadBack(StoreOnEvict):
             self._evict_with(n, protect=protect)
         slots = allocator.alloc(n)
         if slots is None:
-            return None  # no room even after eviction: the request recomputes the rest
+            return None  # no room even after eviction (alike on every rank): the request recomputes the rest
         try:
             positions = kv_io.decode_into_pool(self.kvpool, slots, codec, enc)
+            decoded = True
         except CodecError as e:  # checked before anything was written: the slots go back untouched
             allocator.free(slots)
             self._miss(node, str(e))
+            decoded = False
+        if not self.sync.all_ok(decoded):
+            if decoded:
+                allocator.free(slots)
+            self._agreed_miss(node)
             return None
         self._tier_delete(stored)
         node.value = slots.to(torch.int64)

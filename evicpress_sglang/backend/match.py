@@ -11,6 +11,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from . import dropped
 from .nodes import is_dropped, is_placeholder
+from .content_keys import token_hash
 from .profiling import parse_namespace
 from .tree import TreeBookkeeping
 
@@ -30,15 +31,17 @@ class PrefixMatch(TreeBookkeeping):
         profiling = req is not None and parse_namespace(params.key.extra_key) is not None
         if profiling:
             self.profiling.ensure(params.key)
-        result = self._match(params)
+        result = self._match(params, by_content=True)
         if req is not None:
             self._adopt_view(req, result.last_device_node)
         if profiling:
             self.profiling.matched(params.key, self._logical_len(result.last_device_node) + result.host_hit_length)
         return result
 
-    def _match(self, params: MatchPrefixParams) -> MatchResult:
-        """SGLang's match over GPU nodes, continued through placeholders (host_hit_length)."""
+    def _match(self, params: MatchPrefixParams, by_content: bool = False) -> MatchResult:
+        """SGLang's match over GPU nodes, continued through placeholders (host_hit_length);
+        ``by_content``: where nothing in the tree continues, look for a stored context
+        (only a request's match does; internal re-matches never attach anything)."""
         result = super().match_prefix(params)
         key = params.key
         if self.disable or len(key) == 0:
@@ -48,8 +51,8 @@ class PrefixMatch(TreeBookkeeping):
         host_hit, best = 0, node
         while len(key) > 0 and self.health.loads_allowed:
             child = node.children.get(key.child_key(self.page_size))
-            if child is None:  # a context stored earlier, here or by another server, may continue here
-                child = self._attach_dormant(node, key) or self._attach_shared(node, key)
+            if child is None and by_content:  # a context stored earlier, here or by another server, may continue
+                child = self._attach_by_content(node, key)
             if child is None or not is_placeholder(child):
                 break
             n = child.key.match(key, page_size=self.page_size)
@@ -62,6 +65,31 @@ class PrefixMatch(TreeBookkeeping):
         if host_hit == 0:
             return result
         return result._replace(best_match_node=best, host_hit_length=host_hit)
+
+    def _attach_by_content(self, node: TreeNode, key: RadixKey) -> TreeNode | None:
+        """A dormant disk blob or a shared context continuing the path at ``node``. Under TP
+        every rank looks (each for its own shard) and attaches only the context every rank
+        found, so no rank's tree gains a node another's lacks; a shared one also only if
+        every rank could stage it."""
+        if not self.sync.on:
+            return self._attach_dormant(node, key) or self._attach_shared(node, key)
+        if not self._lookups:  # agreed: no rank has dormant blobs and no store is configured
+            return None
+        dormant = self._find_dormant(node, key)
+        shared = None if dormant is not None else self._find_shared(node, key)
+        same_dormant, same_shared = self.sync.same([
+            _content_id(dormant[1].tokens, dormant[1].extra_key) if dormant is not None else -1.0,
+            _content_id(shared.key.token_ids, shared.key.extra_key) if shared is not None else -1.0])
+        if same_dormant and dormant is not None:
+            return self._attach_dormant_entry(node, *dormant)
+        if not (same_shared and shared is not None):
+            return None
+        stored = self._stage_shared(shared)
+        if not self.sync.all_ok(stored is not None):
+            if stored is not None:
+                self._tier_delete(stored)
+            return None
+        return self._attach_placeholder(node, shared.key, stored, shared.config)
 
     def _adopt_view(self, req, last: TreeNode) -> None:
         """Give ``req``, from its logical tokens, the physical view the path to ``last`` needs, if any."""
@@ -106,9 +134,14 @@ class PrefixMatch(TreeBookkeeping):
             self._counted_rids.pop(next(iter(self._counted_rids)))
         if reused is not self.root_node:
             self.queries.offer(reused.id, req.origin_input_ids[self._logical_len(reused):])
-        now = time.monotonic()
+        now = self._now()
         node = deepest
         while node is not self.root_node:
             if node.id in self.table:
                 self.table.hit(node.id, now)
             node = node.parent
+
+
+def _content_id(tokens, extra_key: str | None) -> float:
+    """A found context's identity as an exact float64 (48 bits of its hash)."""
+    return float(int(token_hash(extra_key, tokens)[:12], 16))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 from array import array
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,7 +111,7 @@ class ProfileStaging:
         write questions (``profile_self_questions``), contexts nobody has reused yet.
         None under a policy that does not read qualities (a baseline, or ``off``): there the
         background loop would take GPU time for nothing (the admin trigger still works)."""
-        now = time.monotonic() if now is None else now
+        now = self.cache._now() if now is None else now
         self._expire(now)
         if self.cache.policy is None or not self.cache.policy.uses_quality:
             return
@@ -153,7 +152,7 @@ class ProfileStaging:
             self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused; "
                                                        "profile_self_questions lets the model write some)"}
             return None
-        job = self._make(node_id, time.monotonic())
+        job = self._make(node_id, self.cache._now())
         if isinstance(job, str):
             self.refusal = {"node": node_id, "reason": job}
             return None
@@ -209,10 +208,10 @@ class ProfileStaging:
         if measured and job.node in t:
             for codec, q in measured.items():
                 t.set_quality(job.node, codec, q)
-            self.records[job.node] = Record(time.monotonic(), queries, measured)
+            self.records[job.node] = Record(self.cache._now(), queries, measured)
             self.counts["variants_measured"] += len(measured)
         elif job.write_questions and job.node in t:  # the model wrote nothing usable: not again until reused
-            self.records[job.node] = Record(time.monotonic(), 0, {})
+            self.records[job.node] = Record(self.cache._now(), 0, {})
         outcome = {"accepted": True, "measured": measured,
                    "discarded": sorted(job.codecs[v] for v in quality if 0 < v < len(job.codecs)
                                        and job.codecs[v] not in measured)}

@@ -76,10 +76,16 @@ class RestoreFromDisk(TreeBookkeeping):
         """The dormant blob continuing the path at ``node`` that shares the most leading
         tokens with ``key``, attached as a placeholder child of ``node`` (a request that
         needs only part of it loads it and splits it); None if there is none."""
+        found = self._find_dormant(node, key)
+        return None if found is None else self._attach_dormant_entry(node, *found)
+
+    def _find_dormant(self, node: TreeNode, key: RadixKey) -> tuple[str, Dormant] | None:
+        """:meth:`_attach_dormant`'s choice and its index key, changing nothing (ranks agree on it first)."""
         if not self.dormant or len(key) == 0:
             return None
         start = self._path_tokens(node) if node is not self.root_node else []
-        found = self.dormant.get(token_hash(key.extra_key, start))
+        start_hash = token_hash(key.extra_key, start)
+        found = self.dormant.get(start_hash)
         if not found or key.child_key(self.page_size) in node.children:
             return None
         best, shared = None, 0
@@ -88,14 +94,15 @@ class RestoreFromDisk(TreeBookkeeping):
             n = candidate.match(key, page_size=self.page_size)
             if n > shared:
                 best, shared = entry, n
-        if best is None:
-            return None
-        found.remove(best)
-        self.dormant_bytes -= best.nbytes
+        return None if best is None else (start_hash, best)
+
+    def _attach_dormant_entry(self, node: TreeNode, start_hash: str, entry: Dormant) -> TreeNode:
+        self.dormant[start_hash].remove(entry)
+        self.dormant_bytes -= entry.nbytes
         self.stats.found_by_content += 1
-        return self._attach_placeholder(node, RadixKey(best.tokens, best.extra_key),
-                                        Stored(Tier.DISK, best.codec, best.blob),
-                                        self._config_index(Tier.DISK, best.codec))
+        return self._attach_placeholder(node, RadixKey(entry.tokens, entry.extra_key),
+                                        Stored(Tier.DISK, entry.codec, entry.blob),
+                                        self._config_index(Tier.DISK, entry.codec))
 
     def _free_dormant(self, nbytes: int) -> bool:
         """Delete dormant blobs (oldest index entries first) until ``nbytes`` more fit on

@@ -20,6 +20,7 @@ import time
 import uuid
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
@@ -63,6 +64,13 @@ class SharedContexts(TreeBookkeeping):
     def _attach_shared(self, node: TreeNode, key: RadixKey) -> TreeNode | None:
         """A context another server published that continues the path at ``node`` with the
         first tokens of ``key``: staged in host memory and attached as a placeholder."""
+        found = self._find_shared(node, key)
+        stored = None if found is None else self._stage_shared(found)
+        return None if stored is None else self._attach_placeholder(node, found.key, stored, found.config)
+
+    def _find_shared(self, node: TreeNode, key: RadixKey) -> "SharedHit | None":
+        """The published context :meth:`_attach_shared` would attach, fetched but not staged
+        (ranks agree on it first)."""
         if self.shared is None or len(key) < HEAD_TOKENS or Tier.HOST not in self.tiers:
             return None
         start = list(self._path_tokens(node)) if node is not self.root_node else []
@@ -87,14 +95,26 @@ class SharedContexts(TreeBookkeeping):
         if extra_key != key.extra_key or child_key.match(key, page_size=self.page_size) == 0 or config is None:
             self.stats.miss("remote", "shared blob does not continue the request here")
             return None
-        stored = Stored(Tier.HOST, name_here, uuid.uuid4().hex)
+        return SharedHit(child_key, enc, name_here, config)
+
+    def _stage_shared(self, found: "SharedHit") -> Stored | None:
+        """Put a fetched shared blob in host memory; None when there is no room (a miss)."""
+        stored = Stored(Tier.HOST, found.codec, uuid.uuid4().hex)
         try:
-            self.tiers[Tier.HOST].put(stored.blob, enc)
+            self.tiers[Tier.HOST].put(stored.blob, found.enc)
         except (TierError, OSError) as e:  # no room to stage it: the request prefills
             self.health.note_tier_failure("staging a shared blob in host memory", e)
             return None
         self.stats.shared_hits += 1
-        return self._attach_placeholder(node, child_key, stored, config)
+        return stored
+
+
+@dataclass(frozen=True)
+class SharedHit:
+    key: RadixKey
+    enc: EncodedKV
+    codec: str  # as staged in host memory
+    config: int
 
 
 def _remember(table: OrderedDict, key: str, value) -> None:

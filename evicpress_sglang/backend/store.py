@@ -37,10 +37,10 @@ class StoreOnEvict(TreeBookkeeping):
         if self.disable or num_tokens <= 0:
             return EvictResult()
         start = time.perf_counter()
-        self._forget_lost_blobs()
+        now = self._agree_round()
         freed = self.profiling.evict_idle(num_tokens)  # the profiler's copies go first
         if self.policy is not None and len(self.table) and freed < num_tokens:
-            freed += self._evict_by_policy(num_tokens - freed, protect)
+            freed += self._evict_by_policy(num_tokens - freed, protect, now)
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
         self.stats.evict_seconds += time.perf_counter() - start
@@ -48,7 +48,7 @@ class StoreOnEvict(TreeBookkeeping):
             self.stats.exporter.usage(self._tier_bytes())
         return EvictResult(num_tokens_evicted=freed)
 
-    def _evict_by_policy(self, num_tokens: int, protect: Collection[int]) -> int:
+    def _evict_by_policy(self, num_tokens: int, protect: Collection[int], now: float) -> int:
         t = self.table
         rows = t.rows()
         movable = ~t.in_use[rows]
@@ -60,7 +60,7 @@ class StoreOnEvict(TreeBookkeeping):
             self._plannable(Tier.HOST),
             self._plannable(Tier.DISK),
         ], dtype=np.float64)
-        placed, new = self.policy.place(cap, time.monotonic(), movable)
+        placed, new = self.policy.place(cap, now, movable)
         old = t.assign[placed]
         moves = [(int(r), int(c)) for r, c, o in zip(placed, new, old) if c != o and self._is_demotion(r, o, c)]
         depth = {r: len(self._path(self.nodes[t.keys[r]])) for r, _ in moves}
@@ -143,7 +143,8 @@ class StoreOnEvict(TreeBookkeeping):
         stored: Stored = node.evp
         t0 = time.perf_counter()
         read = self._read(node)
-        if read is None:
+        if not self.sync.all_ok(read is not None):  # a miss on any rank is a miss on every rank
+            self._agreed_miss(node)
             return 0
         # The KV is in memory now: free the old blob first, so recompressing inside a full
         # tier does not need room for both copies at once.
@@ -179,9 +180,18 @@ class StoreOnEvict(TreeBookkeeping):
                 if stored.tier != Tier.DISK or not self._free_dormant(enc.nbytes + enc.nbytes // 64 + 65536):
                     raise
                 self.tiers[stored.tier].put(stored.blob, enc, meta, pack=pack)
+            ok = True
         except (TierError, OSError) as e:
             self.health.note_tier_failure(f"{stored.tier.label} put", e)
             self.stats.tier_errors += 1
+            ok = False
+        agreed = False
+        try:
+            agreed = self.sync.all_ok(ok)  # stored only if every rank stored its shard
+        finally:
+            if ok and not agreed:  # refused elsewhere, or another rank failed: no node will point at it
+                self._tier_delete(stored)
+        if not agreed:
             return False
         self._publish(node, stored.codec, enc, pack)
         self.stats.stored(stored.tier.label, stored.codec, len(node.key), enc.shape.raw_nbytes, enc.nbytes,

@@ -16,6 +16,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from ..codecs import subset_codec
 from ..policy import Tier
+from .content_keys import token_hash
 from .nodes import Stored, is_dropped, is_placeholder, kept_below, missing_slots
 
 
@@ -32,7 +33,7 @@ class TreeBookkeeping(RadixCache):
             node = node.parent
         for n in reversed(path):
             parent = None if n.parent is self.root_node else n.parent.id
-            r = self.table.insert(n.id, len(n.key), time.monotonic(), parent)
+            r = self.table.insert(n.id, len(n.key), self._now(), parent)
             self.table.in_use[r] = n.lock_ref > 0
             self.nodes[n.id] = n
 
@@ -111,6 +112,12 @@ class TreeBookkeeping(RadixCache):
         self._forget(node)
         self._update_leaf_status(node.parent)
 
+    def _agreed_miss(self, node: TreeNode) -> None:
+        """Another rank missed this placeholder (this one may have already): it goes here too."""
+        if is_placeholder(node):
+            self.stats.miss(node.evp.tier.label, "missed on another tensor-parallel rank")
+            self._drop_placeholder(node)
+
     def _attach_placeholder(self, parent: TreeNode, key: RadixKey, stored: Stored, config: int) -> TreeNode:
         """A new placeholder child of ``parent`` for a blob found by content."""
         child = TreeNode()
@@ -123,14 +130,59 @@ class TreeBookkeeping(RadixCache):
 
     def _forget_lost_blobs(self) -> None:
         """Placeholders whose blob a tier lost in the background (a failed disk write) are
-        misses from now on: remove them, so every placeholder left holds a blob."""
+        misses from now on: remove them, so every placeholder left holds a blob. Under TP
+        this waits for the next eviction round (:meth:`_agree_round`), where every rank
+        removes what any rank lost; a load before then is an agreed miss."""
+        if not self.sync.on:
+            self._drop_lost(self._lost_here())
+
+    def _lost_here(self) -> list[TreeNode]:
         lost = {(tier, key) for tier, store in self.tiers.items() for key in store.take_lost()}
         if not lost:
-            return
-        for node in [n for n in self.nodes.values() if is_placeholder(n) and (n.evp.tier, n.evp.blob) in lost]:
+            return []
+        return [n for n in self.nodes.values() if is_placeholder(n) and (n.evp.tier, n.evp.blob) in lost]
+
+    def _drop_lost(self, nodes: list[TreeNode]) -> None:
+        for node in nodes:
             if is_placeholder(node):  # not yet removed with a lost ancestor
                 self.stats.miss(node.evp.tier.label, "its background write failed")
                 self._drop_placeholder(node)
+
+    # -- agreement between tensor-parallel ranks (see tp_sync) ------------------------
+
+    def _now(self) -> float:
+        """The time the policy's table stamps hits and inserts with and decays to. Alone:
+        this process's clock. Under TP: the clock rank 0 sent at the last eviction round,
+        so every rank stamps and decays with the same numbers at no extra collective per
+        request; hits between two rounds share one stamp, which undervalues them against
+        older hits by at most a factor 2^(-gap / half_life) (gap: time between rounds)."""
+        return self._clock if self.sync.on else time.monotonic()
+
+    def _agree_round(self) -> float:
+        """Before each eviction decision, which every rank reaches in the same step: take
+        rank 0's clock and learnt prefill rate (the drop price), whether any rank still has
+        dormant blobs or is degraded, and remove on every rank the placeholders whose blob
+        any rank lost. Returns the time to decide with."""
+        if not self.sync.on:
+            self._forget_lost_blobs()
+            return time.monotonic()
+        lost = self._lost_here()
+        (now, rate), (most_lost, no_dormant, healthy) = self.sync.agree(
+            bcast=[time.monotonic(), self.cost.prefill_s_per_token],
+            mins=[-len(lost), not self.dormant, self.health.degraded is None])
+        self._clock = max(self._clock, now)
+        self.cost.prefill_s_per_token = rate
+        self._lookups = self.shared is not None or not no_dormant
+        if not healthy:
+            self._degrade("another tensor-parallel rank is degraded")
+        if most_lost < 0:  # blob ids are per rank: agree by the context's path
+            paths = set().union(*self.sync.gather(sorted(self._path_id(n) for n in lost)))
+            self._drop_lost([n for n in list(self.nodes.values()) if is_placeholder(n) and self._path_id(n) in paths])
+        return self._clock
+
+    def _path_id(self, node: TreeNode) -> str:
+        """A node's identity on every rank: its namespace and the tokens from the root."""
+        return token_hash(node.key.extra_key, self._path_tokens(node))
 
     def _tier_delete(self, stored: Stored) -> None:
         """Delete a blob; a tier that fails to delete keeps an orphan, which its capacity
