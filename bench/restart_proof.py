@@ -19,30 +19,18 @@ import shlex
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import requests
 
-from evicpress_sglang.bench.server import Server
+from evicpress_sglang.bench.server import Server, parse_server_args, server_command, server_parser
 from evicpress_sglang.bench.workload import doc_texts, docqa_prompt, fact_question
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--docs", type=int, default=12)
-    p.add_argument("--doc-chars", type=int, default=9000)
+    p = server_parser(__doc__.split("\n\n")[0], port=30300, docs=12, max_new_tokens=16)
     p.add_argument("--pool-tokens", type=int, default=10000, help="about 4 documents")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--mem-fraction", type=float, default=0.3)
-    p.add_argument("--port", type=int, default=30300)
-    p.add_argument("--launcher", default=f"{sys.executable} -m sglang.launch_server")
-    p.add_argument("sglang_args", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
-    a.sglang_args = [x for x in a.sglang_args if x != "--"]
-    return a
+    return parse_server_args(p, argv)
 
 
 def ask(url: str, prompt: str, n: int) -> dict:
@@ -58,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     texts, codes = doc_texts(np.random.default_rng(0), args.docs, args.doc_chars, args.doc_chars + 1000)
     prompts = [docqa_prompt(t, fact_question(d)) for d, t in enumerate(texts)]
-    common = [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
-              "--mem-fraction-static", str(args.mem_fraction), *args.sglang_args]
+    common = server_command(args)
     settings = {"policy": "lru-offload", "host_bytes": "16MiB", "disk_dir": str(args.out / "disk"),
                 "disk_bytes": "4GiB"}
     env = os.environ | {"EVICPRESS_CONFIG": json.dumps(settings)}

@@ -29,12 +29,11 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import requests
 
-from evicpress_sglang.bench.server import Server
+from evicpress_sglang.bench.server import Server, parse_server_args, server_command, server_parser
 from evicpress_sglang.bench.workload import QUESTIONS, doc_texts, docqa_prompt, fact_question
 
 LOSSLESS_POLICY = "lru-offload"
@@ -42,12 +41,8 @@ LEAK = re.compile(r"leak detected", re.IGNORECASE)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p = server_parser(__doc__.split("\n\n")[0], port=30200, docs=24, max_new_tokens=24)
     p.add_argument("--minutes", type=float, default=8.0)
-    p.add_argument("--docs", type=int, default=24)
-    p.add_argument("--doc-chars", type=int, default=9000, help="about 2.3k SmolLM2 tokens")
     p.add_argument("--pool-docs", type=float, default=5.0, help="documents the soaked server's KV pool holds")
     p.add_argument("--tokens-per-doc", type=int, default=2400)
     p.add_argument("--host-bytes", default="64MiB")
@@ -55,16 +50,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--switch-s", type=float, default=30.0)
     p.add_argument("--policies", default="evicpress,static:int2,static:keydiff:0.3+int8,lru,off")
     p.add_argument("--concurrency", default="1,4,16,8,2", help="levels cycled through, one per --switch-s")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--mem-fraction", type=float, default=0.3, help="--mem-fraction-static of each server")
-    p.add_argument("--port", type=int, default=30200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--launcher", default=f"{sys.executable} -m sglang.launch_server",
-                   help="the server command (tests use a stand-in)")
-    p.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to both servers")
-    a = p.parse_args(argv)
-    a.sglang_args = [x for x in a.sglang_args if x != "--"]
-    return a
+    return parse_server_args(p, argv)
 
 
 def generate(url: str, text: str, max_new_tokens: int) -> dict:
@@ -128,8 +115,7 @@ def soak(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     texts, codes = doc_texts(rng, args.docs, args.doc_chars, args.doc_chars + 1000)
-    common = [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
-              "--mem-fraction-static", str(args.mem_fraction), *args.sglang_args]
+    common = server_command(args)
     pool = int(args.pool_docs * args.tokens_per_doc)
     settings = {"host_bytes": args.host_bytes, "disk_dir": str(args.out / "disk"), "disk_bytes": args.disk_bytes,
                 "host_codecs": "bf16,fp8,int8,int4,int2,keydiff:0.3+int8"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,3 +78,33 @@ class Server:
 def _port_taken(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def server_parser(description: str, port: int, docs: int, max_new_tokens: int) -> argparse.ArgumentParser:
+    """The arguments every GPU proof script shares (``bench/soak.py``, ``bench/restart_proof.py``):
+    the model, the output folder, the document workload's size, each server's memory share and
+    port, the server command (tests use a stand-in), and SGLang's own arguments after ``--``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--docs", type=int, default=docs)
+    p.add_argument("--doc-chars", type=int, default=9000, help="about 2.3k SmolLM2 tokens")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--mem-fraction", type=float, default=0.3, help="--mem-fraction-static of each server")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--launcher", default=f"{sys.executable} -m sglang.launch_server",
+                   help="the server command (tests use a stand-in)")
+    p.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to every server")
+    return p
+
+
+def parse_server_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    a = p.parse_args(argv)
+    a.sglang_args = [x for x in a.sglang_args if x != "--"]
+    return a
+
+
+def server_command(args: argparse.Namespace) -> list[str]:
+    """The command line every server of a proof script starts with (its own flags follow)."""
+    return [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
+            "--mem-fraction-static", str(args.mem_fraction), *args.sglang_args]
