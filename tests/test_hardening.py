@@ -149,3 +149,57 @@ def test_degraded_cache_loads_nothing_back(tmp_path):
     assert r.loaded == 0 and r.reused == 0
     k, v = expected_kv(doc + [1])
     assert torch.equal(r.k, k)
+
+
+@pytest.mark.parametrize("fail_after_insert", [False, True])
+def test_a_chunk_insert_that_fails_leaves_the_request_running_on_exact_kv(tmp_path, monkeypatch, fail_after_insert):
+    """cache_unfinished_req raising before or after the tree took the chunk: the request is
+    re-pointed at what the tree holds, its locks stay balanced, its KV stays exact, and
+    finishing it leaves the pool accounted for."""
+    from array import array
+
+    from evicpress_sglang.backend.insert import InsertRevive
+    from harness import LAYERS, kv_at
+    from stress import StressReq
+
+    cache = _cache(tmp_path, pool=300, policy="lru-offload")
+    serve(cache, list(range(40)))  # a cached prefix the request shares
+    tokens = list(range(40)) + list(range(500, 560))
+    req = StressReq(array("q", tokens), rid="chunked", req_pool_idx=1)
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=req))
+    req.last_node, prefix = m.last_device_node, m.device_indices
+    cache.inc_lock_ref(req.last_node)
+    req.prefix_indices, req.cache_protected_len = prefix, len(prefix)
+    rtt = cache.req_to_token_pool.req_to_token
+    rtt[1, : len(prefix)] = prefix.to(torch.int32)
+    slots = cache.token_to_kv_pool_allocator.alloc(60)  # the first chunk: tokens 40..99
+    k, v = kv_at(tokens[40:], range(40, 100))
+    for layer in range(LAYERS):
+        cache.kvpool.k_buffer[layer][slots] = k[layer]
+        cache.kvpool.v_buffer[layer][slots] = v[layer]
+    rtt[1, 40:100] = slots.to(torch.int32)
+    req.fill_len = 100
+    original = InsertRevive._insert_req
+
+    def failing(self, *args, **kwargs):
+        if fail_after_insert:
+            original(self, *args, **kwargs)
+        raise RuntimeError("injected failure in a chunk insert")
+
+    monkeypatch.setattr(InsertRevive, "_insert_req", failing)
+    cache.cache_unfinished_req(req, chunked=True)
+    monkeypatch.setattr(InsertRevive, "_insert_req", original)
+    assert cache.health.internal_errors == 1 and cache.health.degraded is None
+    row = rtt[1, :100].to(torch.int64)
+    want_k, _ = kv_at(tokens, range(100))
+    got_k = torch.stack([cache.kvpool.k_buffer[layer][row] for layer in range(LAYERS)])
+    assert torch.equal(got_k, want_k)
+    assert req.last_node.lock_ref >= 1 and cache.audit() == []
+    # What the tree took is locked for the request (else an eviction could free slots it runs on).
+    assert cache._logical_len(req.last_node) == (100 if fail_after_insert else 40)
+    cache.cache_finished_req(req, kv_len_to_handle=100)
+    assert free_slots_accounted(cache) and cache.audit() == []
+    assert cache.root_node.children and all(n.lock_ref == 0 for n in cache.nodes.values())

@@ -107,7 +107,7 @@ def _release_request(cache: "EvicPressRadixCache", req, is_insert: bool = True, 
 
 
 def _keep_running(cache: "EvicPressRadixCache", req, chunked: bool = False) -> None:
-    """Point the request at whatever the tree holds of its prefix (see :meth:`_resync`)."""
+    """Point the request at whatever the tree holds of its prefix (see :meth:`_resync_unfinished`)."""
     _quietly(cache, "cache_unfinished_req fallback", cache._resync_unfinished, req)
 
 
