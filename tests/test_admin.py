@@ -93,7 +93,8 @@ def test_settings_validation_names_the_setting(tmp_path):
                      ({"profile_score": "bleu"}, "profile_score"), ({"profile_answer_tokens": 0}, "profile_answer_tokens"),
                      ({"profile_max_age_s": 0}, "profile_max_age_s"), ({"profile_min_tokens": True}, "profile_min_tokens"),
                      ({"profile_self_questions": -1}, "profile_self_questions"),
-                     ({"status_top": True}, "status_top"), ({"held_out_queries": 1.5}, "held_out_queries")]:
+                     ({"status_top": True}, "status_top"), ({"held_out_queries": 1.5}, "held_out_queries"),
+                     ({"remote": "mooncake"}, "remote"), ({"remote": {"backend": "redis"}}, "remote")]:
         with pytest.raises(SettingsError, match=msg):
             load_settings({ENV: json.dumps(raw)})
     with pytest.raises(SettingsError, match="invalid JSON"):
