@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from ..policy import Tier
-from .content_keys import token_hash
 from .nodes import Stored
 from .tree import TreeBookkeeping
 
@@ -68,8 +67,7 @@ class RestoreFromDisk(TreeBookkeeping):
 
     def _disk_meta(self, node: TreeNode, codec: str) -> dict:
         """What a disk blob of ``node`` carries so that any later process finds it by content."""
-        start = self._path_tokens(node.parent) if node.parent is not self.root_node else []
-        return {"fp": self.fingerprint, "codec": codec, "start_hash": token_hash(node.key.extra_key, start),
+        return {"fp": self.fingerprint, "codec": codec, "start_hash": self._start_hash(node.parent, node.key.extra_key),
                 "tokens": list(node.key.token_ids), "extra_key": node.key.extra_key}
 
     def _attach_dormant(self, node: TreeNode, key: RadixKey) -> TreeNode | None:
@@ -83,8 +81,7 @@ class RestoreFromDisk(TreeBookkeeping):
         """:meth:`_attach_dormant`'s choice and its index key, changing nothing (ranks agree on it first)."""
         if not self.dormant or len(key) == 0:
             return None
-        start = self._path_tokens(node) if node is not self.root_node else []
-        start_hash = token_hash(key.extra_key, start)
+        start_hash = self._start_hash(node, key.extra_key)
         found = self.dormant.get(start_hash)
         if not found or key.child_key(self.page_size) in node.children:
             return None

@@ -41,15 +41,15 @@ _REMEMBERED = 100_000  # keys remembered as published / absent
 class SharedContexts(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`; ``self.shared`` is the remote tier or None."""
 
-    def _shared_key(self, start: list[int], extra_key: str | None, head: list[int]) -> str:
-        return f"{self.fingerprint}-{token_hash(extra_key, start)}-{token_hash(extra_key, head)}"
+    def _shared_key(self, start: TreeNode, extra_key: str | None, head) -> str:
+        """The store's key for a context continuing the path at ``start`` whose first tokens are ``head``."""
+        return f"{self.fingerprint}-{self._start_hash(start, extra_key)}-{token_hash(extra_key, head)}"
 
     def _publish(self, node: TreeNode, codec: str, enc: EncodedKV, pack: Pack | None) -> None:
         """Offer a context just stored here to the other servers (queued; never waits)."""
         if self.shared is None or len(node.key) < HEAD_TOKENS:
             return
-        start = list(self._path_tokens(node.parent)) if node.parent is not self.root_node else []
-        key = self._shared_key(start, node.key.extra_key, list(node.key.token_ids[:HEAD_TOKENS]))
+        key = self._shared_key(node.parent, node.key.extra_key, node.key.token_ids[:HEAD_TOKENS])
         if key in self._published:
             return
         meta = {"codec": codec, "tokens": list(node.key.token_ids), "extra_key": node.key.extra_key}
@@ -73,8 +73,7 @@ class SharedContexts(TreeBookkeeping):
         (ranks agree on it first)."""
         if self.shared is None or len(key) < HEAD_TOKENS or Tier.HOST not in self.tiers:
             return None
-        start = list(self._path_tokens(node)) if node is not self.root_node else []
-        name = self._shared_key(start, key.extra_key, list(key.token_ids[:HEAD_TOKENS]))
+        name = self._shared_key(node, key.extra_key, key.token_ids[:HEAD_TOKENS])
         if self._absent.get(name, 0.0) > time.monotonic() or key.child_key(self.page_size) in node.children:
             return None
         found = self.shared.get_with_meta(name, device="cpu")

@@ -182,7 +182,7 @@ class TreeBookkeeping(RadixCache):
 
     def _path_id(self, node: TreeNode) -> str:
         """A node's identity on every rank: its namespace and the tokens from the root."""
-        return token_hash(node.key.extra_key, self._path_tokens(node))
+        return self._start_hash(node, node.key.extra_key)
 
     def _tier_delete(self, stored: Stored) -> None:
         """Delete a blob; a tier that fails to delete keeps an orphan, which its capacity
@@ -240,6 +240,11 @@ class TreeBookkeeping(RadixCache):
         for n in self._path(node):
             out.extend(n.key.token_ids)
         return out
+
+    def _start_hash(self, node: TreeNode, extra_key: str | None) -> str:
+        """Hash of the tokens from the root to ``node``: what a stored context that continues
+        at ``node`` is indexed by, on disk and in the shared store."""
+        return token_hash(extra_key, self._path_tokens(node))
 
     def _find_exact(self, key: RadixKey) -> TreeNode | None:
         """The node whose path is exactly ``key`` (root for an empty key)."""
