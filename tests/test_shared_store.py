@@ -43,9 +43,12 @@ def test_server_b_loads_what_server_a_stored(mooncake_store):
         assert b.health.internal_errors == 0
         assert b.status()["tiers"]["remote"]["entries"] == 0  # B published nothing yet
     finally:
-        a.stdin.close()
-        a.kill()
-        a.wait()
+        a.stdin.close()  # A leaves the store cleanly (its segment with it), so later tests never
+        try:             # have the store place objects in the segment of a dead client
+            a.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            a.kill()
+            a.wait()
 
 
 def test_a_store_that_goes_away_is_a_miss_and_nothing_hangs(tmp_path):
@@ -83,12 +86,12 @@ def test_an_unusable_shared_blob_is_a_miss(mooncake_store):
     node = next(iter(b.root_node.children.values()))
     doc = DOCS[5]
     k, v = expected_kv(doc)
-    key = b._shared_key(SYSTEM, None, doc[:32])
+    key = b._shared_key(node, None, doc[:32])
     b.shared.put(key, get_codec("int4").encode(k, v), {"codec": "int4", "tokens": doc, "extra_key": None})
     b.shared.flush()  # sent: read back from the store
     r = serve(b, SYSTEM + doc + [8])  # int4 is not among this server's host codecs
     assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 1
-    key = b._shared_key(SYSTEM, None, DOCS[6][:32])
+    key = b._shared_key(node, None, DOCS[6][:32])
     k, v = expected_kv(DOCS[6])
     b.shared.put(key, get_codec("int8").encode(k, v), {"codec": "int8", "tokens": DOCS[6], "extra_key": "other"})
     b.shared.flush()
