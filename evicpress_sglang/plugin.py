@@ -83,6 +83,40 @@ def _apply_ours(scheduler, recv_req):
     return SetInternalStateReqOutput(updated=True), None
 
 
+@hook(lambda *args, **kwargs: None)
+def _on_arrival(result, scheduler, req, *args, **kwargs):
+    """After ``Scheduler._add_request_to_queue``: start the request's remote reads."""
+    cache = _evicpress_cache(scheduler)
+    if cache is not None and cache.shared is not None:
+        cache.prefetch_for(req)
+
+
+@hook(lambda scheduler: [])
+def _hold_back(scheduler) -> list:
+    """The waiting requests whose remote reads still run: taken out of the queue for one
+    round of prefill scheduling (the scheduler decodes meanwhile)."""
+    cache = _evicpress_cache(scheduler)
+    if cache is None or cache.shared is None or not scheduler.waiting_queue:
+        return []
+    held = cache.held_for_prefetch([r.rid for r in scheduler.waiting_queue])
+    if not held:
+        return []
+    out = [r for r in scheduler.waiting_queue if r.rid in held]
+    scheduler.waiting_queue = [r for r in scheduler.waiting_queue if r.rid not in held]
+    return out
+
+
+def _gate_prefill(original, scheduler, *args, **kwargs):
+    """Around ``Scheduler.get_new_batch_prefill``: requests still waiting for the store sit
+    this round out, then go back to the head of the queue."""
+    held = _hold_back(scheduler)
+    try:
+        return original(scheduler, *args, **kwargs)
+    finally:
+        if held:
+            scheduler.waiting_queue = held + scheduler.waiting_queue
+
+
 def _time_prefill(original, worker, batch=None, *args, **kwargs):
     from .backend.prefill_timer import around_forward
 
@@ -109,6 +143,10 @@ def load() -> None:
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_internal_state", _add_status,
                               HookType.AFTER)
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.set_internal_state", _set_state,
+                              HookType.AROUND)
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", _on_arrival,
+                              HookType.AFTER)
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", _gate_prefill,
                               HookType.AROUND)
         HookRegistry.register("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation",
                               _time_prefill, HookType.AROUND)

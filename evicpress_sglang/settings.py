@@ -30,6 +30,8 @@ POLICY_NAMES = ("evicpress", "lru", "lru-offload", "off")
 #: not bandwidth, is short; the cost model weighs that per context.
 DEFAULT_HOST_CODECS = ("bf16", "fp8", "int8", "int4", "int2")
 DEFAULT_DISK_CODECS = ("bf16", "int8", "int4", "int2", "int4+zstd")
+#: A remote store over TCP moves about as fast as a disk, so it gets the disk's choices.
+DEFAULT_REMOTE_CODECS = DEFAULT_DISK_CODECS
 
 
 class SettingsError(ValueError):
@@ -50,6 +52,7 @@ class Settings:
     keep_freed_heap_bytes: int = 256 * 2**20
     host_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_HOST_CODECS))
     disk_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_DISK_CODECS))
+    remote_codecs: list[str] = field(default_factory=lambda: list(DEFAULT_REMOTE_CODECS))
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
     held_out_queries: int = 4  # per context, a sample of the queries that reused it (for the quality profiler)
@@ -72,9 +75,10 @@ class Settings:
     #: context then take positions that follow the kept tokens instead of the original length.
     shift_positions: bool = True
     #: A store shared with other servers (``{"backend": "mooncake", ...}``, see
-    #: :func:`evicpress_sglang.tiers.make_remote_tier`): every context this server stores is
+    #: :func:`evicpress_sglang.tiers.make_remote_tier`): the tier after disk (the policy may
+    #: place contexts there under ``remote_codecs``), every context this server stores is
     #: published there too, and a request that continues a context another server published
-    #: loads it from there instead of prefilling it. None: nothing shared.
+    #: loads it from there instead of prefilling it. None: no remote tier, nothing shared.
     remote: dict | None = None
 
     @property
@@ -83,9 +87,14 @@ class Settings:
         return self.disk_codecs if self.disk_dir else []
 
     @property
+    def active_remote_codecs(self) -> list[str]:
+        """The remote codecs in use: none without a remote store."""
+        return self.remote_codecs if self.remote else []
+
+    @property
     def stored_codecs(self) -> list[str]:
         """Every codec a context may be stored with on this server, host first, no repeats."""
-        return list(dict.fromkeys(self.host_codecs + self.active_disk_codecs))
+        return list(dict.fromkeys(self.host_codecs + self.active_disk_codecs + self.active_remote_codecs))
 
     @property
     def weights(self) -> Weights:
@@ -141,7 +150,7 @@ def _coerce(name: str, value):
         return whole_number(name, value, 1)
     if name in ("status_top", "held_out_queries", "profile_self_questions"):
         return whole_number(name, value, 0)
-    if name in ("host_codecs", "disk_codecs"):
+    if name in ("host_codecs", "disk_codecs", "remote_codecs"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -163,7 +172,7 @@ def validate_policy_name(name: str, settings: "Settings") -> None:
         codec = name.removeprefix("static:")
         if codec in settings.stored_codecs:
             return
-        raise SettingsError(f"policy {name!r}: codec {codec!r} is not among the enabled host/disk codecs")
+        raise SettingsError(f"policy {name!r}: codec {codec!r} is not among the enabled host/disk/remote codecs")
     raise SettingsError(f"policy: unknown policy {name!r}; valid: evicpress, lru, lru-offload, static:<codec>, off")
 
 
@@ -183,7 +192,7 @@ def from_mapping(raw: dict) -> Settings:
         raise SettingsError(str(e)) from None
     if s.half_life_s <= 0:
         raise SettingsError(f"half_life_s: must be > 0, got {s.half_life_s}")
-    for name in ("host_codecs", "disk_codecs"):
+    for name in ("host_codecs", "disk_codecs", "remote_codecs"):
         for codec in getattr(s, name):
             try:
                 get_codec(codec)

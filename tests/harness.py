@@ -8,6 +8,7 @@ position, so any reuse can be checked), cache it when finished, release its lock
 from __future__ import annotations
 
 import itertools
+import time
 from array import array
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -86,6 +87,7 @@ def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: boo
     computes its new tokens at positions shifted by the cache's offset, as the
     ``ForwardBatch.init_new`` hook makes the model do."""
     req = FakeReq(array("q", tokens), extra_key=extra_key)
+    arrive(cache, req)
     m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
     prefix, last = m.device_indices, m.last_device_node
     req.last_node = last  # as SGLang's match sets it
@@ -123,6 +125,23 @@ def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: boo
     req.kv_committed_len = physical
     cache.cache_finished_req(req, kv_len_to_handle=physical)
     return Served(len(prefix), loaded, used_k, used_v, offset, positions)
+
+
+def arrive(cache, req, timeout_s: float = 30.0) -> None:
+    """What the plugin's scheduler hooks do for a new request: start its remote reads, then
+    keep it out of prefill while the cache holds it (at most ``timeout_s``: a test's bound)."""
+    cache.prefetch_for(req)
+    deadline = time.monotonic() + timeout_s
+    while cache.held_for_prefetch([req.rid]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def until(cond, timeout: float = 10.0) -> None:
+    """Wait for ``cond()`` to hold (background threads at work); fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert cond()
 
 
 def path_positions(cache, node) -> torch.Tensor:

@@ -19,9 +19,13 @@ from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.settings import Settings
 
 
-def server(remote: dict) -> EvicPressRadixCache:
-    return EvicPressRadixCache(make_params(1024), Settings(policy="static:int8", host_bytes=2000 * TOKEN_BYTES,
-                                                           host_codecs=["bf16", "int8"], remote=remote))
+def server(remote: dict, **settings) -> EvicPressRadixCache:
+    """A server on the shared store. Its prefill is priced as an 8B model's (1 ms per token
+    here), so a request waits for the store about as long as a real one would for contexts
+    of these tests' length (60 tokens) instead of the CPU stand-in's microseconds."""
+    return EvicPressRadixCache(make_params(1024), Settings(**{
+        "policy": "static:int8", "host_bytes": 2000 * TOKEN_BYTES, "host_codecs": ["bf16", "int8"],
+        "remote": remote, "prefill_s_per_token": 1e-3, **settings}))
 
 
 def outage(cache: EvicPressRadixCache, n: int) -> None:

@@ -187,10 +187,10 @@ def test_placement_through_selection_equals_placement_through_a_sort(monkeypatch
     sort of every candidate must choose the same ones (a full re-plan frees most bytes,
     an eviction a little out of many candidates)."""
     p = _random_instance(np.random.default_rng(5), 6000, with_parents=True)
-    p.capacity = p.usage(p.best()) * np.array([0.5, 0.5, 1.0])
+    p.capacity = p.usage(p.best()) * np.array([0.5, 0.5, 1.0, 1.0])
     start = solve(p)
     if evict:
-        p.capacity = p.capacity * np.array([0.97, 1.0, 1.0])
+        p.capacity = p.capacity * np.array([0.97, 1.0, 1.0, 1.0])
     selections, argpartition = [], np.argpartition
     with monkeypatch.context() as m:  # count the selection rounds: the test must reach them
         m.setattr(np, "argpartition", lambda *a, **k: selections.append(1) or argpartition(*a, **k))
@@ -210,7 +210,7 @@ def test_configurations_must_be_ordered_by_tier():
 def test_solving_leaves_the_problem_as_it_was():
     """The solver assigns in place: starting from the best placement must not write into it."""
     p = _random_instance(np.random.default_rng(8), 300, with_parents=True)
-    p.capacity = p.usage(p.best()) * np.array([0.3, 0.3, 1.0])
+    p.capacity = p.usage(p.best()) * np.array([0.3, 0.3, 1.0, 1.0])
     best = p.best().copy()
     first = solve(p)
     assert np.array_equal(p.best(), best) and not np.array_equal(first, best)
@@ -231,3 +231,27 @@ def test_per_tier_best_is_the_first_maximum_for_any_tier_width():
     for t, c in enumerate(configs):
         assert np.array_equal(best_c[t], c[0] + U[c].argmax(axis=0))
         assert np.array_equal(best_u[t], U[c].max(axis=0)) and np.array_equal(min_s[t], S[c].min(axis=0))
+
+
+@pytest.mark.parametrize("remote_bw, expected", [(5e9, "remote:int8"), (1e6, "drop")])
+def test_remote_is_the_tier_after_disk_priced_by_its_measured_bandwidth(remote_bw, expected):
+    """Host and disk are full: a context goes to the remote store when loading it from there
+    beats recomputing it (a fast store), and is dropped when the store is too slow to win."""
+    cost = CostModel(remote_bw=remote_bw, remote_latency=1e-3)
+    table = ContextTable(build_configs(CODECS, DISK, ["int8"]), LAYOUT, cost)
+    assert [c.label for c in table.configs][-2:] == ["remote:int8", "drop"]
+    table.insert("a", 8192, now=0.0)
+    table.hit("a", now=1.0)
+    table.set_quality("a", "int8", 0.999)
+    raw = table.sizes[0, table.gpu_config]
+    pol = make_policy("evicpress", table, Weights(alpha=2.0, quality_floor=0.0))
+    _, assign = pol.place(np.array([0, 0, 0, 4 * raw]), now=1.0)
+    assert table.configs[assign[0]].label == expected
+
+
+def test_static_policies_offload_through_the_remote_tier_last():
+    table = ContextTable(build_configs(CODECS, DISK, ["int8", "bf16"]), LAYOUT, CostModel())
+    assert make_policy("static:int8", table).chain == [
+        [c.label for c in table.configs].index(lab) for lab in ("gpu", "host:int8", "remote:int8", "drop")]
+    assert make_policy("lru-offload", table).chain == [
+        [c.label for c in table.configs].index(lab) for lab in ("gpu", "host:bf16", "disk:bf16", "remote:bf16", "drop")]

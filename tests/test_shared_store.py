@@ -8,17 +8,11 @@ import sys
 from pathlib import Path
 
 
-from content_key_setup import DOCS, SYSTEM, TOKEN_BYTES
-from evicpress_sglang.backend.cache import EvicPressRadixCache
-from evicpress_sglang.settings import Settings
-from harness import expected_kv, free_slots_accounted, make_params, serve
+from content_key_setup import DOCS, SYSTEM
+from harness import expected_kv, free_slots_accounted, serve
+from shared_worker import server
 
 WORKER = Path(__file__).with_name("shared_worker.py")
-
-
-def _server_b(remote: dict) -> EvicPressRadixCache:
-    return EvicPressRadixCache(make_params(1024), Settings(policy="static:int8", host_bytes=2000 * TOKEN_BYTES,
-                                                           host_codecs=["bf16", "int8"], remote=remote))
 
 
 def test_server_b_loads_what_server_a_stored(mooncake_store):
@@ -29,7 +23,7 @@ def test_server_b_loads_what_server_a_stored(mooncake_store):
         assert line, a.stderr.read()[-3000:]
         report = json.loads(line)
         assert report["published"] >= 4 and report["stores"].get("host:int8", 0) >= 4
-        b = _server_b(remote)
+        b = server(remote)
         serve(b, SYSTEM)  # B's own first request computes the shared prompt
         for doc in DOCS[:4]:
             tokens = SYSTEM + doc + [8]
@@ -81,17 +75,17 @@ def test_an_unusable_shared_blob_is_a_miss(mooncake_store):
     from evicpress_sglang.codecs import get_codec
 
     remote = mooncake_store.remote_config("unusable-test")
-    b = _server_b(remote)
+    b = server(remote)
     serve(b, SYSTEM)
     node = next(iter(b.root_node.children.values()))
     doc = DOCS[5]
     k, v = expected_kv(doc)
-    key = b._shared_key(node, None, doc[:32])
+    key = b._shared_key(b._start_hash(node, None), None, doc[:32])
     b.shared.put(key, get_codec("int4").encode(k, v), {"codec": "int4", "tokens": doc, "extra_key": None})
     b.shared.flush()  # sent: read back from the store
     r = serve(b, SYSTEM + doc + [8])  # int4 is not among this server's host codecs
     assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 1
-    key = b._shared_key(node, None, DOCS[6][:32])
+    key = b._shared_key(b._start_hash(node, None), None, DOCS[6][:32])
     k, v = expected_kv(DOCS[6])
     b.shared.put(key, get_codec("int8").encode(k, v), {"codec": "int8", "tokens": DOCS[6], "extra_key": "other"})
     b.shared.flush()

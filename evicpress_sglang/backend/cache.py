@@ -59,6 +59,7 @@ from .load import LoadBack
 from .match import PrefixMatch
 from .profiling import ProfileStaging
 from .restore import RestoreFromDisk
+from .prefetch import Prefetcher
 from .shared import SharedContexts
 from .stats import Stats
 from .tp_sync import RankSync
@@ -159,7 +160,14 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         if any(drops_tokens(get_codec(c)) for c in settings.stored_codecs) and (self.page_size != 1 or self.is_eagle):
             raise SettingsError("evicpress: token-dropping codecs need --page-size 1 and no EAGLE speculative decoding")
         dropped.SHIFT = settings.shift_positions
-        configs = build_configs(settings.host_codecs, settings.active_disk_codecs)
+        tp = self.sync.rank, self.sync.size  # each rank's blobs hold its shard of the KV heads
+        self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
+        if self.shared is not None:  # the tier after disk, priced by rank 0's probe of it
+            self.tiers[Tier.REMOTE] = self.shared
+            self.cost.remote_bw, self.cost.remote_latency = self.sync.from_rank0(self.shared.bandwidth,
+                                                                                 self.shared.latency)
+        self.prefetch = Prefetcher(self.shared.options.prefetch_bytes if self.shared is not None else 0)
+        configs = build_configs(settings.host_codecs, settings.active_disk_codecs, settings.active_remote_codecs)
         self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
         self.queries = HeldOutQueries(settings.held_out_queries)
@@ -168,11 +176,8 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
         self.set_policy(settings.policy, settings.weights)
-        tp = self.sync.rank, self.sync.size  # each rank's blobs hold its shard of the KV heads
         self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
-        self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
         self._published: OrderedDict[str, bool] = OrderedDict()
-        self._absent: OrderedDict[str, float] = OrderedDict()
         self._ready = True
         self._restore_from_disk()
         self._lookups = self.shared is not None or not self.sync.agree(mins=[not self.dormant])[1][0]
@@ -229,7 +234,8 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         state only, so every rank closes the same calls."""
         if not (self.sync.on and getattr(self, "_ready", False)):
             return False
-        return entry in ("evict", "init_load_back") or (entry == "match_prefix" and self._lookups)
+        return (entry in ("evict", "init_load_back") or (entry == "match_prefix" and self._lookups)
+                or (entry == "held_for_prefetch" and self.shared is not None))
 
     def _close_step(self, entry: str, failed: bool) -> None:
         """The closing collective; a failure on any rank degrades every rank, so they stay alike."""
@@ -266,6 +272,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
             tier.clear()
         self.dormant.clear()
         self.dormant_bytes = 0
+        self.prefetch.clear()
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
         self.queries = HeldOutQueries(self.settings.held_out_queries)
@@ -278,6 +285,18 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         with self.lock:
             return self._match_request(params)
+
+    @entry_point(lambda cache, req: None)
+    def prefetch_for(self, req) -> None:
+        """A request entered the waiting queue (plugin hook): start its remote reads."""
+        with self.lock:
+            self._prefetch_for(req)
+
+    @entry_point(lambda cache, rids: set())
+    def held_for_prefetch(self, rids) -> set[str]:
+        """Requests to keep out of this round's prefill (plugin hook): their reads still run."""
+        with self.lock:
+            return self._held_for_prefetch(rids)
 
     @entry_point(_no_load)
     def init_load_back(self, params: InitLoadBackParams) -> tuple[torch.Tensor, TreeNode]:

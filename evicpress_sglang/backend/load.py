@@ -16,8 +16,11 @@ from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
 from ..codecs import CodecError, EncodedKV, get_codec
+from ..policy import Tier
+from ..tiers.transfer import to_device
 from . import kv_io
 from .nodes import Decoded, Stored, is_placeholder
+from .shared import remote_read_name
 from .store import StoreOnEvict
 
 
@@ -88,7 +91,12 @@ class LoadBack(StoreOnEvict):
                 raise CodecError(f"no {stored.tier.label} tier")
             codec = get_codec(stored.codec)
             unpack = codec.unpack_host if codec.has_host_stage else None
-            enc = tier.get(stored.blob, device=self.device, unpack=unpack)
+            read_ahead = stored.tier == Tier.REMOTE and self.prefetch.result(remote_read_name(stored))[0]
+            if read_ahead:  # read by a prefetch worker (see .prefetch): only the copy to the device is left
+                enc = self._take_remote(stored)
+                enc = None if enc is None else EncodedKV(enc.codec, enc.shape, to_device(enc.payload, self.device))
+            else:
+                enc = tier.get(stored.blob, device=self.device, unpack=unpack)
             if enc is None:
                 raise CodecError("missing or damaged blob")
             if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):

@@ -9,6 +9,7 @@ import time
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
+from ..policy import Tier
 from . import dropped
 from .nodes import is_dropped, is_placeholder
 from .content_keys import token_hash
@@ -55,6 +56,8 @@ class PrefixMatch(TreeBookkeeping):
                 child = self._attach_by_content(node, key)
             if child is None or not is_placeholder(child):
                 break
+            if child.evp.tier == Tier.REMOTE and not self._remote_ready(child):
+                break  # its read has not arrived yet: the request recomputes from here
             n = child.key.match(key, page_size=self.page_size)
             host_hit += n
             best = child

@@ -60,7 +60,7 @@ def parse_namespace(extra_key: str | None) -> tuple[int, int] | None:
 def lossy_codecs(table) -> list[str]:
     """The codecs whose quality needs measuring: those that decide a stored configuration's
     quality (:attr:`ContextTable.quality_codec`), lossless ones left out."""
-    names = [c for c, tier in zip(table.quality_codec, table.tier_of) if tier in (Tier.HOST, Tier.DISK)]
+    names = [c for c, tier in zip(table.quality_codec, table.tier_of) if tier not in (Tier.GPU, Tier.DROP)]
     return [n for n in dict.fromkeys(names) if not get_codec(n).lossless]
 
 

@@ -1,4 +1,4 @@
-"""Contexts shared between servers through a remote store (Mooncake).
+"""Contexts shared between servers through a remote store (Mooncake), and the remote tier's reads.
 
 Every context this server stores in a lower tier is *published* too: the same blob, under
 a content key that any server computes from a request alone — the layout fingerprint, the
@@ -9,17 +9,24 @@ request continues is staged in host memory and attached as a placeholder, so the
 load-back brings it to the GPU (split there if the request uses only part of it).
 
 Blobs are immutable: two servers publishing the same context write the same key, and the
-first one stays. A key the store did not have is not asked for again for
-:data:`ABSENT_TTL_S` (the scheduler matches a waiting request many times). An unreachable
-store is a miss; the remote tier logs it once and stops asking for a while.
+first one stays. An unreachable store is a miss; the remote tier logs it once and stops
+asking for a while.
+
+No read from the store runs on the scheduler's thread (:mod:`.prefetch`): when a request
+arrives, :meth:`SharedContexts._prefetch_for` starts the reads its match will want (the
+shared context where its match ends, the blobs of remote-tier placeholders on its path),
+:meth:`SharedContexts._held_for_prefetch` keeps it out of prefill while they run (at most
+about as long as recomputing it would take), and the match uses what has arrived.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
@@ -29,27 +36,30 @@ from ..policy import Tier
 from ..tiers import TierError
 from ..tiers.base import Pack
 from .content_keys import token_hash
-from .nodes import Stored
+from .nodes import Stored, is_placeholder
 from .tree import TreeBookkeeping
 
 #: Contexts shorter than this are not shared (and a request needs this many tokens to look one up).
 HEAD_TOKENS = 32
-ABSENT_TTL_S = 5.0
-_REMEMBERED = 100_000  # keys remembered as published / absent
+#: The longest a request is held for its reads, however long recomputing it would take.
+MAX_WAIT_S = 2.0
+_REMEMBERED = 100_000  # keys remembered as published
 
 
 class SharedContexts(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`; ``self.shared`` is the remote tier or None."""
 
-    def _shared_key(self, start: TreeNode, extra_key: str | None, head) -> str:
-        """The store's key for a context continuing the path at ``start`` whose first tokens are ``head``."""
-        return f"{self.fingerprint}-{self._start_hash(start, extra_key)}-{token_hash(extra_key, head)}"
+    def _shared_key(self, prefix_hash: str, extra_key: str | None, head) -> str:
+        """The store's key for a context continuing a prefix (of hash ``prefix_hash``) whose
+        first tokens are ``head``."""
+        return f"{self.fingerprint}-{prefix_hash}-{token_hash(extra_key, head)}"
 
     def _publish(self, node: TreeNode, codec: str, enc: EncodedKV, pack: Pack | None) -> None:
         """Offer a context just stored here to the other servers (queued; never waits)."""
         if self.shared is None or len(node.key) < HEAD_TOKENS:
             return
-        key = self._shared_key(node.parent, node.key.extra_key, node.key.token_ids[:HEAD_TOKENS])
+        key = self._shared_key(self._start_hash(node.parent, node.key.extra_key), node.key.extra_key,
+                               node.key.token_ids[:HEAD_TOKENS])
         if key in self._published:
             return
         meta = {"codec": codec, "tokens": list(node.key.token_ids), "extra_key": node.key.extra_key}
@@ -69,21 +79,24 @@ class SharedContexts(TreeBookkeeping):
         return None if stored is None else self._attach_placeholder(node, found.key, stored, found.config)
 
     def _find_shared(self, node: TreeNode, key: RadixKey) -> "SharedHit | None":
-        """The published context :meth:`_attach_shared` would attach, fetched but not staged
-        (ranks agree on it first)."""
+        """The published context :meth:`_attach_shared` would attach, read but not staged
+        (ranks agree on it first): only if its read has finished (one is started if none
+        was); never waits for the store."""
         if self.shared is None or len(key) < HEAD_TOKENS or Tier.HOST not in self.tiers:
             return None
-        name = self._shared_key(node, key.extra_key, key.token_ids[:HEAD_TOKENS])
-        if self._absent.get(name, 0.0) > time.monotonic() or key.child_key(self.page_size) in node.children:
+        if key.child_key(self.page_size) in node.children:
             return None
-        found = self.shared.get_with_meta(name, device="cpu")
+        name = self._shared_key(self._start_hash(node, key.extra_key), key.extra_key, key.token_ids[:HEAD_TOKENS])
+        done, _ = self.prefetch.result(name)
+        if not done:
+            self.prefetch.start(name, functools.partial(self._read_shared, name))
+            return None
+        found = self.prefetch.take(name)
         if found is None:
-            _remember(self._absent, name, time.monotonic() + ABSENT_TTL_S)
             return None
         enc, meta = found
         try:
             codec = get_codec(str(meta["codec"]))
-            enc = codec.unpack_host(enc) if codec.has_host_stage and enc.codec != codec.device_codec.name else enc
             tokens, extra_key = array("q", meta["tokens"]), meta.get("extra_key")
         except (CodecError, KeyError, TypeError) as e:
             self.stats.miss("remote", f"unusable shared blob: {e}")
@@ -95,6 +108,88 @@ class SharedContexts(TreeBookkeeping):
             self.stats.miss("remote", "shared blob does not continue the request here")
             return None
         return SharedHit(child_key, enc, name_here, config)
+
+    def _read_shared(self, name: str) -> tuple[tuple[EncodedKV, dict] | None, int]:
+        """On a prefetch worker: the published blob ``name`` with its meta, its lossless host
+        stage undone, in host memory; None when absent, damaged or unusable."""
+        found = self.shared.get_with_meta(name, device="cpu")
+        if found is None or found[1] is None:
+            return None, 0
+        enc, meta = found
+        try:
+            codec = get_codec(str(meta["codec"]))
+        except (CodecError, KeyError, TypeError):
+            return found, enc.nbytes  # the match reports it as unusable
+        if codec.has_host_stage and enc.codec != codec.device_codec.name:
+            enc = codec.unpack_host(enc)
+        return (enc, meta), enc.nbytes
+
+    # -- reads ahead of the match (see the module docstring) ---------------------------
+
+    def _prefetch_for(self, req) -> None:
+        """A request arrived: start the remote reads its match will want. Walks the tree
+        without changing it: through the nodes the request continues, starting the read of
+        every remote-tier placeholder on the way, and where the walk ends, the read of the
+        shared context that may continue there."""
+        if self.shared is None or self.disable or not self.health.loads_allowed:
+            return
+        tokens = list(req.origin_input_ids)
+        key = RadixKey(array("q", tokens), req.extra_key).page_aligned(self.page_size)
+        deadline = time.monotonic() + min(MAX_WAIT_S, self.cost.prefill_s_per_token * len(key))
+        node, matched = self.root_node, 0
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None:
+                break
+            n = child.key.match(key, page_size=self.page_size)
+            if is_placeholder(child):
+                if child.evp.tier == Tier.REMOTE:
+                    self._prefetch_blob(child.evp, req.rid, deadline)
+                if n < len(child.key):
+                    return  # the match stops inside a stored context: nothing is looked up there
+            matched += n
+            if n < len(child.key):
+                break
+            node, key = child, key[n:]
+        if len(tokens) - matched >= HEAD_TOKENS:
+            name = self._shared_key(token_hash(req.extra_key, tokens[:matched]), req.extra_key,
+                                    tokens[matched:matched + HEAD_TOKENS])
+            self.prefetch.start(name, functools.partial(self._read_shared, name), req.rid, deadline)
+
+    def _held_for_prefetch(self, rids: Iterable[str]) -> set[str]:
+        """The waiting requests to keep out of prefill this round: those a read started for
+        is still running for, on any rank (every rank holds the same ones)."""
+        if self.shared is None:
+            return set()
+        rids = list(rids)
+        held = self.prefetch.held(rids)
+        if self.sync.on and not self.sync.all_ok(not held):
+            held = set().union(*self.sync.gather(sorted(held)))
+        return held
+
+    def _prefetch_blob(self, stored: Stored, rid: str | None = None, deadline: float = 0.0) -> None:
+        tier = self.tiers[Tier.REMOTE]
+        codec = get_codec(stored.codec)
+        unpack = codec.unpack_host if codec.has_host_stage else None
+
+        def read() -> tuple[EncodedKV | None, int]:
+            enc = tier.get(stored.blob, device="cpu", unpack=unpack)
+            return enc, 0 if enc is None else enc.nbytes
+
+        self.prefetch.start(remote_read_name(stored), read, rid, deadline)
+
+    def _remote_ready(self, node: TreeNode) -> bool:
+        """Whether the read of a remote-tier placeholder's blob has finished (found or not),
+        on every rank; starts it if it was not running."""
+        stored: Stored = node.evp
+        done, _ = self.prefetch.result(remote_read_name(stored))
+        if not done and not self.prefetch.known(remote_read_name(stored)):
+            self._prefetch_blob(stored)
+        return self.sync.all_ok(done)
+
+    def _take_remote(self, stored: Stored) -> EncodedKV | None:
+        """The prefetched blob of a remote-tier placeholder (None if its read found nothing)."""
+        return self.prefetch.take(remote_read_name(stored))
 
     def _stage_shared(self, found: "SharedHit") -> Stored | None:
         """Put a fetched shared blob in host memory; None when there is no room (a miss)."""
@@ -114,6 +209,11 @@ class SharedHit:
     enc: EncodedKV
     codec: str  # as staged in host memory
     config: int
+
+
+def remote_read_name(stored: Stored) -> str:
+    """The prefetcher's name for the read of a remote-tier placeholder's blob."""
+    return "blob:" + stored.blob
 
 
 def _remember(table: OrderedDict, key: str, value) -> None:

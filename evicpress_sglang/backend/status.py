@@ -38,9 +38,6 @@ class CacheStatus(RadixCache):
                 u = store.usage()
                 tiers[tier.label] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
                                      "entries": u.entries, **u.counters}
-            if self.shared is not None:
-                u = self.shared.usage()
-                tiers["remote"] = {"published_bytes": u.used_bytes, "entries": u.entries, **u.counters}
             if "disk" in tiers:
                 tiers["disk"]["dormant"] = sum(len(v) for v in self.dormant.values())
             return json_safe({
@@ -55,7 +52,8 @@ class CacheStatus(RadixCache):
                 "placements": self._top_placements(self.settings.status_top),
                 "profiler": self.profiling.status(),
                 "cost_model": {"prefill_s_per_token": self.cost.prefill_s_per_token, "host_bw": self.cost.host_bw,
-                               "disk_bw": self.cost.disk_bw},
+                               "disk_bw": self.cost.disk_bw, "remote_bw": self.cost.remote_bw,
+                               "remote_latency": self.cost.remote_latency},
             })
 
     def _top_placements(self, n: int) -> list[dict]:

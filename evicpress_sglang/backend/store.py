@@ -59,6 +59,7 @@ class StoreOnEvict(TreeBookkeeping):
             max(self._gpu_tokens() - self.profiling.held_tokens() - num_tokens, 0) * self.token_bytes,
             self._plannable(Tier.HOST),
             self._plannable(Tier.DISK),
+            self._plannable(Tier.REMOTE),
         ], dtype=np.float64)
         placed, new = self.policy.place(cap, now, movable)
         old = t.assign[placed]
@@ -93,8 +94,12 @@ class StoreOnEvict(TreeBookkeeping):
 
     def _is_demotion(self, row: int, old: int, new: int) -> bool:
         """Only moves down are carried out at eviction time (a move up would need a load):
-        to a slower tier, or to a smaller codec in the same stored tier."""
+        to a slower tier, or to a smaller codec in the same stored tier. A remote context
+        only leaves by being dropped: recompressing it would read it back over the network
+        on the scheduler's thread."""
         t_old, t_new = self.table.tier_of[old], self.table.tier_of[new]
+        if t_old == Tier.REMOTE:
+            return t_new == Tier.DROP
         if t_new != t_old:
             return t_new > t_old
         return t_new != Tier.GPU and self.table.sizes[row, new] < self.table.sizes[row, old]
@@ -126,7 +131,7 @@ class StoreOnEvict(TreeBookkeeping):
         t0 = time.perf_counter()
         self._verify(node, "between insert and eviction")
         positions = getattr(node, "evp_kept", None)
-        stored = Stored(target.tier, self._blob_codec(target.codec, positions), uuid.uuid4().hex)
+        stored = Stored(target.tier, self._blob_codec(target.codec, positions), self._new_blob_key(target.tier))
         enc = kv_io.encode_from_pool(self.kvpool, node.value, get_codec(stored.codec), positions)
         if not self._put(stored, node, enc, t0):
             return self._drop(node)
@@ -149,7 +154,7 @@ class StoreOnEvict(TreeBookkeeping):
         # The KV is in memory now: free the old blob first, so recompressing inside a full
         # tier does not need room for both copies at once.
         self._tier_delete(stored)
-        new = Stored(target.tier, self._blob_codec(target.codec, read.positions), uuid.uuid4().hex)
+        new = Stored(target.tier, self._blob_codec(target.codec, read.positions), self._new_blob_key(target.tier))
         node.evp = new
         codec = get_codec(new.codec).device_codec
         enc = codec.encode(read.k, read.v, positions=read.positions) if new.token_subset else codec.encode(read.k, read.v)
@@ -158,6 +163,12 @@ class StoreOnEvict(TreeBookkeeping):
             return 0
         self._after_store(node, config)
         return 0
+
+    def _new_blob_key(self, tier: Tier) -> str:
+        """A fresh key for a blob only this process's tree points at (the remote tier removes
+        such blobs from the shared store when they are deleted; see ``private_key``)."""
+        key = uuid.uuid4().hex
+        return self.tiers[tier].private_key(key) if tier == Tier.REMOTE else key
 
     @staticmethod
     def _blob_codec(codec: str, positions: torch.Tensor | None) -> str:

@@ -1,7 +1,8 @@
 """Configurations: where a context's KV lives and in what form.
 
-A configuration is a (tier, codec) pair: on the GPU uncompressed, in host memory or on
-disk under some codec, or dropped (recomputed by prefill on its next hit). Tiers are
+A configuration is a (tier, codec) pair: on the GPU uncompressed, in host memory, on
+disk or in a remote store shared with other servers under some codec, or dropped
+(recomputed by prefill on its next hit). Tiers are
 ordered fastest first; a context only ever moves *down* that order when evicted, and
 back to the GPU when it is used.
 """
@@ -18,7 +19,8 @@ class Tier(IntEnum):
     GPU = 0
     HOST = 1
     DISK = 2
-    DROP = 3
+    REMOTE = 3
+    DROP = 4
 
     @property
     def label(self) -> str:
@@ -26,7 +28,7 @@ class Tier(IntEnum):
 
 
 #: Tiers that hold bytes and therefore have a capacity.
-STORED_TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
+STORED_TIERS = (Tier.GPU, Tier.HOST, Tier.DISK, Tier.REMOTE)
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,15 @@ GPU = Config(Tier.GPU, "bf16")
 DROP = Config(Tier.DROP, None)
 
 
-def build_configs(host_codecs: list[str], disk_codecs: list[str]) -> list[Config]:
-    """GPU first, DROP last, host and disk options between (validated codec names)."""
-    for name in (*host_codecs, *disk_codecs):
+def build_configs(host_codecs: list[str], disk_codecs: list[str], remote_codecs: list[str] = ()) -> list[Config]:
+    """GPU first, DROP last, host, disk and remote options between, in that order
+    (validated codec names); a tier without codecs has no configuration."""
+    for name in (*host_codecs, *disk_codecs, *remote_codecs):
         get_codec(name)  # raises CodecError naming the valid ones
     return (
         [GPU]
         + [Config(Tier.HOST, c) for c in dict.fromkeys(host_codecs)]
         + [Config(Tier.DISK, c) for c in dict.fromkeys(disk_codecs)]
+        + [Config(Tier.REMOTE, c) for c in dict.fromkeys(remote_codecs)]
         + [DROP]
     )

@@ -3,7 +3,7 @@
 TTFT contribution of a hit on a context of ``n`` tokens, per configuration::
 
     GPU:        gpu_s_per_token * n
-    host/disk:  latency_tier + stored_bytes / bandwidth_tier + raw_bytes / decode_rate[codec]
+    host/disk/remote:  latency_tier + stored_bytes / bandwidth_tier + raw_bytes / decode_rate[codec]
     dropped:    prefill_s_per_token * n
 
 which is the paper's ``A_tier * tokens * size_fraction + B_tier``. Every rate is a
@@ -43,6 +43,10 @@ class CostModel:
     disk_bw: float = 1.2 * GB  # disk -> host, bytes/s
     host_latency: float = 1e-4  # s per load
     disk_latency: float = 1e-3
+    #: a remote store shared by servers (Mooncake over TCP); replaced by the store's own
+    #: probe (:meth:`~evicpress_sglang.tiers.remote.MooncakeTier.probe`) when one is configured
+    remote_bw: float = 1.0 * GB
+    remote_latency: float = 2e-3
     prefill_s_per_token: float = 27e-6  # 8B-class model on an H100 (786 TFLOP/s estimate)
     gpu_s_per_token: float = 0.0  # a GPU hit costs no load
     #: decode throughput per base codec, bytes of uncompressed KV per second
@@ -83,7 +87,8 @@ class CostModel:
         Splitting it this way lets the policy price every context in three array operations."""
         if config.tier in (Tier.GPU, Tier.DROP):
             return 0.0, 0.0, self.gpu_s_per_token if config.tier == Tier.GPU else self.prefill_s_per_token
-        bw, lat = (self.host_bw, self.host_latency) if config.tier == Tier.HOST else (self.disk_bw, self.disk_latency)
+        bw, lat = {Tier.HOST: (self.host_bw, self.host_latency), Tier.DISK: (self.disk_bw, self.disk_latency),
+                   Tier.REMOTE: (self.remote_bw, self.remote_latency)}[config.tier]
         return lat, 1.0 / bw, self.decode_s_per_raw_byte(config.codec, layout) * layout.with_tokens(1).raw_nbytes
 
     def to_json(self) -> str:

@@ -35,7 +35,7 @@ class Problem:
     tier_of: np.ndarray  # [C] int, tier of each configuration
     sizes: np.ndarray  # [N, C] bytes the context takes in that configuration's tier
     utility: np.ndarray  # [N, C]; -inf where a configuration is not allowed
-    capacity: np.ndarray  # [3] bytes for GPU, host, disk
+    capacity: np.ndarray  # bytes per stored tier (GPU, host, disk, remote); missing slower tiers hold nothing
     parent: np.ndarray = field(default=None)  # [N] index of the parent context or -1
     movable: np.ndarray = field(default=None)  # [N] False: must stay where `start` puts it
     #: [N] the fastest tier each context may be placed on (an eviction never loads KV up)
@@ -49,6 +49,8 @@ class Problem:
             self.movable = np.ones(n, dtype=bool)
         if self.fastest is None:
             self.fastest = np.zeros(n, dtype=np.int64)
+        self.capacity = np.pad(np.asarray(self.capacity, dtype=np.float64),
+                               (0, len(STORED_TIERS) - len(self.capacity)))
         if np.any(np.diff(self.tier_of) < 0):
             raise ValueError("configurations must be ordered by tier, fastest first")
 

@@ -58,7 +58,8 @@ class Policy(ABC):
 
     @abstractmethod
     def place(self, capacity: np.ndarray, now: float, movable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, configuration per row) fitting ``capacity`` ([GPU, host, disk] bytes).
+        """(rows, configuration per row) fitting ``capacity`` (bytes of GPU, host, disk, remote;
+        tiers left off the end have none).
 
         ``movable`` ([table.rows()] bool, default all) marks contexts that may change
         configuration. Only resident (not dropped) rows are returned.
@@ -143,11 +144,11 @@ def policy_names() -> list[str]:
 
 
 def _offload_chain(table: ContextTable, name: str, codec: str) -> ChainPolicy:
-    """GPU -> host -> disk -> dropped, storing with one codec wherever it is enabled."""
+    """GPU -> host -> disk -> remote -> dropped, storing with one codec wherever it is enabled."""
     labels = {c.label for c in table.configs}
-    stored = [f"{t}:{codec}" for t in ("host", "disk") if f"{t}:{codec}" in labels]
+    stored = [f"{t}:{codec}" for t in ("host", "disk", "remote") if f"{t}:{codec}" in labels]
     if not stored:
-        enabled = sorted({c.codec for c in table.configs if c.tier in (Tier.HOST, Tier.DISK)})
+        enabled = sorted({c.codec for c in table.configs if c.tier not in (Tier.GPU, Tier.DROP)})
         raise PolicyError(f"policy {name!r}: codec {codec!r} is enabled on no tier; enabled codecs: {enabled}")
     return ChainPolicy(table, name, ["gpu", *stored, "drop"])
 

@@ -12,9 +12,12 @@ never read each other's objects even if a caller forgot the rank.
 
 **Immutable blobs.** Two servers storing the same context write the same bytes under the
 same key, so a second put of an existing key is a success, not a replacement. For the
-same reason :meth:`MooncakeTier.delete` only forgets this process's bookkeeping: another
-server may be about to load that object, and the store evicts by itself when its memory
-fills (Mooncake also refuses to remove an object read in the last lease period).
+same reason :meth:`MooncakeTier.delete` of a shared key only forgets this process's
+bookkeeping: another server may be about to load that object, and the store evicts by
+itself when its memory fills (Mooncake also refuses to remove an object read in the last
+lease period). A *private* key (:meth:`MooncakeTier.private_key`: a context this server
+placed in the remote tier, which only its own tree points at) is removed from the store
+when deleted, in the background.
 Capacity is the store's; ``usage()`` reports what this process wrote.
 
 **Never stalls the scheduler.** ``put`` queues the blob for a writer thread, like the
@@ -66,9 +69,12 @@ P2PHANDSHAKE = "P2PHANDSHAKE"
 #: CLIENT_NOT_FOUND: the master forgot this client, e.g. after a restart).
 OUTAGE_CODES = frozenset({-900, -901, -103})
 OBJECT_ALREADY_EXISTS = -705
+OBJECT_NOT_FOUND = -704
+REMOVE_ATTEMPTS = 30  # a second apart: outlasts Mooncake's default 10 s read lease
 PROBE_SIZES = (4 << 10, 4 << 20)  # bytes: latency from the small one, bandwidth from the difference
 #: MooncakeConfig fields given as byte sizes (``"64MiB"`` in settings).
 SIZE_FIELDS = ("global_segment_size", "local_buffer_size")
+PRIVATE = "own-"  # prefix of keys only this process points at (see MooncakeTier.private_key)
 
 
 class _Miss(Exception):
@@ -86,6 +92,7 @@ class RemoteOptions:
     backoff_s: float = 5.0  # how long a store that failed is skipped before it is probed again
     max_pending_bytes: int = 1 << 30  # queued puts beyond this make put wait (as the disk tier's)
     capacity_bytes: int | None = None  # what the policy may plan to keep here; None: our segment size
+    prefetch_bytes: int = 512 << 20  # host memory for blobs read ahead of their load (backend.prefetch)
 
 
 def _mooncake_config_module():
@@ -144,6 +151,8 @@ def make_remote_tier(config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1)
     options = {k: v for k, v in config.items() if k in own}
     if "max_pending_bytes" in options:
         options["max_pending_bytes"] = parse_bytes(options["max_pending_bytes"], "remote.max_pending_bytes")
+    if "prefetch_bytes" in options:
+        options["prefetch_bytes"] = parse_bytes(options["prefetch_bytes"], "remote.prefetch_bytes")
     if options.get("capacity_bytes") is not None:
         options["capacity_bytes"] = parse_bytes(options["capacity_bytes"], "remote.capacity_bytes")
     mc = mooncake_config({k: v for k, v in config.items() if k in mooncake}, tp_size)
@@ -184,9 +193,11 @@ class MooncakeTier(StorageTier):
         self._pending: dict[str, Write] = {}
         self._down_until = 0.0  # monotonic time before which the store is not asked
         self._down = False  # inside an outage (logged once)
-        self.counters = {"errors": 0, "timeouts": 0, "skipped": 0, "outages": 0, "failed_writes": 0, "damaged": 0}
+        self.counters = {"errors": 0, "timeouts": 0, "skipped": 0, "outages": 0, "failed_writes": 0, "damaged": 0,
+                         "removed": 0}
         self.last_error: str | None = None
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="evicpress-remote")
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="evicpress-remote-remove")
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._writes = BackgroundWriter(self._lock, self._write, options.max_pending_bytes, "evicpress-remote-writer")
         self.bandwidth, self.latency = self.probe()
@@ -343,13 +354,39 @@ class MooncakeTier(StorageTier):
             return None
         return EncodedKV(enc.codec, enc.shape, transfer.to_device(enc.payload, device)), meta
 
+    @staticmethod
+    def private_key(key: str) -> str:
+        """``key`` marked as this process's own: :meth:`delete` removes it from the store."""
+        return PRIVATE + key
+
     def delete(self, key: str) -> bool:
-        """Forget ``key`` here (and drop its write if still queued); the object stays in the
-        store, where other servers may use it (see the module docstring)."""
+        """Forget ``key`` here (and drop its write if still queued). A shared key's object
+        stays in the store, where other servers may use it; a private key's object is
+        removed on a worker thread (never waited for; a failure leaves it to the store's
+        own eviction)."""
         with self._lock:
             job = self._pending.pop(key, None)
             size = self._entries.pop(key, None)
+        if size is not None and key.startswith(PRIVATE) and not self._skipping():
+            self._remover.submit(self._remove_quietly, self.stored_key(key))
         return job is not None or size is not None
+
+    def _remove_quietly(self, name: str) -> None:
+        """Remove ``name`` from the store on the remover thread. Mooncake refuses to remove an
+        object read within its lease (a few seconds), and one is usually removed just after
+        its load: try again a second later, for a while."""
+        for _ in range(REMOVE_ATTEMPTS):
+            try:
+                rc = self._store.remove(name)
+            except Exception as e:  # noqa: BLE001 - the thread must survive anything the store does
+                rc = e
+            if rc in (0, OBJECT_NOT_FOUND):
+                self._count("removed")
+                return
+            if self._skipping():
+                return
+            time.sleep(1.0)
+        log.debug("remote tier: removing %r failed (%s); the store evicts it in time", name, rc)
 
     def contains(self, key: str) -> bool:
         """Whether the store holds ``key`` (written by any server); False when it does not
