@@ -80,6 +80,12 @@ class Settings:
     #: published there too, and a request that continues a context another server published
     #: loads it from there instead of prefilling it. None: no remote tier, nothing shared.
     remote: dict | None = None
+    #: Hot path (see the README): from this many contexts on, placement is planned in a
+    #: background thread and an eviction applies the ready plan for at most
+    #: ``evict_budget_ms`` before falling back to dropping least recently used contexts;
+    #: null = always plan synchronously inside the eviction (as under TP, always).
+    async_plan_min_contexts: int | None = 4096
+    evict_budget_ms: float = 1.0
 
     @property
     def active_disk_codecs(self) -> list[str]:
@@ -132,6 +138,11 @@ def _coerce(name: str, value):
             raise SettingsError(f"{name}: expected a number, got {value!r}") from None
     if name == "prefill_s_per_token" and value is not None:
         return _real(name, value, lambda v: 0 < v < 1, "seconds per token in (0, 1) or null")
+    if name == "async_plan_min_contexts" and value is not None:
+        return whole_number(name, value, 0)
+    if name == "evict_budget_ms":
+        return _real(name, value, lambda v: 0 < v <= 1000, "milliseconds in (0, 1000] that an eviction may spend "
+                     "applying the background plan")
     if name in ("verify", "shift_positions"):
         if not isinstance(value, bool):
             raise SettingsError(f"{name}: expected true or false, got {value!r}")

@@ -132,7 +132,8 @@ class Stress:
             monkeypatch.setattr(disk_module, "open", self.faults.open, raising=False)
         self.contexts = self._contexts()
         self.popularity = [1.0 / (rank + 1) ** 0.8 for rank in range(len(self.contexts))]  # Zipf-like reuse
-        self.counts = {"stores": 0, "tier_loads": 0, "misses": 0, "host_hits": 0, "loads": 0, "aborts": 0, "restarts": 0, "switches": 0, "finished": 0, "faults": 0}
+        self.counts = {"stores": 0, "tier_loads": 0, "misses": 0, "host_hits": 0, "loads": 0, "aborts": 0, "restarts": 0, "switches": 0, "finished": 0, "faults": 0,
+                       "plan_steps": 0, "fallback_drops": 0}
         self.policies = self._policies()
         self.hook_errors_at_start = HOOKS.internal_errors
         self.cache = self._new_cache()
@@ -190,6 +191,16 @@ class Stress:
             n = self.rng.randrange(1, self.pool // 2)
             self.log.append(f"evict {n}")
             self.cache.evict(EvictParams(num_tokens=n))
+        elif r < 0.90 and self.cache.planner is not None:
+            # The background planner's round, stepped here (its thread also runs, kicked by
+            # every eviction): a snapshot that later steps make stale, and a policy switch
+            # between the snapshot and the next eviction, which must not apply the plan.
+            self.log.append("plan")
+            self.cache.planner.plan_once()
+            if self.rng.random() < 0.3:
+                name = self.rng.choice(self.policies)
+                self.log.append(f"policy {name} (after the plan)")
+                self.cache.set_policy(name)
         elif r < 0.91:
             name = "evicpress" if self.rng.random() < 0.4 else self.rng.choice(self.policies)
             self.log.append(f"policy {name}")
@@ -208,6 +219,8 @@ class Stress:
         self.counts["stores"] += sum(st.stores.values())
         self.counts["tier_loads"] += sum(st.hits.values())
         self.counts["misses"] += sum(st.misses.values())
+        self.counts["plan_steps"] += st.plan["steps"]
+        self.counts["fallback_drops"] += st.plan["fallback_drops"]
 
     def _fault(self) -> None:
         f, kind = self.faults, self.rng.choice(["enospc", "eio-write", "heal-writes", "eio-read", "heal-reads",
@@ -411,6 +424,7 @@ class Stress:
         assert c.health.internal_errors == 0, f"internal error: {c.health.last_error}"
         assert HOOKS.internal_errors == self.hook_errors_at_start, f"hook error: {HOOKS.last_error}"
         assert c.health.degraded is None, c.health.degraded
+        assert c.planner is None or not c.planner.failed, "the background planner failed"
         problems = c.audit()
         assert not problems, problems
         # Every pool page is free, held by the tree, or held by exactly one running request.

@@ -50,3 +50,16 @@ def test_lossy_paged_stress(tmp_path, monkeypatch, seed):
                monkeypatch=monkeypatch)
     counts = s.run(STEPS)
     assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("budget_ms", [1e-6, 1000.0])
+def test_background_planner_stress(tmp_path, monkeypatch, seed, budget_ms):
+    """Eviction applies the background planner's plans (its thread live, and stepped by the
+    loop), from stale snapshots, across policy switches; a budget too small for any step
+    leaves every eviction to the LRU fallback. Lossless codecs: KV bit-exact throughout."""
+    s = Stress(seed, _settings(tmp_path, LOSSLESS, host_tokens=300) | {"async_plan_min_contexts": 0,
+               "evict_budget_ms": budget_ms}, tmp_path, monkeypatch=monkeypatch)
+    counts = s.run(STEPS)
+    assert counts["finished"] > STEPS // 20 and counts["switches"] > 0
+    assert counts["fallback_drops"] > 0 if budget_ms < 1 else counts["plan_steps"] > 0

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -47,6 +47,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from .. import heap
 from ..codecs import drops_tokens, get_codec
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+from ..policy.planner import BackgroundPlanner
 from ..profiler import HeldOutQueries
 from ..settings import Settings, SettingsError, validate_policy_name
 from ..tiers import DiskTier, HostTier, StorageTier, make_remote_tier
@@ -175,6 +176,11 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
         self.policy = None
+        self.plan_generation = 0  # moves with every policy setting: older plans are not applied
+        self._demand: deque[int] = deque(maxlen=8)  # recent eviction sizes: what the planner plans room for
+        # Under TP every rank must apply the same decisions at the same step: no background plans there.
+        self.planner = (BackgroundPlanner(self._capture_plan, self._planner_failed)
+                        if settings.async_plan_min_contexts is not None and not self.sync.active else None)
         self.set_policy(settings.policy, settings.weights)
         self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
         self._published: OrderedDict[str, bool] = OrderedDict()
@@ -218,6 +224,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
                 log.warning("evicpress: state checks out again; leaving degraded mode (%s)", self.health.degraded)
                 self.health.degraded = None
             self.policy = None if name == "off" else make_policy(name, self.table, weights)
+            self.plan_generation += 1
             self.settings.policy = name
             self.settings.alpha, self.settings.quality_floor = weights.alpha, weights.quality_floor
 

@@ -101,6 +101,9 @@ class ProfileStaging:
         self.outcomes: dict[str, dict] = {}  # of the last reports, by job id
         self._ids = itertools.count(1)
         self.counts = {"jobs": 0, "reported": 0, "variants_measured": 0, "variants_tainted": 0, "staged": 0}
+        #: root child keys of profile namespaces (every profile request is matched through
+        #: :meth:`ensure` first), so eviction finds them without scanning every root child
+        self._tops: dict[object, None] = {}
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -237,6 +240,8 @@ class ProfileStaging:
     def ensure(self, key: RadixKey) -> None:
         """Before matching a profile request: stage its variant if it is not in the tree."""
         parsed = parse_namespace(key.extra_key)
+        if parsed and len(key):
+            self._tops[key.child_key(self.cache.page_size)] = None
         job = self.jobs.get(parsed[0]) if parsed else None
         if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
             return
@@ -291,10 +296,13 @@ class ProfileStaging:
 
     def _roots(self, jobs: set[int] | None = None) -> list[TreeNode]:
         """The top nodes of profile namespaces (of ``jobs``, or all)."""
-        out = []
-        for child in self.cache.root_node.children.values():
-            parsed = parse_namespace(child.key.extra_key)
-            if parsed is not None and (jobs is None or parsed[0] in jobs):
+        out, children = [], self.cache.root_node.children
+        for top in list(self._tops):
+            child = children.get(top)
+            job = parse_namespace(top[0])[0]
+            if child is None and job not in self.jobs:
+                del self._tops[top]  # gone, and no request of its job can bring it back
+            elif child is not None and (jobs is None or job in jobs):
                 out.append(child)
         return out
 

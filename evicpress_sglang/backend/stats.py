@@ -6,8 +6,10 @@ queue run on the GPU afterwards, overlapped with forward passes where possible.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 #: Upper bounds (seconds) of the load-back latency histogram buckets.
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
@@ -30,6 +32,12 @@ class Stats:
     stale_load_backs: int = 0  # load-backs refused because the tree changed since the match
     verify_mismatches: int = 0  # only counted with the `verify` setting
     evict_seconds: float = 0.0
+    #: the scheduler thread's time in each of the last evictions (status: p50/p99/max)
+    evict_times: deque = field(default_factory=lambda: deque(maxlen=4096))
+    #: applying plans: steps carried out, stale steps skipped, stops at the time budget,
+    #: evictions that found no current plan, contexts dropped by the LRU fallback
+    plan: dict = field(default_factory=lambda: dict.fromkeys(
+        ("steps", "stale_steps", "budget_stops", "missing", "fallback_drops"), 0))
     encode_seconds: float = 0.0
     load_hist: list = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
     load_seconds_sum: float = 0.0
@@ -43,6 +51,18 @@ class Stats:
         self.encode_seconds += seconds
         if self.exporter is not None:
             self.exporter.stored(tier, codec, self.compression_ratio)
+
+    def evicted(self, seconds: float) -> None:
+        self.evict_seconds += seconds
+        self.evict_times.append(seconds)
+
+    def evict_ms(self) -> dict:
+        """p50, p99 and max of the recent evictions' scheduler time, in ms."""
+        t = np.asarray(self.evict_times) * 1e3
+        if t.size == 0:
+            return {"n": 0}
+        return {"n": int(t.size), "p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)),
+                "max": float(t.max())}
 
     def loaded(self, tier: str, codec: str, tokens: int, nbytes: int, seconds: float) -> None:
         self.hits[f"{tier}:{codec}"] += 1
@@ -70,7 +90,8 @@ class Stats:
             "bytes_loaded": dict(self.bytes_loaded), "dropped": self.dropped, "tier_errors": self.tier_errors,
             "verify_mismatches": self.verify_mismatches, "stale_load_backs": self.stale_load_backs,
             "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,
-            "evict_seconds": self.evict_seconds, "encode_seconds": self.encode_seconds,
+            "evict_seconds": self.evict_seconds, "evict_ms": self.evict_ms(), "plan": dict(self.plan),
+            "encode_seconds": self.encode_seconds,
             "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),
                              "sum_seconds": self.load_seconds_sum},
             "last_miss": self.last_miss,

@@ -45,6 +45,9 @@ class CacheStatus(RadixCache):
                 "weights": {"alpha": self.settings.alpha, "quality_floor": self.settings.quality_floor},
                 "tiers": tiers,
                 "contexts": len(self.table),
+                "planner": {"background": self._plans_in_background(),
+                            "plans": 0 if self.planner is None else self.planner.plans,
+                            "failed": self.planner is not None and self.planner.failed},
                 "stats": self.stats.to_dict(),
                 "health": self.health.to_dict() | {
                     "internal_errors": self.health.internal_errors + HOOKS.internal_errors,

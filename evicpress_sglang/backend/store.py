@@ -9,6 +9,7 @@ the tiers copy the blob out behind it (:mod:`evicpress_sglang.tiers.transfer`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Collection
@@ -19,7 +20,8 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
 from ..codecs import EncodedKV, get_codec, subset_codec
-from ..policy import Tier
+from ..policy import ContextTable, Tier
+from ..policy.planner import Plan, PlanJob, build_plan
 from ..tiers import TierError, TierFullError
 from . import kv_io
 from .nodes import Stored, is_placeholder
@@ -40,41 +42,102 @@ class StoreOnEvict(TreeBookkeeping):
         now = self._agree_round()
         freed = self.profiling.evict_idle(num_tokens)  # the profiler's copies go first
         if self.policy is not None and len(self.table) and freed < num_tokens:
-            freed += self._evict_by_policy(num_tokens - freed, protect, now)
+            if self._plans_in_background():
+                freed += self._evict_from_plan(num_tokens - freed, protect, start)
+            else:
+                plan = build_plan(self.policy, self.table, self._capacity(num_tokens - freed), now,
+                                  self._movable(protect))
+                freed += self._apply(plan, protect, deadline=math.inf)
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
-        self.stats.evict_seconds += time.perf_counter() - start
+        self.stats.evicted(time.perf_counter() - start)
         if self.stats.exporter is not None:
             self.stats.exporter.usage(self._tier_bytes())
         return EvictResult(num_tokens_evicted=freed)
 
-    def _evict_by_policy(self, num_tokens: int, protect: Collection[int], now: float) -> int:
+    # -- planning ---------------------------------------------------------------------
+
+    def _plans_in_background(self) -> bool:
+        """Whether eviction applies the background planner's plan (see :mod:`..policy.planner`):
+        not under TP (each rank's planner would finish at its own time, and the ranks must
+        apply identical decisions: they plan synchronously from agreed inputs instead), not
+        after the planner failed, and only from ``async_plan_min_contexts`` contexts on
+        (below, a synchronous re-plan costs about the budget anyway)."""
+        least = self.settings.async_plan_min_contexts
+        return (self.planner is not None and not self.planner.failed and least is not None
+                and len(self.table) >= least)
+
+    def _movable(self, protect: Collection[int]) -> np.ndarray:
+        """[table.rows()]: contexts no request holds and no load-back brings in."""
         t = self.table
         rows = t.rows()
         movable = ~t.in_use[rows]
         kept = [t.row_of[i] for i in protect if i in t]
         if kept:
             movable[np.searchsorted(rows, kept)] = False
-        cap = np.array([
+        return movable
+
+    def _capacity(self, num_tokens: int) -> np.ndarray:
+        """[GPU, host, disk, remote] bytes to plan with: the GPU pool less ``num_tokens`` and
+        the profiler's copies."""
+        return np.array([
             max(self._gpu_tokens() - self.profiling.held_tokens() - num_tokens, 0) * self.token_bytes,
             self._plannable(Tier.HOST),
             self._plannable(Tier.DISK),
             self._plannable(Tier.REMOTE),
         ], dtype=np.float64)
-        placed, new = self.policy.place(cap, now, movable)
-        old = t.assign[placed]
-        moves = [(int(r), int(c)) for r, c, o in zip(placed, new, old) if c != o and self._is_demotion(r, o, c)]
-        depth = {r: len(self._path(self.nodes[t.keys[r]])) for r, _ in moves}
-        # Slowest destination first, so a tier is emptied before it is filled; within one
-        # destination, recompressions of what the tier already holds (they free room) before
-        # new arrivals, and children before parents (a node leaves the GPU only as a leaf).
-        order = sorted(moves, key=lambda m: (-int(t.tier_of[m[1]]), t.tier_of[t.assign[m[0]]] != t.tier_of[m[1]],
-                                             -depth[m[0]]))
-        freed = 0
-        for r, c in order:
-            node = self.nodes.get(t.keys[r]) if t.keys[r] is not None else None
+
+    def _capture_plan(self, snapshot: ContextTable | None) -> PlanJob | None:
+        """The planner thread's view, taken under the cache's lock: a refreshed snapshot of
+        the table and capacities as a synchronous eviction of the recent demand would see."""
+        with self.lock:
+            if self.policy is None or not self._plans_in_background():
+                return None
+            return PlanJob(self.table.snapshot(snapshot), self.settings.policy, self.settings.weights,
+                           self.plan_generation, self._capacity(max(self._demand, default=0)), self._now())
+
+    def _planner_failed(self, e: BaseException) -> None:
+        self.health.record("planner", e)
+
+    def _evict_from_plan(self, num_tokens: int, protect: Collection[int], start: float) -> int:
+        """Apply the ready plan's steps until the time budget is spent, then, if that freed
+        too little (no plan yet, a stale or short one, or no time), drop least recently used
+        contexts among those the plan keeps on the GPU; the planner is woken to plan again."""
+        self._demand.append(num_tokens)
+        self.planner.kick()
+        plan = self.planner.take(self.plan_generation)
+        if plan is None:
+            self.stats.plan["missing"] += 1
+            return 0
+        freed = self._apply(plan, protect, deadline=start + self.settings.evict_budget_ms / 1e3)
+        t = self.table
+        while freed < num_tokens and plan.lru_cursor < plan.lru.size:
+            r = plan.lru[plan.lru_cursor]
+            plan.lru_cursor += 1
+            node = self.nodes.get(t.keys[r]) if t.alive[r] and t.assign[r] == t.gpu_config else None
             if node is not None and node.id not in protect:
-                freed += self._move(node, c)
+                got = self._move(node, t.drop_config)
+                freed += got
+                self.stats.plan["fallback_drops"] += got > 0
+        return freed
+
+    def _apply(self, plan: Plan, protect: Collection[int], deadline: float) -> int:
+        """Carry out the plan's steps from its cursor that still hold, until ``deadline``
+        (perf_counter seconds); returns GPU tokens freed."""
+        t, freed = self.table, 0
+        while plan.cursor < plan.rows.size:
+            if time.perf_counter() > deadline:
+                self.stats.plan["budget_stops"] += 1
+                break
+            i = plan.cursor
+            plan.cursor += 1
+            if not plan.holds(t, i):
+                self.stats.plan["stale_steps"] += 1
+                continue
+            node = self.nodes.get(t.keys[plan.rows[i]])
+            if node is not None and node.id not in protect:
+                freed += self._move(node, int(plan.configs[i]))
+                self.stats.plan["steps"] += 1
         return freed
 
     def _plannable(self, tier: Tier) -> float:
@@ -91,18 +154,6 @@ class StoreOnEvict(TreeBookkeeping):
         reclaimable = self.dormant_bytes if tier == Tier.DISK else 0  # freed on demand (_free_dormant)
         unseen = max(0.0, u.used_bytes - reclaimable - float(t.sizes[here, t.assign[here]].sum()))
         return max(0.0, 0.99 * u.capacity_bytes - unseen - 512.0 * (u.entries + 16))
-
-    def _is_demotion(self, row: int, old: int, new: int) -> bool:
-        """Only moves down are carried out at eviction time (a move up would need a load):
-        to a slower tier, or to a smaller codec in the same stored tier. A remote context
-        only leaves by being dropped: recompressing it would read it back over the network
-        on the scheduler's thread."""
-        t_old, t_new = self.table.tier_of[old], self.table.tier_of[new]
-        if t_old == Tier.REMOTE:
-            return t_new == Tier.DROP
-        if t_new != t_old:
-            return t_new > t_old
-        return t_new != Tier.GPU and self.table.sizes[row, new] < self.table.sizes[row, old]
 
     def _move(self, node: TreeNode, config: int) -> int:
         """Carry out one demotion; returns GPU tokens freed."""

@@ -10,6 +10,7 @@ order it reads them in.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -41,6 +42,13 @@ def prior_quality(codec: str | None) -> float:
     return max(q, 0.0)
 
 
+#: Every per-row column (grown together, copied together for a planner's snapshot).
+_COLUMNS = ("alive", "version", "_tokens", "parent", "freq", "last_time", "assign", "_present_quality", "profiled",
+            "in_use", "_sizes", "_quality")
+#: Columns whose rows change only with ``version`` (a snapshot copies just the rows that moved).
+_VERSIONED = ("_sizes", "_quality")
+
+
 def _read_only(column: str, doc: str) -> property:
     def view(self: "ContextTable") -> np.ndarray:
         v = getattr(self, column).view()
@@ -68,12 +76,14 @@ class ContextTable:
         self.configs = configs
         self.tier_of = np.array([c.tier for c in configs], dtype=np.int64)
         self.gpu_config = next(i for i, c in enumerate(configs) if c.tier == Tier.GPU)
+        self.drop_config = next(i for i, c in enumerate(configs) if c.tier == Tier.DROP)
         self.layout = layout  # layers/heads/head_dim/dtype of the model; tokens ignored
         self.cost = cost
         self.half_life_s = half_life_s
         cap = 16
         self.keys: list[object] = [None] * cap
         self.row_of: dict[object, int] = {}
+        self._children: dict[int, set[int]] = {}  # row -> rows whose parent it is (removal is O(children))
         self._free: list[int] = list(range(cap - 1, -1, -1))
         c = len(configs)
         self.alive = np.zeros(cap, dtype=bool)
@@ -97,8 +107,7 @@ class ContextTable:
 
     def _grow(self) -> None:
         old = self.alive.size
-        for name in ("alive", "version", "_tokens", "parent", "freq", "last_time", "assign", "_present_quality",
-                     "profiled", "in_use", "_sizes", "_quality"):
+        for name in _COLUMNS:
             arr = getattr(self, name)
             fill = -1 if name == "parent" else (1 if name in ("_present_quality", "_quality") else 0)
             grown = np.full((2 * old,) + arr.shape[1:], fill, dtype=arr.dtype, order="F")
@@ -118,6 +127,8 @@ class ContextTable:
         self.row_of[key] = r
         self.alive[r] = True
         self.parent[r] = self.row_of[parent] if parent is not None else -1
+        if parent is not None:
+            self._children.setdefault(int(self.parent[r]), set()).add(r)
         self.freq[r] = 1.0
         self.last_time[r] = now
         self.assign[r] = self.gpu_config
@@ -162,7 +173,7 @@ class ContextTable:
                     self._quality):
             col[r] = col[c]
         self.version[r] += 1
-        self.parent[c] = r
+        self._reparent(c, r)
         self._set_tokens(c, int(self._tokens[c]) - prefix_tokens)
 
     def __contains__(self, key: object) -> bool:
@@ -172,11 +183,47 @@ class ContextTable:
         return len(self.row_of)
 
     def remove(self, key: object) -> None:
+        """O(children): the rows below it become roots (the tree removes leaves, so usually none)."""
         r = self.row_of.pop(key)
         self.alive[r] = False
         self.keys[r] = None
-        self.parent[self.parent == r] = -1
+        for c in self._children.pop(r, ()):
+            self.parent[c] = -1
+        self._reparent(r, -1)
         self._free.append(r)
+
+    def children(self, r: int) -> set[int]:
+        """Rows whose parent is ``r``."""
+        return self._children.get(r, set())
+
+    def _reparent(self, r: int, parent: int) -> None:
+        old = int(self.parent[r])
+        if old >= 0:
+            self._children[old].discard(r)
+        if parent >= 0:
+            self._children.setdefault(parent, set()).add(r)
+        self.parent[r] = parent
+
+    def snapshot(self, into: "ContextTable | None" = None) -> "ContextTable":
+        """A copy of every column for a reader in another thread (the background planner),
+        refreshed in place when ``into`` is an earlier snapshot of this table at its size:
+        the [rows, C] matrices only where a row's version moved, so a refresh of 100k rows
+        copies a few MB, not every configuration of every row. Rows only: no keys."""
+        if into is None or getattr(into, "_source", None) is not self or into.alive.size != self.alive.size:
+            into = copy.copy(self)
+            into._source = self
+            into.keys, into.row_of, into._children, into._free = [], {}, {}, []
+            into.version = np.full_like(self.version, -1)
+            for name in _VERSIONED:
+                setattr(into, name, np.empty_like(getattr(self, name), order="F"))
+        moved = np.flatnonzero(into.version != self.version)
+        for name in _VERSIONED:
+            getattr(into, name)[moved] = getattr(self, name)[moved]
+        for name in _COLUMNS:
+            if name not in _VERSIONED:
+                setattr(into, name, getattr(self, name).copy())
+        into.cost = copy.copy(self.cost)  # the scheduler re-learns its prefill rate meanwhile
+        return into
 
     def hit(self, key: object, now: float) -> None:
         """A request used this context: decay its counter to now and add one."""

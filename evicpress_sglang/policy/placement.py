@@ -429,10 +429,10 @@ def solve_ordered(p: Problem, start: np.ndarray, victim_order: np.ndarray, next_
     return assign
 
 
-def depth(parent: np.ndarray) -> np.ndarray:
-    """Distance of each context from its root."""
-    d = np.zeros(parent.size, dtype=np.int64)
-    cur = parent.copy()
+def depth(parent: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Distance of each context (of ``rows``, default all) from its root."""
+    cur = parent.copy() if rows is None else parent[rows]
+    d = np.zeros(cur.size, dtype=np.int64)
     while np.any(cur >= 0):
         up = cur >= 0
         d += up

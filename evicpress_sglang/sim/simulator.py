@@ -9,6 +9,7 @@ every tier fit again, with the prefix itself held in place (it is in use).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 
 from ..codecs import KVShape
 from ..policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+from ..policy.placement import depth
+from ..policy.planner import Plan, build_plan
 from ..settings import DEFAULT_DISK_CODECS, DEFAULT_HOST_CODECS
 
 
@@ -33,6 +36,10 @@ class SimResult:
     token_hit_rate: dict[str, float] = field(default_factory=dict)
     evictions: int = 0
     bytes_loaded: dict[str, float] = field(default_factory=dict)
+    #: sum over requests of alpha * served quality - TTFT (the utility the policy maximises, realised)
+    utility_total: float = 0.0
+    #: "sync": every eviction re-plans; "async": it applies the plan made after the previous one
+    plan: str = "sync"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,8 +59,17 @@ def simulate(
     host_codecs: list[str] | None = None,
     disk_codecs: list[str] | None = None,
     check: bool = False,
+    plan: str = "sync",
 ) -> SimResult:
     """Replay ``trace`` under ``policy`` with tier capacities (GPU, host, disk) in bytes.
+
+    ``plan="async"`` models the server's background planner (:mod:`..policy.planner`): an
+    eviction applies the steps that still hold of the plan made from the state after the
+    previous eviction (planned to free as much as the largest of the last 8 overflows), a
+    store into a tier with no room becomes a drop (as a refused put does), and what is
+    still over the GPU's capacity is dropped least recently used first, among the plan's
+    candidates, then among all contexts. The time budget is not modelled: every step that
+    holds is applied.
 
     With ``check``, assert after every placement that no tier is over capacity (beyond
     what the request in flight itself needs) and that no context sits above its parent.
@@ -64,11 +80,17 @@ def simulate(
     table = ContextTable(configs, layout, cost)
     pol = make_policy(policy, table, weights)
     cap = np.asarray(capacity, dtype=np.float64)
+    if plan not in ("sync", "async"):
+        raise ValueError(f"plan must be 'sync' or 'async', got {plan!r}")
+    alpha = (weights or Weights()).alpha
+    ready: Plan | None = None
+    overflow: deque[float] = deque(maxlen=8)
 
     ttfts, qualities = [], []
     tokens_from = {"gpu": 0.0, "host": 0.0, "disk": 0.0, "recomputed": 0.0}
     bytes_loaded = {"host": 0.0, "disk": 0.0}
     evictions = 0
+    utility = 0.0
     for req in trace["requests"]:
         now = float(req["t"])
         key = req["context"]
@@ -109,17 +131,26 @@ def simulate(
         for row in path:
             table.hit(table.keys[row], now)
         rows = table.rows()
-        if np.any(_usage(table, rows) > cap):
-            movable = ~np.isin(rows, path)
-            rows, new = pol.place(cap, now, movable)
-            changed = new != table.assign[rows]
-            evictions += int(changed.sum())
-            moved = rows[changed]
+        usage = _usage(table, rows)
+        if np.any(usage > cap):
+            if plan == "sync":
+                rows, new = pol.place(cap, now, ~np.isin(rows, path))
+                changed = new != table.assign[rows]
+                moved, to = rows[changed], new[changed]
+            else:
+                overflow.append(usage[0] - cap[0])
+                moved, to = _apply_plan(table, ready, cap, path)
+            evictions += moved.size
             # Re-encoding caps quality at the codec's; dropping means recomputing exact KV later.
-            table.set_present_quality(moved, np.minimum(table.present_quality[moved], table.quality[moved, new[changed]]))
-            table.assign[rows] = new
+            table.set_present_quality(moved, np.minimum(table.present_quality[moved], table.quality[moved, to]))
+            table.assign[moved] = to
             if check:
                 _check(table, cap, path)
+            if plan == "async":  # what the background planner has ready for the next eviction
+                room = cap - np.array([max(max(overflow), 0.0), 0.0, 0.0])
+                rows = table.rows()
+                ready = build_plan(pol, table, room, now, ~np.isin(rows, path), lru=True)
+        utility += alpha * q - ttft
 
     t = np.array(ttfts)
     reused = max(sum(tokens_from.values()), 1.0)
@@ -135,7 +166,46 @@ def simulate(
         token_hit_rate={k: float(v / reused) for k, v in tokens_from.items()},
         evictions=evictions,
         bytes_loaded={k: float(v) for k, v in bytes_loaded.items()},
+        utility_total=utility,
+        plan=plan,
     )
+
+
+def _apply_plan(table: ContextTable, plan: Plan | None, cap: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, configurations) an asynchronous eviction moves (see :func:`simulate`); the
+    table is left as it was."""
+    assign = table.assign.copy()
+    usage = _usage(table, table.rows())
+    busy = np.zeros(table.alive.size, dtype=bool)
+    busy[path] = True
+
+    def move(r: int, c: int) -> None:
+        old = assign[r]
+        if table.tier_of[c] in (Tier.HOST, Tier.DISK) and usage[table.tier_of[c]] + table.sizes[r, c] > cap[table.tier_of[c]]:
+            c = table.drop_config  # a tier with no room refuses the blob: the context is dropped
+        for cfg, sign in ((old, -1.0), (c, 1.0)):
+            if table.tier_of[cfg] < Tier.DROP:
+                usage[table.tier_of[cfg]] += sign * table.sizes[r, cfg]
+        assign[r] = c
+
+    def on_gpu_leaf(r: int) -> bool:
+        return (table.alive[r] and not busy[r] and assign[r] == table.gpu_config
+                and all(assign[c] != table.gpu_config for c in table.children(r)))
+
+    if plan is not None:
+        for i in range(plan.rows.size):
+            r = plan.rows[i]
+            if plan.holds(table, i) and not busy[r] and assign[r] == plan.start[i]:
+                move(r, int(plan.configs[i]))
+    rows = table.rows()
+    everyone = rows[np.lexsort((-depth(table.parent, rows), table.last_time[rows]))]
+    for r in np.concatenate([plan.lru if plan is not None else everyone[:0], everyone]):
+        if usage[0] <= cap[0]:
+            break
+        if on_gpu_leaf(r):
+            move(r, table.drop_config)
+    moved = np.flatnonzero(assign != table.assign)
+    return moved, assign[moved]
 
 
 def _usage(table: ContextTable, rows: np.ndarray) -> np.ndarray:

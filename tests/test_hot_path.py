@@ -1,0 +1,181 @@
+"""Issue 25: eviction off the scheduler's critical path. The table's O(1)/O(children)
+bookkeeping, its snapshot, the background planner's plans (staleness, policy switches,
+the time budget's fallback, a crash) and the simulator's async-vs-sync utility. No timing
+assertions: speed is measured by bench/hot_path.py."""
+
+import numpy as np
+import pytest
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+from evicpress_sglang.policy.planner import build_plan
+from evicpress_sglang.settings import Settings
+from evicpress_sglang.sim import footprint_tokens, generate, simulate
+from harness import LAYERS, DIM, HEADS, expected_kv, free_slots_accounted, make_params, serve
+from evicpress_sglang.codecs import KVShape
+
+TOKEN_BYTES = 2 * LAYERS * HEADS * DIM * 2
+
+
+def _table() -> ContextTable:
+    return ContextTable(build_configs(["bf16", "int4"], []), KVShape(LAYERS, 0, HEADS, DIM, torch.bfloat16), CostModel())
+
+
+def test_remove_detaches_only_its_children_and_split_moves_them():
+    t = _table()
+    t.insert("a", 10, 0.0)
+    t.insert("b", 10, 0.0, parent="a")
+    t.insert("c", 10, 0.0, parent="a")
+    t.insert("d", 10, 0.0, parent="b")
+    t.split("b", "b0", 4)  # b0 is b's new parent, a's child
+    assert t.parent[t.row_of["b"]] == t.row_of["b0"] and t.parent[t.row_of["b0"]] == t.row_of["a"]
+    assert t.children(t.row_of["a"]) == {t.row_of["c"], t.row_of["b0"]}
+    t.remove("b0")
+    assert t.parent[t.row_of["b"]] == -1 and t.parent[t.row_of["d"]] == t.row_of["b"]
+    assert t.children(t.row_of["a"]) == {t.row_of["c"]}
+    reused = t.row_of["c"]
+    t.remove("c")
+    t.insert("e", 5, 0.0)  # takes c's row: it must not inherit a's child link
+    assert t.row_of["e"] == reused and t.children(t.row_of["a"]) == set()
+    alive = t.rows()
+    assert np.all((t.parent[alive] == -1) | t.alive[np.maximum(t.parent[alive], 0)])
+
+
+def test_snapshot_copies_moved_rows_and_detaches_from_the_table():
+    t = _table()
+    for i in range(40):  # grows past the initial 16 rows
+        t.insert(i, 10 + i, 0.0)
+    s = t.snapshot()
+    t.set_quality(3, "int4", 0.5)
+    t.assign[4] = t.drop_config
+    s2 = t.snapshot(s)
+    assert s2 is s and s.quality[3, t.configs.index(next(c for c in t.configs if c.codec == "int4"))] == 0.5
+    assert s.assign[4] == t.drop_config
+    t.assign[5] = t.drop_config  # the table moves on: the snapshot does not
+    assert s.assign[5] == t.gpu_config and s.cost is not t.cost
+    for i in range(40, 80):  # grown again: a new snapshot, not a stale refresh
+        t.insert(i, 1, 0.0)
+    s3 = t.snapshot(s)
+    assert s3 is not s and np.array_equal(s3.sizes[t.rows()], t.sizes[t.rows()])
+    other = _table()
+    other.insert(0, 7, 0.0)
+    assert other.snapshot(s3) is not s3  # another table's snapshot is never refreshed in place
+
+
+def test_plan_steps_do_not_hold_once_their_row_changed():
+    t = _table()
+    for i in range(6):
+        t.insert(i, 100, float(i))
+    pol = make_policy("lru", t, Weights())
+    plan = build_plan(pol, t, np.array([3 * 100 * TOKEN_BYTES, 0, 0], dtype=float), 10.0, lru=True)
+    assert plan.rows.size == 3 and all(plan.holds(t, i) for i in range(3))
+    assert list(plan.rows) == [t.row_of[0], t.row_of[1], t.row_of[2]]  # least recently used first
+    t.assign[plan.rows[0]] = t.drop_config  # moved meanwhile
+    t.remove(1)
+    t.insert("new", 100, 11.0)  # reuses row 1: another context
+    assert [plan.holds(t, i) for i in range(3)] == [False, False, True]
+
+
+def _cache(tmp_path, **kw) -> EvicPressRadixCache:
+    s = Settings(**({"host_bytes": 200 * TOKEN_BYTES, "host_codecs": ["bf16", "int8"], "disk_codecs": [],
+                     "async_plan_min_contexts": 0, "evict_budget_ms": 1000.0} | kw))
+    return EvicPressRadixCache(make_params(256, 1), s)
+
+
+def _docs(n, length=40):
+    return [list(range(1000 * i, 1000 * i + length)) for i in range(n)]
+
+
+def test_lock_column_follows_nested_locks_and_splits(tmp_path):
+    cache = _cache(tmp_path, async_plan_min_contexts=None)
+    serve(cache, _docs(1, 60)[0])
+    node = next(iter(cache.root_node.children.values()))
+    t = cache.table
+    cache.inc_lock_ref(node)
+    cache.inc_lock_ref(node)  # two requests hold it
+    cache.dec_lock_ref(node)
+    assert t.in_use[t.row_of[node.id]]
+    serve(cache, _docs(1, 30)[0] + [7, 7])  # splits the locked node at 30
+    parent = node.parent
+    assert parent.id in t and t.in_use[t.row_of[parent.id]] and t.in_use[t.row_of[node.id]]
+    cache.dec_lock_ref(node)
+    assert not t.in_use[t.row_of[node.id]] and not t.in_use[t.row_of[parent.id]]
+
+
+def test_background_plan_is_applied_and_a_policy_switch_discards_it(tmp_path):
+    cache = _cache(tmp_path)
+    docs = _docs(5)
+    for d in docs:
+        serve(cache, d)
+    assert cache.planner.plan_once()  # steps the planner here instead of in its thread
+    plan = cache.planner.plan
+    cache._demand.append(120)
+    cache.set_policy("lru-offload")  # meanwhile: the plan is of another setting
+    assert cache.planner.take(cache.plan_generation) is None
+    cache.evict(EvictParams(num_tokens=40))
+    assert cache.stats.plan["missing"] == 1 and plan.cursor == 0  # never applied
+    assert cache.planner.plan_once() and cache.planner.plan.generation == cache.plan_generation
+    before = cache.stats.plan["steps"]
+    cache.evict(EvictParams(num_tokens=40))
+    assert cache.stats.plan["steps"] > before
+    assert cache.stats.stores  # lru-offload's plan stored contexts in host memory
+    for d in docs:  # every context still served exactly
+        r = serve(cache, d + [1])
+        k, v = expected_kv(d + [1])
+        assert torch.equal(r.k, k) and torch.equal(r.v, v)
+    assert free_slots_accounted(cache) and not cache.audit()
+
+
+def test_budget_spent_falls_back_to_lru_drops_among_the_plans_candidates(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload", evict_budget_ms=1e-9)
+    for d in _docs(5):
+        serve(cache, d)
+    cache._demand.append(40)
+    assert cache.planner.plan_once()
+    plan = cache.planner.plan
+    oldest = cache.nodes[cache.table.keys[plan.lru[0]]]
+    assert plan.rows.size > 0 and plan.lru.size > 0
+    cache.evict(EvictParams(num_tokens=40))
+    assert cache.stats.plan["budget_stops"] == 1 and cache.stats.plan["steps"] == 0
+    assert cache.stats.plan["fallback_drops"] >= 1 and not cache.stats.stores
+    assert oldest.id not in cache.table and oldest.id not in cache.nodes  # dropped, least recently used first
+    assert free_slots_accounted(cache) and not cache.audit()
+
+
+def test_stale_steps_are_skipped(tmp_path):
+    cache = _cache(tmp_path, policy="lru-offload")
+    docs = _docs(5)
+    for d in docs:
+        serve(cache, d)
+    cache._demand.append(80)
+    assert cache.planner.plan_once()
+    for d in docs:  # every context is split by a request that diverges inside it: the plan predates that
+        serve(cache, d[:20] + [5, 5])
+    cache.evict(EvictParams(num_tokens=200))  # its steps' rows were split: their versions moved
+    assert cache.stats.plan["stale_steps"] > 0
+    assert free_slots_accounted(cache) and not cache.audit()
+
+
+def test_a_crashing_planner_is_recorded_once_and_eviction_plans_synchronously(tmp_path, monkeypatch):
+    cache = _cache(tmp_path)
+    for d in _docs(5):
+        serve(cache, d)
+    monkeypatch.setattr(ContextTable, "snapshot", lambda self, into=None: 1 / 0)
+    cache.planner.kick()
+    cache.planner._thread.join(timeout=30)
+    assert cache.planner.failed and cache.health.errors_by_entry["planner"] == 1
+    assert not cache._plans_in_background()
+    cache.evict(EvictParams(num_tokens=100))  # synchronous, as without the planner
+    assert cache.evictable_size_ <= 256 - 100 and not cache.audit()
+
+
+def test_async_plan_utility_is_within_2_percent_of_sync_in_the_simulator():
+    trace = generate("docqa", 800, seed=0, n_docs=200)
+    fp = footprint_tokens(trace) * 128 * 1024
+    cap = (fp / 5, fp / 5, 2 * fp)
+    sync = simulate(trace, "evicpress", cap, cost=CostModel(), plan="sync")
+    run = simulate(trace, "evicpress", cap, cost=CostModel(), plan="async", check=True)
+    assert run.evictions > 0
+    assert (sync.utility_total - run.utility_total) / abs(sync.utility_total) < 0.02
