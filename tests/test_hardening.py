@@ -78,7 +78,7 @@ def test_status_is_valid_json_with_minus_infinite_utilities(tmp_path):
     assert any(p["utility"] is None for p in status["placements"])
 
 
-@pytest.mark.parametrize("where", ["_load", "_fetch", "_evict_by_policy", "_insert_helper", "_register",
+@pytest.mark.parametrize("where", ["_load", "_fetch", "_apply", "_prefetch_for", "_insert_helper", "_register",
                                    "_count_hit", "_after_store"])
 def test_an_internal_error_anywhere_is_answered_safely(tmp_path, monkeypatch, caplog, where):
     """Our code raising inside any step: no exception reaches the caller (the scheduler),
