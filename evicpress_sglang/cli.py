@@ -26,6 +26,15 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query_model(args: argparse.Namespace) -> int:
+    from .codecs.queries import measure
+    from .sample_text import documents
+
+    measure(_model_dir(args.model), [text for _, text in documents()][: args.texts]).save(args.out)
+    print(args.out)
+    return 0
+
+
 def cmd_codecs(args: argparse.Namespace) -> int:
     from .codec_report import report
 
@@ -139,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rebuild even if cached")
     prep.set_defaults(func=cmd_model)
 
+    qm = sub.add_parser("query-model", help="measure a model's query statistics for the expected/kvzip selectors")
+    qm.add_argument("--model", help="HF model directory (default: bundled SmolLM2)")
+    qm.add_argument("--texts", type=int, default=4, help="sample documents to run (2048 tokens each at most)")
+    qm.add_argument("--out", required=True, help="file to write; pass it as the 'query_model' setting")
+    qm.set_defaults(func=cmd_query_model)
     c = sub.add_parser("codecs", help="size, error and speed of every codec on a model's real KV")
     c.add_argument("--model", help="HF model directory (default: the bundled SmolLM2, prepared on first use)")
     c.add_argument("--tokens", type=int, default=1024, help="context length to measure on (default 1024)")

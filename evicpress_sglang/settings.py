@@ -74,6 +74,9 @@ class Settings:
     #: False only to measure what wrong positions cost: requests continuing a token-dropped
     #: context then take positions that follow the kept tokens instead of the original length.
     shift_positions: bool = True
+    #: The file ``evicpress-sglang query-model`` writes for the served model; needed by the
+    #: query-aware dropping selectors (``expected:<r>``, ``kvzip:<r>``).
+    query_model: str | None = None
     #: A store shared with other servers (``{"backend": "mooncake", ...}``, see
     #: :func:`evicpress_sglang.tiers.make_remote_tier`): the tier after disk (the policy may
     #: place contexts there under ``remote_codecs``), every context this server stores is

@@ -90,7 +90,8 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
         payload = torch.empty(codec.nbytes(shape), dtype=torch.uint8, device=idx.device)
         inner, kept = payload, idx
         if drop is not None:
-            picked, kept_pos = drop.keep(idx.numel(), idx.device, lambda: _stack(pool.k_buffer, idx), positions)
+            picked, kept_pos = drop.keep(idx.numel(), idx.device, lambda: _stack(pool.k_buffer, idx),
+                                         lambda: _stack(pool.v_buffer, idx), positions)
             head = drop.header(kept_pos)
             payload[: head.numel()] = head
             inner, kept = payload[head.numel():], idx[picked]

@@ -1,7 +1,7 @@
 """KV codecs, chosen by name.
 
 A codec name is ``[<selector>:<ratio>+]<quantizer>[+zstd]``: an optional token-dropping
-stage (``knorm``, ``keydiff``, ``streaming``; see :mod:`.drop`), a quantizer (``bf16``,
+stage (``knorm``, ``keydiff``, ``streaming``, ``expected``, ``kvzip``; see :mod:`.drop`), a quantizer (``bf16``,
 ``fp8``, ``int8``, ``int4``, ``int2``; bf16 when only a dropping stage is named) and
 optional lossless entropy coding. Examples: ``int4``, ``int4+zstd``, ``keydiff:0.6``,
 ``keydiff:0.6+int8+zstd``.

@@ -14,23 +14,39 @@ Selection is per context, shared by every layer and head, unlike kvpress, which 
 per head: SGLang's KV pool gives a token one slot in every layer, so a per-head choice
 would need per-head page tables. Scores are standardised per (layer, head) before they
 are averaged, so no single layer or head decides alone.
+
+``expected`` and ``kvzip`` score tokens by the attention the model's *queries* would give
+them. No query exists at eviction time, so they use a :class:`.queries.QueryModel`: the
+model's pre-RoPE query distribution, measured once per model offline
+(``evicpress-sglang query-model``) and loaded with the ``query_model`` setting.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .base import CodecError, EncodedKV, KVCodec, KVShape, _aligned, check_decodable
+from . import queries
 
 POSITION_DTYPE = torch.int32
 
 
+@dataclass
+class ContextKV:
+    """What a selector may read about the context it prunes."""
+
+    k: torch.Tensor  # [layers, tokens, heads, head_dim], after RoPE at ``positions``
+    values: Callable[[], torch.Tensor]  # V in the same layout; gathered only if a selector asks
+    positions: torch.Tensor  # int64 [tokens]: each token's position in the context
+
+
 class TokenSelector(ABC):
-    """Which tokens of a context to keep, from its keys alone."""
+    """Which tokens of a context to keep, from its KV alone."""
 
     name: str
 
@@ -44,17 +60,17 @@ class TokenSelector(ABC):
         sizes are known before encoding."""
         return max(1, tokens - math.floor(self.ratio * tokens)) if tokens else 0
 
-    def select(self, k: torch.Tensor) -> torch.Tensor:
-        """Ascending indices (int64, on ``k``'s device) of the tokens to keep."""
-        tokens, keep = k.shape[1], self.kept(k.shape[1])
+    def select(self, kv: ContextKV) -> torch.Tensor:
+        """Ascending indices (int64, on the keys' device) of the tokens to keep."""
+        tokens, keep = kv.k.shape[1], self.kept(kv.k.shape[1])
         if keep >= tokens:
-            return torch.arange(tokens, device=k.device)
-        chosen = self.choose(k, keep)
+            return torch.arange(tokens, device=kv.k.device)
+        chosen = self.choose(kv, keep)
         return torch.sort(chosen).values
 
     @abstractmethod
-    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
-        """``keep`` token indices of ``k`` ([layers, tokens, heads, head_dim]), any order."""
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        """``keep`` token indices of the context, any order."""
 
 
 def _standardised(score: torch.Tensor) -> torch.Tensor:
@@ -71,8 +87,8 @@ class KNormSelector(TokenSelector):
 
     name = "knorm"
 
-    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
-        norm = k.float().norm(dim=-1)  # [layers, tokens, heads]
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        norm = kv.k.float().norm(dim=-1)  # [layers, tokens, heads]
         return torch.topk(-_standardised(norm), keep).indices
 
 
@@ -82,8 +98,8 @@ class KeyDiffSelector(TokenSelector):
 
     name = "keydiff"
 
-    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
-        unit = torch.nn.functional.normalize(k.float(), dim=-1)
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(kv.k.float(), dim=-1)
         anchor = torch.nn.functional.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
         similarity = (unit * anchor).sum(dim=-1)  # [layers, tokens, heads]
         return torch.topk(-_standardised(similarity), keep).indices
@@ -96,12 +112,65 @@ class StreamingSelector(TokenSelector):
     name = "streaming"
     SINKS = 4
 
-    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
-        tokens = k.shape[1]
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        tokens, device = kv.k.shape[1], kv.k.device
         sinks = min(self.SINKS, keep)
-        head = torch.arange(sinks, device=k.device)
-        tail = torch.arange(tokens - (keep - sinks), tokens, device=k.device)
+        head = torch.arange(sinks, device=device)
+        tail = torch.arange(tokens - (keep - sinks), tokens, device=device)
         return torch.cat([head, tail])
+
+
+class ExpectedAttentionSelector(TokenSelector):
+    """Expected Attention (Devoto et al. 2025): a future query is Gaussian, N(mu, S); a token's
+    expected attention logit is ``mu.k / sqrt(d) + k^T S k / (2d)``, softmaxed over the
+    context and weighted by the token's value norm (what it adds to the output).
+
+    ``mu`` and ``S`` come from the model's :class:`~.queries.QueryModel`, rotated by the mean
+    RoPE rotation over the ``FUTURE`` positions after the context's last token: that is where
+    the queries of requests continuing it sit, and stored keys already carry their own
+    rotations. Costs O(tokens * d^2) per layer and head, no pairwise attention."""
+
+    name = "expected"
+    FUTURE = 256
+
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        layers, _, heads, d = kv.k.shape
+        qm = queries.active().on(kv.k.device, layers, heads, d)
+        future = kv.positions[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
+        eye = torch.eye(d, device=kv.k.device)[:, None, None, :].expand(d, self.FUTURE, 1, d)
+        turn = queries.rope(eye, future, qm.inv_freq).mean(1)[:, 0]  # row j: mean rotation of unit vector j
+        mean = qm.mean @ turn  # [L, H, d]
+        cov = turn.T @ qm.cov @ turn
+        k = kv.k.float()
+        logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
+        logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
+        score = logit.log_softmax(dim=1) + kv.values().float().norm(dim=-1).clamp_min(1e-6).log()
+        return torch.topk(_standardised(score), keep).indices
+
+
+class ReconstructionSelector(TokenSelector):
+    """In the spirit of KVzip (Kim et al. 2025): keep the tokens the model needs to *repeat*
+    the context, each scored by the most attention any repeating query pays it.
+
+    KVzip runs the repeat as one more prefill; here it is approximated from the KV alone at
+    eviction: the query that re-reads token ``i`` is predicted from its key (the query model's
+    key->query map on the un-rotated key), placed at ``i``'s position in a copy of the context
+    that follows it (``position + tokens``), for ``QUERIES`` evenly spaced tokens."""
+
+    name = "kvzip"
+    QUERIES = 256
+
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        layers, tokens, heads, d = kv.k.shape
+        qm = queries.active().on(kv.k.device, layers, heads, d)
+        k = kv.k.float()
+        picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=k.device).round().long()
+        pos = kv.positions[picked]
+        plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [L, Q, H, d] pre-RoPE keys
+        q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map) + qm.key_bias[:, None]
+        q = queries.rope(q, pos + kv.positions[-1] + 1, qm.inv_freq)
+        attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
+        return torch.topk(_standardised(attn.amax(dim=2).transpose(1, 2).log()), keep).indices
 
 
 class KeepAllSelector(TokenSelector):
@@ -113,11 +182,15 @@ class KeepAllSelector(TokenSelector):
     def __init__(self) -> None:
         super().__init__(0.0)
 
-    def choose(self, k: torch.Tensor, keep: int) -> torch.Tensor:
-        return torch.arange(keep, device=k.device)
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        return torch.arange(keep, device=kv.k.device)
 
 
-SELECTORS: dict[str, type[TokenSelector]] = {c.name: c for c in (KNormSelector, KeyDiffSelector, StreamingSelector)}
+SELECTORS: dict[str, type[TokenSelector]] = {
+    c.name: c for c in (KNormSelector, KeyDiffSelector, StreamingSelector, ExpectedAttentionSelector,
+                        ReconstructionSelector)}
+#: Selectors that read the model's query model (:mod:`.queries`).
+QUERY_AWARE = (ExpectedAttentionSelector.name, ReconstructionSelector.name)
 
 
 class DropCodec(KVCodec):
@@ -142,22 +215,25 @@ class DropCodec(KVCodec):
         """``positions``: where the given tokens sit in the context (default 0..tokens-1);
         a context dropped before passes the positions its kept tokens had."""
         shape = KVShape.of(k)
-        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, positions)
+        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, lambda: v, positions)
         inner = self.inner.encode(k[:, idx], v[:, idx])
         return EncodedKV(self.name, shape, torch.cat([self.header(kept_pos), inner.payload]))
 
     def keep(self, tokens: int, device: torch.device, keys: Callable[[], torch.Tensor],
-             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             values: Callable[[], torch.Tensor], positions: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending indices of the kept tokens, their positions in the context), both int64.
-        ``keys`` returns the tokens' K; it is called only when some token is dropped, so a
-        subset codec (``keep+...``) never needs the keys gathered."""
+        ``keys`` / ``values`` return the tokens' K / V; they are called only when some token is
+        dropped (V only by a selector that reads it), so a subset codec (``keep+...``) never
+        needs them gathered."""
         if positions is not None and positions.numel() != tokens:
             raise CodecError(f"{positions.numel()} positions for {tokens} tokens")
+        pos = torch.arange(tokens, device=device) if positions is None else positions.to(device, torch.int64)
         if self.selector.kept(tokens) >= tokens:
             idx = torch.arange(tokens, device=device)
         else:
-            idx = self.selector.select(keys())
-        return idx, idx if positions is None else positions.to(device, torch.int64)[idx]
+            idx = self.selector.select(ContextKV(keys(), values, pos))
+        return idx, pos[idx]
 
     def header(self, kept_pos: torch.Tensor) -> torch.Tensor:
         """The payload's first segment: the kept positions as int32, zero-padded to alignment."""

@@ -1,0 +1,166 @@
+"""The query-aware dropping selectors (``expected``, ``kvzip``) on constructed inputs, and
+through a real SGLang pool."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evicpress_sglang.backend import kv_io
+from evicpress_sglang.codecs import CodecError, KVShape, get_codec, queries
+from evicpress_sglang.codecs.queries import QueryModel, rope
+from evicpress_sglang.policy import prior_quality
+from harness import DIM, HEADS, LAYERS, make_params
+
+
+def _model(layers=LAYERS, heads=HEADS, d=DIM, mean=None, bias=None, key_map=None, freq=0.0) -> QueryModel:
+    zero = torch.zeros(layers, heads, d)
+    return QueryModel(mean=zero if mean is None else mean.expand(layers, heads, d),
+                      cov=torch.eye(d).expand(layers, heads, d, d) * 1e-3,
+                      key_map=torch.zeros(layers, heads, d, d) if key_map is None else key_map,
+                      key_bias=zero if bias is None else bias.expand(layers, heads, d),
+                      inv_freq=torch.full((d // 2,), freq))
+
+
+@pytest.fixture
+def qmodel():
+    def set_model(model: QueryModel) -> QueryModel:
+        queries.use(model)
+        return model
+    yield set_model
+    queries.use(None)
+
+
+def _kv(tokens=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(LAYERS, tokens, HEADS, DIM, generator=g), torch.randn(LAYERS, tokens, HEADS, DIM, generator=g))
+
+
+def _kept(name, k, v, positions=None):
+    codec = get_codec(name)
+    return codec.positions(codec.encode(k.to(torch.bfloat16), v.to(torch.bfloat16), positions=positions)).tolist()
+
+
+def test_expected_keeps_what_the_mean_query_attends_to_and_drops_the_rest(qmodel):
+    u = torch.nn.functional.normalize(torch.randn(DIM), dim=0)
+    qmodel(_model(mean=8 * u))
+    k, v = _kv()
+    loud, opposed = [5, 20, 44], [7, 30]
+    k[:, loud] += 3 * u
+    k[:, opposed] -= 3 * u
+    kept = _kept("expected:0.9", k, v)
+    assert len(kept) == 6 and set(loud) <= set(kept) and not set(opposed) & set(kept)
+
+
+def test_expected_weighs_tokens_by_value_norm(qmodel):
+    qmodel(_model())  # zero mean: the attention term is nearly flat, values decide
+    k, v = _kv()
+    v[:, [3, 9]] *= 50
+    kept = _kept("expected:0.95", k, v)
+    assert len(kept) == 3 and {3, 9} <= set(kept)
+
+
+def test_expected_rotates_the_query_to_the_positions_after_the_context(qmodel):
+    """A pre-RoPE query along u, tokens whose pre-RoPE key is u stored after RoPE: the kept set
+    must follow the rotated query, and another context length moves the future positions."""
+    freq = 0.5  # one full turn every ~12.6 positions: the future window's mean rotation matters
+    d = DIM
+    u = torch.zeros(d); u[0] = 1.0  # rotates with u[d/2] at 0.5 rad per position
+    qmodel(_model(mean=10 * u, freq=freq))
+    tokens = 40
+    pos = torch.arange(tokens)
+    # every token's pre-RoPE key is u rotated by -angle(j): after RoPE at j it is u for all j,
+    # except one token whose stored key is the mean future query's direction itself
+    k, v = _kv(tokens)
+    v = torch.ones_like(v)
+    kept_model = queries.active()
+    future = tokens + torch.arange(get_codec("expected:0.5").selector.FUTURE)
+    eye = torch.eye(d)[:, None, None, :].expand(d, future.numel(), 1, d)
+    turn = rope(eye, future, kept_model.inv_freq).mean(1)[:, 0]
+    target = torch.nn.functional.normalize(10 * u @ turn, dim=0)
+    k[:, 11] = 3 * target
+    k[:, 12] = -3 * target
+    kept = _kept("expected:0.95", k, v)
+    assert 11 in kept and 12 not in kept
+
+
+def test_kvzip_keeps_the_tokens_its_predicted_queries_find(qmodel):
+    u = torch.nn.functional.normalize(torch.randn(DIM), dim=0)
+    qmodel(_model(bias=8 * u))  # every predicted query is 8u, whatever the key
+    k, v = _kv()
+    found = [2, 33, 58]
+    k[:, found] += 3 * u
+    kept = _kept("kvzip:0.95", k, v)
+    assert set(kept) == set(found)
+
+
+def test_kvzip_reads_keys_through_the_key_to_query_map(qmodel):
+    """A map that sends each key to itself (no RoPE): every repeating query finds its own
+    token, so the tokens sampled as queries are kept over the others."""
+    qmodel(_model(key_map=8 * torch.eye(DIM).expand(LAYERS, HEADS, DIM, DIM)))
+    tokens = 600  # more than QUERIES: only every ~2.3rd token asks
+    k, v = _kv(tokens)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    codec = get_codec("kvzip:0.5")
+    picked = torch.linspace(0, tokens - 1, codec.selector.QUERIES).round().long().tolist()
+    kept = _kept("kvzip:0.5", k, v)
+    assert len(set(picked) & set(kept)) >= 0.95 * len(picked)
+
+
+@pytest.mark.parametrize("name", ["expected:0.5", "expected:0.3+int8", "kvzip:0.5", "kvzip:0.7+int4+zstd"])
+@pytest.mark.parametrize("tokens", [1, 7, 257])
+def test_sizes_positions_and_redropping(qmodel, name, tokens):
+    qmodel(_model(mean=torch.randn(DIM), freq=0.01))
+    codec = get_codec(name)
+    k, v = (t.to(torch.bfloat16) for t in _kv(tokens))
+    raw = codec.device_codec.encode(k, v, positions=torch.arange(tokens) * 3 + 5)  # zstd is a host stage
+    assert raw.nbytes == codec.device_codec.nbytes(KVShape.of(k))
+    if codec.has_host_stage:
+        assert codec.unpack_host(codec.encode(k, v)).nbytes == raw.nbytes
+    kept = codec.output_shape(KVShape.of(k)).tokens
+    ratio = float(name.split("+")[0].split(":")[1])
+    assert kept == max(1, tokens - math.floor(ratio * tokens))
+    pos = codec.device_codec.positions(raw)
+    assert pos.numel() == kept and torch.all(pos[1:] > pos[:-1]) and torch.all((pos - 5) % 3 == 0)
+
+
+def test_the_selectors_fail_clearly_without_a_fitting_query_model(qmodel):
+    k, v = _kv()
+    with pytest.raises(CodecError, match="query_model"):
+        get_codec("expected:0.5").encode(k, v)
+    qmodel(_model(layers=LAYERS + 1))
+    with pytest.raises(CodecError, match="query model describes"):
+        get_codec("kvzip:0.5").encode(k, v)
+
+
+def test_query_model_file_round_trips(tmp_path):
+    model = _model(mean=torch.randn(DIM), freq=0.3)
+    model.save(tmp_path / "q.pt")
+    back = QueryModel.load(tmp_path / "q.pt")
+    assert all(torch.equal(getattr(model, f), getattr(back, f)) for f in ("mean", "cov", "key_map", "key_bias", "inv_freq"))
+
+
+@pytest.mark.parametrize("name", ["expected:0.5+int8", "kvzip:0.4"])
+def test_round_trip_through_a_real_sglang_pool(qmodel, name):
+    qmodel(_model(mean=torch.randn(DIM), freq=0.05))
+    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
+    g = torch.Generator().manual_seed(1)
+    for buf in (*pool.k_buffer, *pool.v_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    slots = torch.randperm(128, generator=g)[:40]
+    codec = get_codec(name)
+    enc = kv_io.encode_from_pool(pool, slots, codec)
+    assert torch.equal(enc.payload, codec.device_codec.encode(*kv_io.gather(pool, slots)).payload)
+    n = codec.output_shape(enc.shape).tokens
+    into = slots[:n].flip(0)
+    positions = kv_io.decode_into_pool(pool, into, codec, enc)
+    k, v, want = kv_io.decode(codec.device_codec, enc, "cpu")
+    got_k, _ = kv_io.gather(pool, into)
+    assert torch.equal(got_k, k) and torch.equal(positions, want) and positions.numel() == n
+
+
+def test_query_aware_priors_follow_the_key_scored_ones():
+    assert prior_quality("expected:0.5+int8") == prior_quality("keydiff:0.5+int8") < prior_quality("int8")
+    assert prior_quality("kvzip:0.6") < prior_quality("kvzip:0.3")
