@@ -19,13 +19,20 @@ from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.settings import Settings
 
 
+#: Every shared document starts with this header, so server A's tree (which has seen several)
+#: splits after it while server B's (which has seen none) ends its match before it.
+HEADER = [9] * 5
+#: Shared contexts are keyed every 32 tokens here (256 by default), as the documents are short.
+ANCHOR = 32
+
+
 def server(remote: dict, **settings) -> EvicPressRadixCache:
     """A server on the shared store. Its prefill is priced as an 8B model's (1 ms per token
     here), so a request waits for the store about as long as a real one would for contexts
     of these tests' length (60 tokens) instead of the CPU stand-in's microseconds."""
     return EvicPressRadixCache(make_params(1024), Settings(**{
         "policy": "static:int8", "host_bytes": 2000 * TOKEN_BYTES, "host_codecs": ["bf16", "int8"],
-        "remote": remote, "prefill_s_per_token": 1e-3, **settings}))
+        "remote": {"anchor_tokens": ANCHOR, **remote}, "prefill_s_per_token": 1e-3, **settings}))
 
 
 def outage(cache: EvicPressRadixCache, n: int) -> None:
@@ -36,7 +43,7 @@ def outage(cache: EvicPressRadixCache, n: int) -> None:
     start = time.monotonic()
     results = []
     for doc in DOCS[:n]:
-        tokens = SYSTEM + doc + [8]
+        tokens = SYSTEM + HEADER + doc + [8]
         r = serve(cache, tokens)
         results.append({"loaded": r.loaded, "exact": bool(torch.equal(r.k, expected_kv(tokens)[0]))})
     print(json.dumps({"seconds": time.monotonic() - start, "results": results,
@@ -53,7 +60,7 @@ def main() -> None:
     prompt = next(iter(cache.root_node.children.values()))
     cache.inc_lock_ref(prompt)  # the system prompt stays on the GPU
     for doc in DOCS[:n]:
-        serve(cache, SYSTEM + doc + [7])
+        serve(cache, SYSTEM + HEADER + doc + [7])
         cache.evict(EvictParams(num_tokens=10**6))
     cache.shared.flush()
     print(json.dumps({"published": cache.stats.published, "stores": dict(cache.stats.stores)}), flush=True)

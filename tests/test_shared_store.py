@@ -10,12 +10,14 @@ from pathlib import Path
 
 from content_key_setup import DOCS, SYSTEM
 from harness import expected_kv, free_slots_accounted, serve
-from shared_worker import server
+from shared_worker import ANCHOR, HEADER, server
 
 WORKER = Path(__file__).with_name("shared_worker.py")
 
 
 def test_server_b_loads_what_server_a_stored(mooncake_store):
+    """A's tree splits the documents after their common header, B's ends its match before it:
+    the contexts are keyed at anchors, not where either tree happens to split."""
     remote = mooncake_store.remote_config("shared-test")
     a = _worker("publish", remote, 4)
     try:
@@ -26,7 +28,7 @@ def test_server_b_loads_what_server_a_stored(mooncake_store):
         b = server(remote)
         serve(b, SYSTEM)  # B's own first request computes the shared prompt
         for doc in DOCS[:4]:
-            tokens = SYSTEM + doc + [8]
+            tokens = SYSTEM + HEADER + doc + [8]
             r = serve(b, tokens)
             assert r.loaded >= len(doc)  # from the store, through host memory, not prefilled
             k, v = expected_kv(tokens)
@@ -78,17 +80,18 @@ def test_an_unusable_shared_blob_is_a_miss(mooncake_store):
     b = server(remote)
     serve(b, SYSTEM)
     node = next(iter(b.root_node.children.values()))
-    doc = DOCS[5]
-    k, v = expected_kv(doc)
-    key = b._shared_key(b._start_hash(node, None), None, doc[:32])
-    b.shared.put(key, get_codec("int4").encode(k, v), {"codec": "int4", "tokens": doc, "extra_key": None})
-    b.shared.flush()  # sent: read back from the store
-    r = serve(b, SYSTEM + doc + [8])  # int4 is not among this server's host codecs
+    def publish(doc, codec, extra_key):
+        tokens = SYSTEM + doc
+        k, v = expected_kv(tokens)
+        # B's match ends at 40 tokens (SYSTEM), in the window [ANCHOR, 2 * ANCHOR)
+        b.shared.put(b._shared_key(None, tokens[:2 * ANCHOR]), get_codec(codec).encode(k[:, ANCHOR:], v[:, ANCHOR:]),
+                     {"codec": codec, "start": ANCHOR, "tokens": tokens[ANCHOR:], "extra_key": extra_key})
+        b.shared.flush()  # sent: read back from the store
+
+    publish(DOCS[5], "int4", None)
+    r = serve(b, SYSTEM + DOCS[5] + [8])  # int4 is not among this server's host codecs
     assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 1
-    key = b._shared_key(b._start_hash(node, None), None, DOCS[6][:32])
-    k, v = expected_kv(DOCS[6])
-    b.shared.put(key, get_codec("int8").encode(k, v), {"codec": "int8", "tokens": DOCS[6], "extra_key": "other"})
-    b.shared.flush()
+    publish(DOCS[6], "int8", "other")
     r = serve(b, SYSTEM + DOCS[6] + [8])
     assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 2
     assert node.lock_ref == 0 and b.audit() == [] and b.health.internal_errors == 0

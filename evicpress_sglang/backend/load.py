@@ -99,8 +99,9 @@ class LoadBack(StoreOnEvict):
                 enc = tier.get(stored.blob, device=self.device, unpack=unpack)
             if enc is None:
                 raise CodecError("missing or damaged blob")
-            if enc.shape.tokens > len(node.key) or (enc.shape.tokens < len(node.key) and not stored.token_subset):
-                raise CodecError(f"blob holds {enc.shape.tokens} tokens, node has {len(node.key)}")
+            held = enc.shape.tokens - stored.offset
+            if held > len(node.key) or (held < len(node.key) and not stored.token_subset):
+                raise CodecError(f"blob holds {held} tokens for the node, which has {len(node.key)}")
         except (CodecError, OSError) as e:  # the tiers report I/O faults as misses; a stray one is one too
             self._miss(node, str(e))
             return None
@@ -120,7 +121,8 @@ class LoadBack(StoreOnEvict):
         except CodecError as e:
             self._miss(node, str(e))
             return None
-        return Decoded(k, v, enc.nbytes, positions)
+        cut = node.evp.offset  # tokens before the node's own (never with a token subset)
+        return Decoded(k[:, cut:], v[:, cut:], enc.nbytes, positions)
 
     def _load(self, node: TreeNode, protect: set[int]) -> Optional[torch.Tensor]:
         """Decode one placeholder straight into new pool slots; None on a miss or when no
@@ -155,6 +157,10 @@ class LoadBack(StoreOnEvict):
                 allocator.free(slots)
             self._agreed_miss(node)
             return None
+        if stored.offset:  # the blob's tokens before the node's first one: let go
+            allocator.free(slots[: stored.offset])
+            slots = slots[stored.offset:]
+            n -= stored.offset
         self._tier_delete(stored)
         node.value = slots.to(torch.int64)
         node.evp = None

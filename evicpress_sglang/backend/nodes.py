@@ -29,6 +29,9 @@ class Stored:
     tier: Tier
     codec: str  # the blob's codec: the configuration's, or keep+<it> for a dropped node's kept tokens
     blob: str  # key in the tier
+    #: tokens the blob holds before the node's first one (a shared blob keyed at an anchor
+    #: before where this server's match ended): loaded with the rest, then let go
+    offset: int = 0
 
     @property
     def token_subset(self) -> bool:

@@ -1,16 +1,23 @@
 """Contexts shared between servers through a remote store (Mooncake), and the remote tier's reads.
 
-Every context this server stores in a lower tier is *published* too: the same blob, under
-a content key that any server computes from a request alone — the layout fingerprint, the
-hash of the prefix the context continues and the hash of its first
-:data:`HEAD_TOKENS` tokens — with the context's own tokens beside it. A server whose match
-ends where no local context continues asks the store for that key; a blob whose tokens the
-request continues is staged in host memory and attached as a placeholder, so the ordinary
-load-back brings it to the GPU (split there if the request uses only part of it).
+Every context this server stores in a lower tier is *published* too, under a key any
+server computes from a request alone. Where a context starts in a tree depends on that
+server's history (two documents with a common header split after the header in one tree
+and not in another), so keys are not taken at context starts but at fixed *anchors*, every
+``anchor_tokens`` (A) tokens, as SGLang HiCache keys pages: a context spanning positions
+``[s, e)`` is published as the KV of ``[a, e)``, ``a`` the anchor at or before ``s`` (the
+tokens before ``s`` come from its ancestors on the GPU), under the layout fingerprint and
+the hash of the tokens up to ``a + A``. A server whose match ends at ``m`` asks for the key
+of its own anchor window, made of its request's tokens; a blob found there starts at or
+before ``m``, and the tokens before ``m`` are loaded and let go. Blob and request meet when
+``s`` and ``m`` fall in one window; a context shorter than its window's end is not shared.
 
-Blobs are immutable: two servers publishing the same context write the same key, and the
-first one stays. An unreachable store is a miss; the remote tier logs it once and stops
-asking for a while.
+A found blob whose tokens the request continues is staged in host memory and attached as a
+placeholder, so the ordinary load-back brings it to the GPU (split there if the request
+uses only part of it). Blobs are immutable: two servers publishing the same context write
+the same key, and the first one stays; the tokens stored beside a blob are checked before
+it is used, so a key that another context took first is a miss. An unreachable store is a
+miss; the remote tier logs it once and stops asking for a while.
 
 No read from the store runs on the scheduler's thread (:mod:`.prefetch`): when a request
 arrives, :meth:`SharedContexts._prefetch_for` starts the reads its match will want (the
@@ -29,18 +36,18 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
-from ..codecs import CodecError, EncodedKV, get_codec
+from ..codecs import CodecError, EncodedKV, drops_tokens, get_codec
 from ..policy import Tier
 from ..tiers import TierError
 from ..tiers.base import Pack
+from . import kv_io
 from .content_keys import token_hash
-from .nodes import Stored, is_placeholder
+from .nodes import Stored, is_dropped, is_placeholder
 from .tree import TreeBookkeeping
 
-#: Contexts shorter than this are not shared (and a request needs this many tokens to look one up).
-HEAD_TOKENS = 32
 #: The longest a request is held for its reads, however long recomputing it would take.
 MAX_WAIT_S = 2.0
 _REMEMBERED = 100_000  # keys remembered as published
@@ -49,20 +56,36 @@ _REMEMBERED = 100_000  # keys remembered as published
 class SharedContexts(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`; ``self.shared`` is the remote tier or None."""
 
-    def _shared_key(self, prefix_hash: str, extra_key: str | None, head) -> str:
-        """The store's key for a context continuing a prefix (of hash ``prefix_hash``) whose
-        first tokens are ``head``."""
-        return f"{self.fingerprint}-{prefix_hash}-{token_hash(extra_key, head)}"
+    def _shared_key(self, extra_key: str | None, tokens) -> str:
+        """The store's key for the anchor window that ends where ``tokens`` (from the root) end."""
+        return f"{self.fingerprint}-{token_hash(extra_key, tokens)}"
+
+    def _window(self, start: int) -> tuple[int, int]:
+        """(the anchor at or before ``start``, the end of its window)."""
+        a = start - start % self.shared.options.anchor_tokens
+        return a, a + self.shared.options.anchor_tokens
 
     def _publish(self, node: TreeNode, codec: str, enc: EncodedKV, pack: Pack | None) -> None:
-        """Offer a context just stored here to the other servers (queued; never waits)."""
-        if self.shared is None or len(node.key) < HEAD_TOKENS:
+        """Offer a context just stored here to the other servers (queued; never waits): the KV
+        from its anchor on (re-encoded with its ancestors' tokens when it starts after the
+        anchor: only while those and the context are on the GPU)."""
+        if self.shared is None or drops_tokens(get_codec(codec)):
             return
-        key = self._shared_key(self._start_hash(node.parent, node.key.extra_key), node.key.extra_key,
-                               node.key.token_ids[:HEAD_TOKENS])
+        tokens = self._path_tokens(node)
+        start = len(tokens) - len(node.key)
+        a, b = self._window(start)
+        if len(tokens) <= b:
+            return  # ends inside its window: no request can name it (and it is cheap to recompute)
+        extra_key = node.key.extra_key
+        key = self._shared_key(extra_key, tokens[:b])
         if key in self._published:
             return
-        meta = {"codec": codec, "tokens": list(node.key.token_ids), "extra_key": node.key.extra_key}
+        if a < start:
+            slots = self._slots_back_to(node, start - a)
+            if slots is None:
+                return
+            enc = kv_io.encode_from_pool(self.kvpool, slots, get_codec(codec))
+        meta = {"codec": codec, "start": a, "tokens": list(tokens[a:]), "extra_key": extra_key}
         try:
             self.shared.put(key, enc, meta, pack=pack)
         except (TierError, OSError) as e:
@@ -70,6 +93,20 @@ class SharedContexts(TreeBookkeeping):
             return
         _remember(self._published, key, True)
         self.stats.published += 1
+
+    def _slots_back_to(self, node: TreeNode, before: int) -> torch.Tensor | None:
+        """The pool slots of ``node`` and of the ``before`` tokens preceding it on its path;
+        None unless all of them are on the GPU, one slot per token."""
+        parts, node_ = [], node
+        need = before + len(node.key)
+        while need > 0 and node_ is not self.root_node:
+            if node_.value is None or is_dropped(node_):
+                return None
+            take = min(need, len(node_.value))
+            parts.append(node_.value[len(node_.value) - take:])
+            need -= take
+            node_ = node_.parent
+        return None if need > 0 else torch.cat(parts[::-1])
 
     def _attach_shared(self, node: TreeNode, key: RadixKey) -> TreeNode | None:
         """A context another server published that continues the path at ``node`` with the
@@ -82,11 +119,14 @@ class SharedContexts(TreeBookkeeping):
         """The published context :meth:`_attach_shared` would attach, read but not staged
         (ranks agree on it first): only if its read has finished (one is started if none
         was); never waits for the store."""
-        if self.shared is None or len(key) < HEAD_TOKENS or Tier.HOST not in self.tiers:
+        if self.shared is None or Tier.HOST not in self.tiers or key.child_key(self.page_size) in node.children:
             return None
-        if key.child_key(self.page_size) in node.children:
+        here = self._path_tokens(node)
+        m = len(here)
+        a, b = self._window(m)
+        if m + len(key) <= b:
             return None
-        name = self._shared_key(self._start_hash(node, key.extra_key), key.extra_key, key.token_ids[:HEAD_TOKENS])
+        name = self._shared_key(key.extra_key, here + key.token_ids[: b - m])
         done, _ = self.prefetch.result(name)
         if not done:
             self.prefetch.start(name, functools.partial(self._read_shared, name))
@@ -97,17 +137,19 @@ class SharedContexts(TreeBookkeeping):
         enc, meta = found
         try:
             codec = get_codec(str(meta["codec"]))
-            tokens, extra_key = array("q", meta["tokens"]), meta.get("extra_key")
-        except (CodecError, KeyError, TypeError) as e:
+            tokens, extra_key, start = array("q", meta["tokens"]), meta.get("extra_key"), int(meta["start"])
+        except (CodecError, KeyError, TypeError, ValueError) as e:
             self.stats.miss("remote", f"unusable shared blob: {e}")
             return None
-        child_key = RadixKey(tokens, extra_key)
+        child_key = RadixKey(tokens[m - a:], extra_key)
         name_here = codec.device_codec.name
         config = self._config_index(Tier.HOST, name_here)
-        if extra_key != key.extra_key or child_key.match(key, page_size=self.page_size) == 0 or config is None:
+        if (start != a or extra_key != key.extra_key or tokens[: m - a] != here[a:] or len(child_key) == 0
+                or child_key.match(key, page_size=self.page_size) == 0 or config is None
+                or enc.shape.tokens != len(tokens)):
             self.stats.miss("remote", "shared blob does not continue the request here")
             return None
-        return SharedHit(child_key, enc, name_here, config)
+        return SharedHit(child_key, enc, name_here, config, offset=m - a)
 
     def _read_shared(self, name: str) -> tuple[tuple[EncodedKV, dict] | None, int]:
         """On a prefetch worker: the published blob ``name`` with its meta, its lossless host
@@ -151,9 +193,9 @@ class SharedContexts(TreeBookkeeping):
             if n < len(child.key):
                 break
             node, key = child, key[n:]
-        if len(tokens) - matched >= HEAD_TOKENS:
-            name = self._shared_key(token_hash(req.extra_key, tokens[:matched]), req.extra_key,
-                                    tokens[matched:matched + HEAD_TOKENS])
+        _, b = self._window(matched)
+        if len(tokens) > b:
+            name = self._shared_key(req.extra_key, tokens[:b])
             self.prefetch.start(name, functools.partial(self._read_shared, name), req.rid, deadline)
 
     def _held_for_prefetch(self, rids: Iterable[str]) -> set[str]:
@@ -193,7 +235,7 @@ class SharedContexts(TreeBookkeeping):
 
     def _stage_shared(self, found: "SharedHit") -> Stored | None:
         """Put a fetched shared blob in host memory; None when there is no room (a miss)."""
-        stored = Stored(Tier.HOST, found.codec, uuid.uuid4().hex)
+        stored = Stored(Tier.HOST, found.codec, uuid.uuid4().hex, offset=found.offset)
         try:
             self.tiers[Tier.HOST].put(stored.blob, found.enc)
         except (TierError, OSError) as e:  # no room to stage it: the request prefills
@@ -209,6 +251,7 @@ class SharedHit:
     enc: EncodedKV
     codec: str  # as staged in host memory
     config: int
+    offset: int  # tokens of the blob before the request's match ends (loaded and let go)
 
 
 def remote_read_name(stored: Stored) -> str:

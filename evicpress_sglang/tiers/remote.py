@@ -93,6 +93,9 @@ class RemoteOptions:
     max_pending_bytes: int = 1 << 30  # queued puts beyond this make put wait (as the disk tier's)
     capacity_bytes: int | None = None  # what the policy may plan to keep here; None: our segment size
     prefetch_bytes: int = 512 << 20  # host memory for blobs read ahead of their load (backend.prefetch)
+    #: spacing of the positions shared contexts are keyed at (backend.shared); servers sharing
+    #: a store must use the same
+    anchor_tokens: int = 256
 
 
 def _mooncake_config_module():
