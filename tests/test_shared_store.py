@@ -94,5 +94,9 @@ def test_an_unusable_shared_blob_is_a_miss(mooncake_store):
     publish(DOCS[6], "int8", "other")
     r = serve(b, SYSTEM + DOCS[6] + [8])
     assert r.loaded == 0 and b.stats.shared_hits == 0 and b.stats.misses.get("remote") == 2
+    publish(DOCS[7], "int8", None)  # usable, but it could not arrive before recomputing it would finish:
+    b.cost.prefill_s_per_token = 1e-9  # not even read (the request is not held for it)
+    r = serve(b, SYSTEM + DOCS[7] + [8])
+    assert r.loaded == 0 and b.shared.usage().counters["too_large"] == 1
     assert node.lock_ref == 0 and b.audit() == [] and b.health.internal_errors == 0
 

@@ -129,7 +129,7 @@ class SharedContexts(TreeBookkeeping):
         name = self._shared_key(key.extra_key, here + key.token_ids[: b - m])
         done, _ = self.prefetch.result(name)
         if not done:
-            self.prefetch.start(name, functools.partial(self._read_shared, name))
+            self.prefetch.start(name, functools.partial(self._read_shared, name, self._wait_s(len(key))))
             return None
         found = self.prefetch.take(name)
         if found is None:
@@ -151,10 +151,18 @@ class SharedContexts(TreeBookkeeping):
             return None
         return SharedHit(child_key, enc, name_here, config, offset=m - a)
 
-    def _read_shared(self, name: str) -> tuple[tuple[EncodedKV, dict] | None, int]:
+    def _wait_s(self, tokens: int) -> float:
+        """How long a request may wait for a shared context of up to ``tokens`` tokens: about
+        as long as recomputing them, since waiting longer cannot win."""
+        return min(MAX_WAIT_S, self.cost.prefill_s_per_token * tokens)
+
+    def _read_shared(self, name: str, wait_s: float) -> tuple[tuple[EncodedKV, dict] | None, int]:
         """On a prefetch worker: the published blob ``name`` with its meta, its lossless host
-        stage undone, in host memory; None when absent, damaged or unusable."""
-        found = self.shared.get_with_meta(name, device="cpu")
+        stage undone, in host memory; None when absent, damaged or unusable, or when at the
+        store's measured speed it could not arrive within ``wait_s`` (the request prefills at
+        once instead of waiting for nothing)."""
+        budget = (wait_s - self.cost.remote_latency) * self.cost.remote_bw
+        found = self.shared.get_with_meta(name, device="cpu", max_bytes=budget)
         if found is None or found[1] is None:
             return None, 0
         enc, meta = found
@@ -177,7 +185,7 @@ class SharedContexts(TreeBookkeeping):
             return
         tokens = list(req.origin_input_ids)
         key = RadixKey(array("q", tokens), req.extra_key).page_aligned(self.page_size)
-        deadline = time.monotonic() + min(MAX_WAIT_S, self.cost.prefill_s_per_token * len(key))
+        deadline = time.monotonic() + self._wait_s(len(key))
         node, matched = self.root_node, 0
         while len(key) > 0:
             child = node.children.get(key.child_key(self.page_size))
@@ -196,7 +204,9 @@ class SharedContexts(TreeBookkeeping):
         _, b = self._window(matched)
         if len(tokens) > b:
             name = self._shared_key(req.extra_key, tokens[:b])
-            self.prefetch.start(name, functools.partial(self._read_shared, name), req.rid, deadline)
+            wait_s = self._wait_s(len(tokens) - matched)  # what recomputing the rest would take
+            self.prefetch.start(name, functools.partial(self._read_shared, name, wait_s), req.rid,
+                                time.monotonic() + wait_s)
 
     def _held_for_prefetch(self, rids: Iterable[str]) -> set[str]:
         """The waiting requests to keep out of prefill this round: those a read started for

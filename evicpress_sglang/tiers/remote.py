@@ -71,7 +71,8 @@ OUTAGE_CODES = frozenset({-900, -901, -103})
 OBJECT_ALREADY_EXISTS = -705
 OBJECT_NOT_FOUND = -704
 REMOVE_ATTEMPTS = 30  # a second apart: outlasts Mooncake's default 10 s read lease
-PROBE_SIZES = (4 << 10, 4 << 20)  # bytes: latency from the small one, bandwidth from the difference
+#: bytes: latency from the small one, bandwidth from the large one (KV blobs are tens of MB)
+PROBE_SIZES = (4 << 10, 32 << 20)
 #: MooncakeConfig fields given as byte sizes (``"64MiB"`` in settings).
 SIZE_FIELDS = ("global_segment_size", "local_buffer_size")
 PRIVATE = "own-"  # prefix of keys only this process points at (see MooncakeTier.private_key)
@@ -197,7 +198,7 @@ class MooncakeTier(StorageTier):
         self._down_until = 0.0  # monotonic time before which the store is not asked
         self._down = False  # inside an outage (logged once)
         self.counters = {"errors": 0, "timeouts": 0, "skipped": 0, "outages": 0, "failed_writes": 0, "damaged": 0,
-                         "removed": 0}
+                         "removed": 0, "too_large": 0}
         self.last_error: str | None = None
         self._workers = ThreadPoolExecutor(4, thread_name_prefix="evicpress-remote")
         self._remover = ThreadPoolExecutor(1, thread_name_prefix="evicpress-remote-remove")
@@ -328,10 +329,11 @@ class MooncakeTier(StorageTier):
         found = self.get_with_meta(key, device, unpack)
         return None if found is None else found[0]
 
-    def get_with_meta(self, key: str, device: torch.device | str = "cpu",
-                      unpack: Unpack | None = None) -> tuple[EncodedKV, dict | None] | None:
+    def get_with_meta(self, key: str, device: torch.device | str = "cpu", unpack: Unpack | None = None,
+                      max_bytes: float = float("inf")) -> tuple[EncodedKV, dict | None] | None:
         """:meth:`get`, with the meta the writer stored beside the blob (None for a blob
-        still queued here, whose meta the caller has)."""
+        still queued here, whose meta the caller has). A blob over ``max_bytes`` is not read
+        (a miss, counted in ``too_large``): the caller knows it could not arrive in time."""
         with self._lock:
             job = self._pending.get(key)
         if job is not None:  # not sent yet: serve the bytes put was handed (already unpacked)
@@ -341,6 +343,9 @@ class MooncakeTier(StorageTier):
         try:
             size = self._call("get_size", opts.contains_timeout_s, self._store.get_size, name)
             if size <= 0:
+                return None
+            if size > max_bytes:
+                self._count("too_large")
                 return None
             data = self._call("get", opts.get_timeout_s + size / opts.min_bandwidth, self._store.get, name)
         except _Miss:
