@@ -125,16 +125,18 @@ def parse_report_request(body: bytes) -> dict[str, float]:
 
 def apply_profile_request(cache, args: dict, idle: bool) -> bool:
     """Scheduler side of the profiler's requests; False when a report was refused.
-    New jobs are made only while the scheduler is ``idle`` (nothing waits in its queue)."""
-    if KEY_WANT in args:
-        if idle:
-            cache.profiling.prepare(int(args[KEY_WANT]))
-        return True
-    if KEY_NODE in args:
-        cache.profiling.prepare_for(int(args[KEY_NODE]))
-        return True
-    quality = {int(k.removeprefix(KEY_QUALITY)): float(v) for k, v in args.items() if k.startswith(KEY_QUALITY)}
-    return cache.profiling.report(int(args[KEY_REPORT]), quality, int(args.get(KEY_QUERIES, 0)))["accepted"]
+    New jobs are made only while the scheduler is ``idle`` (nothing waits in its queue).
+    Under the cache's lock: jobs lock and free tree nodes, and status reads them."""
+    with cache.lock:
+        if KEY_WANT in args:
+            if idle:
+                cache.profiling.prepare(int(args[KEY_WANT]))
+            return True
+        if KEY_NODE in args:
+            cache.profiling.prepare_for(int(args[KEY_NODE]))
+            return True
+        quality = {int(k.removeprefix(KEY_QUALITY)): float(v) for k, v in args.items() if k.startswith(KEY_QUALITY)}
+        return cache.profiling.report(int(args[KEY_REPORT]), quality, int(args.get(KEY_QUERIES, 0)))["accepted"]
 
 
 def apply_policy_request(cache, args: dict) -> None:

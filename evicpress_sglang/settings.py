@@ -64,6 +64,10 @@ class Settings:
     profile_answer_tokens: int = 24
     profile_max_age_s: float = 1800.0
     profile_min_tokens: int = 128
+    #: Share of the GPU KV pool the profiler's degraded copies may hold at once; to stage one
+    #: the cache frees room as for a user request (idle copies, then the policy's demotions),
+    #: so this bounds what profiling takes from user traffic. Larger contexts are not profiled.
+    profile_reserve: float = 0.05
     #: Questions the served model writes about a context nobody has reused yet, so it can be
     #: profiled before its first reuse (as the paper did with a large model); 0 = off.
     profile_self_questions: int = 0
@@ -152,6 +156,8 @@ def _coerce(name: str, value):
         return value
     if name == "profile_share":
         return _real(name, value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    if name == "profile_reserve":
+        return _real(name, value, lambda v: 0 <= v < 1, "a share of the pool in [0, 1)")
     if name == "profile_max_age_s":
         return _real(name, value, lambda v: v > 0, "a number in (0, inf)")
     if name == "profile_score":

@@ -29,6 +29,15 @@ EVICPRESS = "--evicpress" in sys.argv
 SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
 RECORD = sys.argv[sys.argv.index("--record") + 1] if "--record" in sys.argv else None
 POLICY = ["evicpress"]
+#: A profiler that measured one of the two contexts reused twice or more (status's shape).
+PROFILER = {"jobs": 3, "reported": 2, "staged": 8, "variants_measured": 6, "variants_tainted": 2, "expired": 0,
+            "active_jobs": 1, "held_tokens": 40, "reserve_tokens": 100, "profiled_contexts": 1,
+            "refusal": {"node": 9, "reason": "9 tokens, fewer than profile_min_tokens (128)"},
+            "running": [{"job": 3, "reason": None}],
+            "outcomes": {"1": {"reason": None}, "2": {"reason": "variant 1 (int8) partly matched: 3 of 9 tokens"}}}
+PLACEMENTS = [{"node": 1, "held_out_queries": 3, "profiled_quality": {"int8": 0.9}},
+              {"node": 2, "held_out_queries": 2, "profiled_quality": None},
+              {"node": 3, "held_out_queries": 1, "profiled_quality": None}]
 
 
 def answer(prompt: str, n: int) -> list[str]:
@@ -61,7 +70,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/evicpress/status" and EVICPRESS:
             self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
                              "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1}, "stores": {"host:int4": 2},
-                                       "bytes_loaded": {"host": 100}, "stored_bytes": 200, "compression_ratio": 3.5}})
+                                       "bytes_loaded": {"host": 100}, "stored_bytes": 200, "compression_ratio": 3.5},
+                             "profiler": PROFILER, "placements": PLACEMENTS})
         else:
             self._json(404, {"error": "not found"})
 

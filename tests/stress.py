@@ -269,11 +269,13 @@ class Stress:
 
     # -- one request's life --------------------------------------------------------------
 
-    def _admit(self) -> None:
-        logical = list(self.rng.choices(self.contexts, self.popularity)[0])
-        if self.rng.random() < 0.5:  # a question after the context
-            logical += [self.rng.randrange(100, 400) for _ in range(self.rng.randrange(1, 12))]
-        extra = "tenant-b" if self.rng.random() < 0.1 else None
+    def _admit(self, logical: list[int] | None = None, extra: str | None = None) -> Job:
+        """A new request: a random user prompt, or ``logical`` in cache namespace ``extra``."""
+        if logical is None:
+            logical = list(self.rng.choices(self.contexts, self.popularity)[0])
+            if self.rng.random() < 0.5:  # a question after the context
+                logical += [self.rng.randrange(100, 400) for _ in range(self.rng.randrange(1, 12))]
+            extra = "tenant-b" if self.rng.random() < 0.1 else None
         req = StressReq(array("q", logical), rid=f"s{len(self.log)}", req_pool_idx=self.free_rows.pop(), extra_key=extra)
         job = Job(req, logical, [self.rng.randrange(600, 700) for _ in range(self.rng.randrange(1, 6))],
                   chunk=self.rng.choice([7, 16, 64, 10_000]))
@@ -300,6 +302,7 @@ class Stress:
         c.req_to_token_pool.req_to_token[req.req_pool_idx, : len(prefix)] = prefix.to(torch.int32)
         self.jobs.append(job)
         self._check_row(job, "after the match and load-back")
+        return job
 
     def _physical(self, job: Job) -> int:
         return len(job.req.origin_input_ids)

@@ -70,7 +70,7 @@ def make_app(cache, scheduler):
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     settings = {"host_bytes": "4MiB", "host_codecs": ["bf16", "int8", "int2", "keydiff:0.5"],
-                "profile_min_tokens": 32}
+                "profile_min_tokens": 32, "profile_reserve": 0.5}
     monkeypatch.setenv(ENV, json.dumps(settings))
     cache = EvicPressRadixCache(make_params(1024), load_settings())
     scheduler = FakeScheduler(cache)
@@ -178,7 +178,7 @@ def test_no_background_profiling_under_a_policy_that_ignores_quality(server):
     assert profiler.step() > 0
 
 
-def test_a_variant_served_without_its_copy_is_discarded(server):
+def test_a_variant_served_without_its_copy_is_discarded_and_status_says_why(server):
     cache, _, http, profiler, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):
         ask(cache, DOC, q)
@@ -186,15 +186,15 @@ def test_a_variant_served_without_its_copy_is_discarded(server):
     row = cache.table.row_of[node.id]
     before = cache.table.quality[row].copy()
     job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
-    cache.set_policy("off")
-    cache.evict(EvictParams(num_tokens=10_000))  # the context leaves the GPU: no copy can be made
-    cache.set_policy("evicpress")
+    cache.settings.profile_reserve = 0.0  # no copy can be staged now
     result = profiler.profile(job)
     assert result["measured"] == {} and set(result["discarded"]) == {"int8", "int2", "keydiff:0.5"}
     assert cache.profiling.counts["variants_tainted"] == 3
-    assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
-    if node.id in cache.table:
-        assert (cache.table.quality[row] == before).all()
+    why = http.get("/evicpress/status").json()["profiler"]["outcomes"][str(job["job"])]["reason"]
+    assert why.startswith(f"variant 3 (keydiff:0.5) partly matched: 0 of {len(job['prefix'])} tokens") \
+        and "staging refused: the profiling reserve is full" in why, why
+    assert profile_namespaces(cache) == [] and free_slots_accounted(cache) and cache.protected_size() == 0
+    assert (cache.table.quality[row] == before).all()
 
 
 def test_a_variant_staged_after_a_tainted_request_replaces_its_leftovers(server):
@@ -206,32 +206,38 @@ def test_a_variant_staged_after_a_tainted_request_replaces_its_leftovers(server)
         ask(cache, DOC, q)
     job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
     ns = job["namespaces"][0]
-    cache.set_policy("lru-offload")
-    cache.evict(EvictParams(num_tokens=10_000))  # the context moves to host memory: no copy can be made
+    cache.settings.profile_reserve = 0.0
     serve(cache, job["prefix"] + [5, 6], extra_key=ns)  # tainted; its prompt stays in the namespace
-    ask(cache, DOC, [1, 2, 3])  # loaded back: the same context is exact on the GPU again
-    assert cache.profiling._exact_on_gpu(cache.nodes[job["node"]])
+    cache.settings.profile_reserve = 0.5
     serve(cache, job["prefix"] + [8], extra_key=ns)  # now the copy is staged
     assert cache.profiling.counts["staged"] == 1
     tops = [c for c in profile_namespaces(cache) if c.key.extra_key == ns]
     assert len(tops) == 1 and len(tops[0].key) <= len(job["prefix"])
-    cache.set_policy("off")  # stock LRU walks every leaf, the namespace's included
+    cache.set_policy("off")  # stock LRU walks every leaf, the namespace's included; the job's copy is locked
     cache.evict(EvictParams(num_tokens=10_000))
-    assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
+    assert [c.key.extra_key for c in profile_namespaces(cache)] == [ns]
+    cache.profiling.report(job["job"], {}, 0)
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert profile_namespaces(cache) == [] and free_slots_accounted(cache) and cache.protected_size() == 0
 
 
-def test_profile_copies_are_evicted_before_any_user_context(server):
+def test_user_evictions_take_idle_profile_nodes_first_but_not_the_copy_being_asked(server):
     cache, _, http, _, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):
         ask(cache, DOC, q)
     job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
-    serve(cache, job["prefix"] + [5], extra_key=job["namespaces"][2])  # stages the int2 copy, left idle
+    serve(cache, job["prefix"] + [5, 6], extra_key=job["namespaces"][2])  # stages the int2 copy; [5, 6] idle below it
+    copy = next(c for c in profile_namespaces(cache))
     held = cache.profiling.held_tokens()
-    assert held >= len(job["prefix"])
+    assert copy.lock_ref == 1 and held == len(copy.value) + 2
     user_nodes = len(cache.table)
-    freed = cache.evict(EvictParams(num_tokens=held)).num_tokens_evicted
-    assert freed >= held and cache.profiling.held_tokens() == 0
+    assert cache.evict(EvictParams(num_tokens=2)).num_tokens_evicted == 2
+    assert cache.profiling.held_tokens() == len(copy.value) and not copy.children  # the idle request's tokens went
     assert len(cache.table) == user_nodes and _find(cache, DOC + [7, 8, 9]).value is not None
+    cache.evict(EvictParams(num_tokens=10_000))  # everything else goes; the copy and the pinned context stay
+    assert cache.profiling.held_tokens() == len(copy.value) and cache.nodes[job["node"]].value is not None
+    cache.profiling.report(job["job"], {}, 0)
+    assert cache.profiling.held_tokens() == 0 and cache.protected_size() == 0 and free_slots_accounted(cache)
 
 
 def test_admin_trigger_profiles_one_context_or_says_why_not(server):

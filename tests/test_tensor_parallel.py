@@ -1,8 +1,8 @@
 """Two tensor-parallel ranks (processes, gloo over 127.0.0.1), each a cache over its own
 shard of a real SGLang pool, fed the same requests with different clocks, learnt rates,
-calibration and one rank's disk writes failing, and a policy switch mid-stream: their
-trees, placements, frequencies, loaded lengths and pool usage stay equal after every step
-(tests/tp_worker.py). Without agreement they diverge: the test is not vacuous."""
+calibration and one rank's disk writes failing, a policy switch mid-stream and profile jobs
+staging copies in the full pool: their trees, placements, frequencies, loaded lengths and
+pool usage stay equal after every step (tests/tp_worker.py). Without agreement they diverge: the test is not vacuous."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def test_ranks_make_identical_decisions(tmp_path):
     assert r1["refused_writes"] > 0  # rank 1's disk did fail, and both ranks dropped those contexts alike
     assert r0["disk_misses"] == r1["disk_misses"] > 0
     assert r0["loaded"] == r1["loaded"] > 0
+    assert r0["profiled"] == r1["profiled"] > 0  # profile copies staged (evicting inside a match) alike
 
 
 def test_without_agreement_ranks_diverge(tmp_path):

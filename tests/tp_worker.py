@@ -41,6 +41,7 @@ from evicpress_sglang.tiers import disk as disk_module  # noqa: E402
 SEED = 22
 FAIL_WRITES = range(30, 70)  # steps during which rank 1's disk writes fail
 POLICY_AT = {50: "static:int4", 90: "lru-offload", 120: "evicpress"}
+PROFILE_AT = 15  # at every step % 20 == 15, a profile job runs between two user requests
 
 
 def skew_clock(rng: random.Random) -> None:
@@ -109,6 +110,21 @@ def digest(cache: EvicPressRadixCache, served: harness.Served) -> list:
             ("calibration", repr(cache.cost.host_bw), repr(cache.cost.disk_bw))]
 
 
+def profile_job(cache: EvicPressRadixCache) -> int:
+    """One background profile job, its requests in the runner's order (the reference, then
+    each codec), then its report: staging a copy in the full pool evicts inside a match, on
+    every rank alike. Returns the variants measured."""
+    before = set(cache.profiling.jobs)
+    cache.profiling.prepare(1)
+    new = [j for i, j in cache.profiling.jobs.items() if i not in before]
+    if not new:
+        return 0
+    job = new[0]
+    for v in range(len(job.codecs)):
+        harness.serve(cache, job.prefix + [95_000 + v], extra_key=f"evp-profile:{job.id}:{v}")
+    return len(cache.profiling.report(job.id, {v: 0.5 for v in range(1, len(job.codecs))}, 1)["measured"])
+
+
 def first_difference(a: list, b: list) -> str | None:
     for x, y in zip(a, b):
         if x != y:
@@ -134,15 +150,17 @@ def main(rank: int, port: int, tmp: str, out: str, steps: int, sync: bool) -> No
     token_bytes = 2 * harness.LAYERS * 1 * harness.DIM * 2
     settings = Settings(host_bytes=90 * token_bytes, disk_dir=os.path.join(tmp, f"rank{rank}"), disk_bytes=10**8,
                         host_codecs=["bf16", "int8", "int4"], disk_codecs=["bf16+zstd", "int4+zstd"],
-                        half_life_s=0.02)
+                        half_life_s=0.02, profile_min_tokens=32, profile_reserve=0.5)
     cache = EvicPressRadixCache(params, settings, cost=cost)
-    result = {"steps": 0, "divergence": None, "internal_errors": 0, "loaded": 0}
+    result = {"steps": 0, "divergence": None, "internal_errors": 0, "loaded": 0, "profiled": 0}
     for step, tokens in enumerate(requests(steps)):
         if step in POLICY_AT:
             cache.set_policy(POLICY_AT[step])
         disk.failing = step in FAIL_WRITES
         if rank == 1:  # its own prefill timings
             cache.cost.prefill_s_per_token = 27e-6 * rng.uniform(0.05, 20.0)
+        if step % 20 == PROFILE_AT:
+            result["profiled"] += profile_job(cache)
         served = harness.serve(cache, tokens, load_back=step % 7 != 3)
         result["loaded"] += served.loaded
         both: list = [None, None]

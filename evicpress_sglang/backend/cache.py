@@ -242,11 +242,13 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
     def _closes(self, entry: str) -> bool:
         """Whether ``entry`` ends with a closing collective (see :func:`.guard.entry_point`):
         under TP, eviction and load-back (they agree on clocks and tier outcomes), and a
-        match while some rank may attach a context found by content. Decided from agreed
-        state only, so every rank closes the same calls."""
+        match while some rank may attach a context found by content or stage a profile copy
+        (which may evict). Decided from agreed state only (profile jobs are made and
+        reported in the same step on every rank), so every rank closes the same calls."""
         if not (self.sync.on and getattr(self, "_ready", False)):
             return False
-        return (entry in ("evict", "init_load_back") or (entry == "match_prefix" and self._lookups)
+        return (entry in ("evict", "init_load_back")
+                or (entry == "match_prefix" and (self._lookups or bool(self.profiling.jobs)))
                 or (entry == "held_for_prefetch" and self.shared is not None))
 
     def _close_step(self, entry: str, failed: bool) -> None:
@@ -343,6 +345,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
     @entry_point(_stock_evict)
     def evict(self, params: EvictParams) -> EvictResult:
         with self.lock:
+            self.profiling.expire(self._now())  # a stopped profiler's jobs hold locks: released when room is needed
             return self._evict_with(params.num_tokens)
 
     def inc_lock_ref(self, node: TreeNode):

@@ -30,13 +30,13 @@ class PrefixMatch(TreeBookkeeping):
             params = MatchPrefixParams(key=RadixKey((req.origin_input_ids + req.output_ids)[:limit], key.extra_key,
                                                     is_bigram=key.is_bigram), cow_mamba=params.cow_mamba, req=req)
         profiling = req is not None and parse_namespace(params.key.extra_key) is not None
-        if profiling:
-            self.profiling.ensure(params.key)
+        refusal = self.profiling.ensure(params.key) if profiling else None
         result = self._match(params, by_content=True)
         if req is not None:
             self._adopt_view(req, result.last_device_node)
         if profiling:
-            self.profiling.matched(params.key, self._logical_len(result.last_device_node) + result.host_hit_length)
+            self.profiling.matched(params.key, req.rid,
+                                   self._logical_len(result.last_device_node) + result.host_hit_length, refusal)
         return result
 
     def _match(self, params: MatchPrefixParams, by_content: bool = False) -> MatchResult:

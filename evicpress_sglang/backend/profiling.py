@@ -13,13 +13,29 @@ dropped node, served through the same physical view as a real load-back.
 
 What keeps user traffic undisturbed and the measurements honest:
 
-* profile nodes are not contexts: no table row, no hits, no held-out queries; they
-  are evicted before any user context and never make a user context leave the GPU;
-* a variant is staged only from a context whose whole path holds exact KV on the
-  GPU; a request that found less than the full variant (not staged, or evicted and not
-  restaged) *taints* the variant, and a tainted variant's report is discarded;
-* jobs are handed out only while no request waits in the scheduler's queue; a job
-  not reported in ``JOB_TIMEOUT_S`` is forgotten and its nodes released.
+* profile nodes are not contexts: no table row, no hits, no held-out queries;
+* a job pins its context on the GPU (a lock, as a running request holds) from the moment
+  it is made, when the context's whole path holds exact KV, until it is reported or
+  times out, so every variant is staged from the same exact KV even when user traffic
+  evicts everything else (without it, under memory pressure the policy moved the context
+  to host memory between two of the job's requests and the next variant could not be
+  staged);
+* the copy a job is being asked about is locked too: user evictions take idle copies
+  first but never that one (they took it between two queries of the same variant). The
+  profiler asks about variants one after another, so staging a variant frees the job's
+  other copies;
+* all copies together hold at most ``profile_reserve`` of the pool. A copy is staged into
+  free slots, or into slots the cache frees for it as it would for a user request (idle
+  copies, then the policy's ordinary demotions to host memory or disk): when the pool is
+  full of user KV that is the only room there is, and the reserve bounds what profiling
+  takes from user traffic. A context larger than the reserve gets no job;
+* a request whose last match found less than the full variant *taints* the variant, and
+  a tainted variant's report is discarded (a request matched again while it waits counts
+  with its last match, the one it ran with). Each job keeps the reason of its last
+  refusal or taint for ``/evicpress/status``;
+* jobs are handed out only while no request waits in the scheduler's queue; a job not
+  reported in ``JOB_TIMEOUT_S`` is forgotten and its locks and copies released (checked
+  whenever the cache evicts, so a profiler that stopped does not hold them).
 """
 
 from __future__ import annotations
@@ -72,15 +88,30 @@ class Job:
     queries: list[list[int]]
     codecs: list[str]  # per variant; 0 is the reference
     created: float
+    pinned: TreeNode | None = field(default=None, repr=False)  # the context's node, locked while the job runs
     write_questions: int = 0  # no held-out query yet: the profiler has the model write this many
     asked_for: bool = False  # made for one context on request (not handed to the background loop)
-    served: set[int] = field(default_factory=set)  # variants some request ran on in full
-    tainted: set[int] = field(default_factory=set)  # variants a request ran on only in part
+    copy: TreeNode | None = field(default=None, repr=False)  # the staged copy it holds locked now
+    last_match: dict[str, tuple[int, int]] = field(default_factory=dict)  # per request id: (variant, tokens found)
+    reason: str | None = None  # its last staging refusal or taint, for status
+
+    def served(self) -> set[int]:
+        """Variants some request ran on in full."""
+        return {v for v, found in self.last_match.values() if found >= len(self.prefix)}
+
+    def tainted(self) -> set[int]:
+        """Variants some request ran on only in part."""
+        return {v for v, found in self.last_match.values() if found < len(self.prefix)}
 
     def to_dict(self) -> dict:
         return {"job": self.id, "node": self.node, "prefix": self.prefix, "queries": self.queries,
                 "codecs": self.codecs, "namespaces": [namespace(self.id, i) for i in range(len(self.codecs))],
-                "asked_for": self.asked_for, "write_questions": self.write_questions}
+                "asked_for": self.asked_for, "write_questions": self.write_questions, "reason": self.reason}
+
+    def summary(self, now: float) -> dict:
+        """What status shows of a running job (no tokens)."""
+        return {"job": self.id, "node": self.node, "codecs": self.codecs, "age_s": round(now - self.created, 1),
+                "served": sorted(self.served()), "tainted": sorted(self.tainted()), "reason": self.reason}
 
 
 @dataclass
@@ -98,12 +129,18 @@ class ProfileStaging:
         self.jobs: dict[int, Job] = {}
         self.records: dict[int, Record] = {}
         self.refusal: dict | None = None  # why the last job asked for by node could not be made
-        self.outcomes: dict[str, dict] = {}  # of the last reports, by job id
+        self.last_refusal: dict | None = None  # why the last job of either kind could not be made (status)
+        self.outcomes: dict[str, dict] = {}  # of the last reported or expired jobs, by job id
         self._ids = itertools.count(1)
-        self.counts = {"jobs": 0, "reported": 0, "variants_measured": 0, "variants_tainted": 0, "staged": 0}
+        self.counts = {"jobs": 0, "reported": 0, "variants_measured": 0, "variants_tainted": 0, "staged": 0,
+                       "expired": 0}
         #: root child keys of profile namespaces (every profile request is matched through
         #: :meth:`ensure` first), so eviction finds them without scanning every root child
         self._tops: dict[object, None] = {}
+
+    def reserve_tokens(self) -> int:
+        """Pool slots the profiler's copies may hold at once (``profile_reserve`` of the pool)."""
+        return int(self.cache.settings.profile_reserve * self.cache.token_to_kv_pool_allocator.size)
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -115,7 +152,7 @@ class ProfileStaging:
         None under a policy that does not read qualities (a baseline, or ``off``): there the
         background loop would take GPU time for nothing (the admin trigger still works)."""
         now = self.cache._now() if now is None else now
-        self._expire(now)
+        self.expire(now)
         if self.cache.policy is None or not self.cache.policy.uses_quality:
             return
         t, s = self.cache.table, self.cache.settings
@@ -138,9 +175,12 @@ class ProfileStaging:
                 key = t.keys[r]
                 if key in busy or (key in self.records and not self.cache.queries.queries(key)):
                     continue  # running, or written questions were already tried and it is still not reused
-                if isinstance(self._make(key, now), Job):
-                    want -= 1
-                    busy.add(key)
+                job = self._make(key, now)
+                if isinstance(job, str):
+                    self.last_refusal = {"node": int(key), "reason": job}
+                    continue
+                want -= 1
+                busy.add(key)
 
     def prepare_for(self, node_id: int) -> Job | None:
         """A job for one context now (the admin trigger), or None with :attr:`refusal` saying why."""
@@ -150,33 +190,37 @@ class ProfileStaging:
             return existing
         if node_id not in self.cache.table:
             self.refusal = {"node": node_id, "reason": "no such context in the cache"}
-            return None
-        if not self.cache.queries.queries(node_id) and not self.cache.settings.profile_self_questions:
+        elif not self.cache.queries.queries(node_id) and not self.cache.settings.profile_self_questions:
             self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused; "
                                                        "profile_self_questions lets the model write some)"}
-            return None
-        job = self._make(node_id, self.cache._now())
-        if isinstance(job, str):
+        else:
+            job = self._make(node_id, self.cache._now())
+            if isinstance(job, Job):
+                job.asked_for = True
+                return job
             self.refusal = {"node": node_id, "reason": job}
-            return None
-        job.asked_for = True
-        return job
+        self.last_refusal = self.refusal
+        return None
 
     def _make(self, key: int, now: float) -> Job | str:
-        """A new job for context ``key``, or why there can be none."""
+        """A new job for context ``key``, its node pinned on the GPU; or why there can be none."""
         node = self.cache.nodes.get(key)
         if node is None or not self._exact_on_gpu(node):
             return "its KV is not exact on the GPU (compressed, dropped or offloaded); it is profiled once recomputed"
         tokens = self.cache._logical_len(node)
         if tokens < self.cache.settings.profile_min_tokens:
             return f"{tokens} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
+        if tokens > self.reserve_tokens():
+            return (f"a copy of its {tokens} tokens does not fit the profiling reserve ({self.reserve_tokens()} "
+                    f"tokens: profile_reserve {self.cache.settings.profile_reserve:g} of the pool)")
         prefix = list(self.cache._path_tokens(node))
         codecs = lossy_codecs(self.cache.table)
         if not codecs:
             return "no lossy codec is enabled: there is nothing to measure"
         queries = [list(q) for q in self.cache.queries.queries(key)]
-        job = Job(next(self._ids), key, prefix, queries, [REFERENCE] + codecs, now,
+        job = Job(next(self._ids), key, prefix, queries, [REFERENCE] + codecs, now, pinned=node,
                   write_questions=0 if queries else self.cache.settings.profile_self_questions)
+        self.cache.inc_lock_ref(node)
         self.jobs[job.id] = job
         self.counts["jobs"] += 1
         return job
@@ -193,18 +237,19 @@ class ProfileStaging:
 
     def report(self, job_id: int, quality: dict[int, float], queries: int) -> dict:
         """The profiler's measured quality per variant: kept for the variants that were
-        served in full; the job's nodes are released either way."""
+        served in full; the job's locks and copies are released either way."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             return {"accepted": False, "reason": f"job {job_id} is unknown or expired"}
         self.release(job)
         self.counts["reported"] += 1
         t = self.cache.table
+        served, tainted = job.served(), job.tainted()
         measured = {}
         for variant, q in quality.items():
             if variant <= 0 or variant >= len(job.codecs):
                 continue
-            if variant in job.tainted or variant not in job.served or 0 in job.tainted:
+            if variant in tainted or variant not in served or 0 in tainted:
                 self.counts["variants_tainted"] += 1
                 continue
             measured[job.codecs[variant]] = min(max(float(q), 0.0), 1.0)
@@ -215,18 +260,25 @@ class ProfileStaging:
             self.counts["variants_measured"] += len(measured)
         elif job.write_questions and job.node in t:  # the model wrote nothing usable: not again until reused
             self.records[job.node] = Record(self.cache._now(), 0, {})
-        outcome = {"accepted": True, "measured": measured,
-                   "discarded": sorted(job.codecs[v] for v in quality if 0 < v < len(job.codecs)
-                                       and job.codecs[v] not in measured)}
-        self.outcomes[str(job_id)] = outcome
-        while len(self.outcomes) > OUTCOMES_KEPT:
-            self.outcomes.pop(next(iter(self.outcomes)))
+        discarded = sorted(job.codecs[v] for v in quality if 0 < v < len(job.codecs) and job.codecs[v] not in measured)
+        outcome = {"accepted": True, "node": job.node, "measured": measured, "discarded": discarded,
+                   "reason": (job.reason or "a variant was reported that no request ran on") if discarded else None}
+        self._keep_outcome(job.id, outcome)
         return outcome
 
-    def _expire(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """Forget the jobs not reported in ``JOB_TIMEOUT_S``, releasing their locks and copies."""
         for job in [j for j in self.jobs.values() if now - j.created > JOB_TIMEOUT_S]:
             del self.jobs[job.id]
             self.release(job)
+            self.counts["expired"] += 1
+            self._keep_outcome(job.id, {"accepted": False, "node": job.node, "measured": {}, "discarded": [],
+                                        "reason": f"not reported within {JOB_TIMEOUT_S:g} s; last: {job.reason}"})
+
+    def _keep_outcome(self, job_id: int, outcome: dict) -> None:
+        self.outcomes[str(job_id)] = outcome
+        while len(self.outcomes) > OUTCOMES_KEPT:
+            self.outcomes.pop(next(iter(self.outcomes)))
 
     def forget(self, key: int) -> None:
         self.records.pop(key, None)
@@ -237,17 +289,18 @@ class ProfileStaging:
 
     # -- serving variants ----------------------------------------------------------------
 
-    def ensure(self, key: RadixKey) -> None:
-        """Before matching a profile request: stage its variant if it is not in the tree."""
+    def ensure(self, key: RadixKey) -> str | None:
+        """Before matching a profile request: stage its variant if it is not in the tree;
+        why it could not be staged, if so."""
         parsed = parse_namespace(key.extra_key)
         if parsed and len(key):
             self._tops[key.child_key(self.cache.page_size)] = None
         job = self.jobs.get(parsed[0]) if parsed else None
         if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
-            return
+            return None
         ns_key = RadixKey(array("q", job.prefix), key.extra_key)
         if self.cache._find_exact(ns_key) is not None:
-            return
+            return None
         # A request of this variant that was served without its copy (tainted) left its
         # whole prompt in the namespace; the copy takes that place in the tree, so the
         # leftovers go first (while a request still runs on them, no copy is staged and
@@ -256,32 +309,44 @@ class ProfileStaging:
         if child_key in children:
             self._free_subtree(children[child_key], None)
             if child_key in children:
-                return
-        self._stage(job, parsed[1], ns_key)
+                return "a tainted request still runs in its namespace"
+        return self._stage(job, parsed[1], ns_key)
 
-    def matched(self, key: RadixKey, logical_len: int) -> None:
-        """After matching a profile request: did it find the whole variant?"""
+    def matched(self, key: RadixKey, rid: str, logical_len: int, refusal: str | None) -> None:
+        """After matching profile request ``rid``: did it find the whole variant? Its last
+        match counts (a waiting request is matched again each time the scheduler tries it).
+        ``refusal``: why :meth:`ensure` could not stage the variant just before."""
         parsed = parse_namespace(key.extra_key)
         job = self.jobs.get(parsed[0]) if parsed else None
         if job is None:
             return
-        (job.served if logical_len >= len(job.prefix) else job.tainted).add(parsed[1])
+        job.last_match[rid] = (parsed[1], logical_len)
+        if logical_len < len(job.prefix):
+            job.reason = (f"variant {parsed[1]} ({job.codecs[parsed[1]]}) partly matched: {logical_len} of "
+                          f"{len(job.prefix)} tokens" + (f" (staging refused: {refusal})" if refusal else ""))
 
-    def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> bool:
+    def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
+        """Stage the variant's copy, locked, in place of the job's other copies; None, or why not."""
         cache = self.cache
-        source = cache.nodes.get(job.node)
-        if source is None or not self._exact_on_gpu(source) or cache._logical_len(source) != len(job.prefix):
-            return False
+        source = job.pinned
+        if not self._exact_on_gpu(source):
+            return "the context's KV is no longer exact on the GPU"
+        self._free_copies(job)  # the profiler is done with the job's other variants
+        need, reserve = len(job.prefix), self.reserve_tokens()
+        if self.held_tokens() + need > reserve:
+            self.evict_idle(self.held_tokens() + need - reserve)
+        if self.held_tokens() + need > reserve:
+            return f"the profiling reserve is full ({self.held_tokens()} of {reserve} tokens held, {need} needed)"
+        alloc = cache.token_to_kv_pool_allocator
+        if alloc.available_size() < need:  # room as for a user request: idle copies, then the policy's demotions
+            cache._evict_with(need - alloc.available_size())
+        if alloc.available_size() < need:
+            return f"pool full: {alloc.available_size()} of {need} slots free after eviction"
         k, v = kv_io.gather(cache.kvpool, torch.cat([n.value for n in cache._path(source)]))
         codec = get_codec(job.codecs[variant]).device_codec
         k, v, positions = kv_io.decode(codec, codec.encode(k, v), k.device)
         n = k.shape[1]
-        alloc = cache.token_to_kv_pool_allocator
-        if alloc.available_size() < n:
-            self.evict_idle(n - alloc.available_size())
-        slots = alloc.alloc(n) if alloc.available_size() >= n else None
-        if slots is None:  # profiling never evicts user contexts
-            return False
+        slots = alloc.alloc(n)
         kv_io.scatter(cache.kvpool, slots, k, v)
         node = TreeNode()
         node.parent, node.key, node.value = cache.root_node, ns_key, slots.to(torch.int64)
@@ -289,8 +354,10 @@ class ProfileStaging:
         cache.root_node.children[ns_key.child_key(cache.page_size)] = node
         cache.evictable_size_ += n
         cache._update_leaf_status(node)
+        cache.inc_lock_ref(node)
+        job.copy = node
         self.counts["staged"] += 1
-        return True
+        return None
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -325,6 +392,17 @@ class ProfileStaging:
         return freed
 
     def release(self, job: Job) -> None:
+        """A job ends: its copies go and its context is unpinned."""
+        self._free_copies(job)
+        if job.pinned is not None:
+            self.cache.dec_lock_ref(job.pinned)
+            job.pinned = None
+
+    def _free_copies(self, job: Job) -> None:
+        """Unlock the job's copy and free its namespaces' nodes that no request holds."""
+        if job.copy is not None:
+            self.cache.dec_lock_ref(job.copy)
+            job.copy = None
         for top in self._roots({job.id}):
             self._free_subtree(top, None)
 
@@ -345,5 +423,10 @@ class ProfileStaging:
         return {"jobs": [j.to_dict() for j in self.jobs.values()], "refusal": self.refusal, "outcomes": self.outcomes}
 
     def status(self) -> dict:
+        """Counters, what the profiler holds, and why jobs were refused or variants discarded:
+        per running job its last refusal or taint, per finished job its outcome."""
+        now = self.cache._now()
         return {**self.counts, "active_jobs": len(self.jobs), "held_tokens": self.held_tokens(),
-                "profiled_contexts": len(self.records), "refusal": self.refusal}
+                "reserve_tokens": self.reserve_tokens(), "profiled_contexts": len(self.records),
+                "refusal": self.last_refusal, "running": [j.summary(now) for j in self.jobs.values()],
+                "outcomes": self.outcomes}

@@ -1,0 +1,165 @@
+"""``python bench/profiler_pressure.py``: does the quality profiler measure when the cache is
+full, and what does it cost the users?
+
+The bench's document-QA workload (Zipf popularity, seeded) is replayed twice against the
+evicpress backend with a GPU pool that holds at most ``--pool-share`` of the documents: once
+with the default ``profile_share`` and once with ``profile_share`` 0 (no background
+profiler). Servers, workload and replay are :mod:`.runner`'s (so ``--resume`` skips a run
+already saved, and a long proof can span several device calls). While each run replays, the
+profiler's status is sampled every ``--sample-s`` seconds (staged, measured, tainted and
+the reasons of the last refusals and taints); at the end ``summary.json`` holds per run the
+share of contexts with at least two held-out queries that got a measured profile, the
+tainted/staged ratio and the user TTFT p50, and the TTFT p50 ratio of the two runs
+(target: within 5%).
+
+Sizing for the GPU: each run is one server start (~50 s without CUDA graphs) plus
+``--seconds`` of replay; the defaults fit both runs in about 8 minutes.
+
+Usage: python bench/profiler_pressure.py --model DIR --out DIR [--seconds 140] [-- sglang args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from . import report, runner
+from .server import ServerError
+
+RUNS = ("evicpress", "evicpress@profile_share=0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/profiler_pressure.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="as bench/run.py's --model")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--docs", type=int, default=24)
+    p.add_argument("--doc-chars", type=int, default=7000, help="per document (about 1.8k SmolLM2 tokens)")
+    p.add_argument("--pool-share", type=float, default=0.25, help="GPU pool = this share of all documents' tokens")
+    p.add_argument("--profile-reserve", type=float, default=0.3,
+                   help="profile_reserve: the pool holds ~1/pool-share documents; a copy of one must fit")
+    p.add_argument("--host-ratio", type=float, default=1.0, help="host tier = this x the GPU pool")
+    p.add_argument("--rate", type=float, default=3.0, help="user requests per second (Poisson)")
+    p.add_argument("--seconds", type=float, default=140.0, help="replay length of each run")
+    p.add_argument("--sample-s", type=float, default=30.0, help="profiler status every this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=30200)
+    p.add_argument("--resume", action="store_true", help="skip runs whose results are in --out")
+    p.add_argument("sglang_args", nargs="*", help="after --: more flags for both servers")
+    return p
+
+
+def bench_args(args: argparse.Namespace, pool_tokens: int = 0) -> argparse.Namespace:
+    """bench/run.py's arguments for this proof (its defaults for everything else)."""
+    settings = {"profile_reserve": args.profile_reserve, "status_top": 100_000}  # every context in status
+    return runner.build_parser().parse_args([
+        "--workload", "docqa", "--out", str(args.out), "--docs", str(args.docs), "--seed", str(args.seed),
+        "--requests", str(max(1, round(args.rate * args.seconds))), "--rate", str(args.rate),
+        "--min-chars", str(args.doc_chars), "--max-chars", str(args.doc_chars), "--pool-tokens", str(pool_tokens),
+        "--host-ratio", str(args.host_ratio), "--settings", json.dumps(settings), "--port", str(args.port),
+        "--quiet", "--", *args.sglang_args])
+
+
+def pool_tokens(reqs: list, share: float) -> int:
+    """A pool of ``share`` of the workload's documents (their estimated tokens)."""
+    docs = {r.context: r for r in reqs}.values()
+    return int(share * sum(r.tokens_est() for r in docs))
+
+
+def profiler_sample(profiler: dict) -> dict:
+    """What one status sample keeps of the profiler: counters and the reasons of the last
+    refusal, of each running job and of each recently finished job that discarded variants."""
+    keys = ("jobs", "reported", "staged", "variants_measured", "variants_tainted", "expired", "active_jobs",
+            "held_tokens", "reserve_tokens", "profiled_contexts")
+    return {k: profiler.get(k) for k in keys} | {
+        "refusal": (profiler.get("refusal") or {}).get("reason"),
+        "running": [j.get("reason") for j in profiler.get("running", []) if j.get("reason")],
+        "finished": {job: o["reason"] for job, o in (profiler.get("outcomes") or {}).items() if o.get("reason")}}
+
+
+class StatusSampler:
+    """``with StatusSampler(url, every) as samples:`` the profiler's status every ``every``
+    seconds (``samples`` fills in the background; a server not up yet is skipped)."""
+
+    def __init__(self, url: str, every: float) -> None:
+        self.url, self.every = url, every
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                status = requests.get(self.url + "/evicpress/status", timeout=10).json()
+            except (requests.RequestException, ValueError):
+                continue
+            self.samples.append({"t": round(time.monotonic() - self._t0, 1), **profiler_sample(status["profiler"])})
+
+    def __enter__(self) -> list[dict]:
+        self._thread.start()
+        return self.samples
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_summary(record: dict, reqs: list) -> dict:
+    """One run's figures from what :func:`.runner.run_policy` saved."""
+    status = record["status"] or {}
+    prof = status.get("profiler", {})
+    reused = [p for p in status.get("placements", []) if p["held_out_queries"] >= 2]
+    measured = [p for p in reused if p["profiled_quality"]]
+    staged = prof.get("staged", 0)
+    ttft = report.summarize(record["policy"], record["results"], reqs, record["wall_s"])
+    return {"contexts_with_2_queries": len(reused), "measured_contexts": len(measured),
+            "measured_share": len(measured) / len(reused) if reused else None,
+            "staged": staged, "variants_measured": prof.get("variants_measured", 0),
+            "variants_tainted": prof.get("variants_tainted", 0),
+            "tainted_per_staged": prof.get("variants_tainted", 0) / staged if staged else None,
+            "ttft_p50_s": ttft["ttft_s"]["p50"], "errors": ttft["errors"], "requests": ttft["requests"],
+            "final": profiler_sample(prof)}
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    """The TTFT p50 with the profiler over the one without (target: within 5%)."""
+    on, off = (runs.get(spec, {}).get("ttft_p50_s") for spec in RUNS)
+    ratio = on / off if on and off else None
+    return {"ttft_p50_ratio": ratio, "ttft_within_5pct": None if ratio is None else abs(ratio - 1.0) <= 0.05}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    reqs = runner.workload_of(bench_args(args))
+    bench = bench_args(args, pool_tokens(reqs, args.pool_share))
+    model, bench.dummy = runner.resolve_model(args.model)
+    runs = {}
+    for spec in RUNS:
+        saved = args.out / f"{runner.slug(spec)}.json"
+        samples_file = args.out / f"{runner.slug(spec)}.samples.json"
+        if not (args.resume and saved.exists()):
+            try:
+                with StatusSampler(f"http://127.0.0.1:{args.port}", args.sample_s) as samples:
+                    runner.run_policy(spec, bench, model, reqs, args.out)
+            except ServerError as e:
+                print(f"[{spec}] {e}", file=sys.stderr)
+                return 1
+            samples_file.write_text(json.dumps(samples, indent=1))
+        runs[spec] = run_summary(json.loads(saved.read_text()), reqs) | {
+            "samples": json.loads(samples_file.read_text()) if samples_file.exists() else []}
+    summary = {"command": shlex.join([sys.executable, "bench/profiler_pressure.py", *(sys.argv[1:] if argv is None else argv)]),
+               "pool_tokens": bench.pool_tokens, "documents": args.docs, "requests": len(reqs), "runs": runs,
+               **compare(runs)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({spec: {k: v for k, v in r.items() if k not in ("samples", "final")} for spec, r in runs.items()}
+                     | compare(runs), indent=1))
+    return 0
