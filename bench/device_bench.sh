@@ -8,7 +8,7 @@
 set -uo pipefail
 NAME=$1; shift
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EVICPRESS_CACHE=/tmp/evcache
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
 mkdir -p "$EVICPRESS_CACHE" /tmp/bench
 for f in /tmp/extra/gguf/*.gguf; do [ -e "$EVICPRESS_CACHE/${f##*/}" ] || cp "$f" "$EVICPRESS_CACHE/"; done
 python3 -m evicpress_sglang.cli model prepare > /dev/null

@@ -9,7 +9,7 @@ set -euo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 SCRIPT=${SOAK_SCRIPT:-bench/soak.py}
 DIR=${SOAK_DIR:-/tmp/soak}
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
 export EVICPRESS_CACHE=/tmp/evcache
 mkdir -p "$EVICPRESS_CACHE" "$DIR" && cp /tmp/extra/gguf/*.gguf "$EVICPRESS_CACHE/"
 MODEL=$(python3 -m evicpress_sglang.cli model prepare 2>/dev/null | tail -1)
