@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 EVICPRESS_CACHE=/tmp/evcache
 python3 -m pip install -q --no-deps --no-index --target /tmp/site "$MC"/*.whl 2>&1 | grep -v "Target directory" || true
 mkdir -p /tmp/mclibs && for deb in "$MC"/*.deb; do dpkg -x "$deb" /tmp/mclibs; done
 export LD_LIBRARY_PATH=/tmp/mclibs/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | grep -v "Target directory" || true
 mkdir -p "$EVICPRESS_CACHE" /tmp/shared && cp /tmp/extra/gguf/*.gguf "$EVICPRESS_CACHE/"
 MODEL=$(python3 -c "from evicpress_sglang.model import prepare_dummy_8b; print(prepare_dummy_8b())" | tail -1)
 python3 -c "import mooncake.store" # fails here, loudly, if a library is missing

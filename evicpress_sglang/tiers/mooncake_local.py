@@ -100,10 +100,13 @@ def mooncake_server(logs: Path) -> Iterator[MooncakeServer]:
     metadata = subprocess.Popen(
         [sys.executable, "-m", "mooncake.http_metadata_server", "--host", LOOPBACK, "--port", str(metadata_port)],
         stdout=meta_log.open("w"), stderr=subprocess.STDOUT)
+    binary = str(package / "mooncake_master")
+    # Mooncake before 0.3.13 has no --metrics_host (its metrics then listen where it decides)
+    flags = subprocess.run([binary, "--helpfull"], capture_output=True, text=True, timeout=30).stdout
+    metrics = [f"--metrics_host={LOOPBACK}", f"--metrics_port={metrics_port}"] if "metrics_host" in flags else []
     master = subprocess.Popen(
-        [str(package / "mooncake_master"), f"--rpc_address={LOOPBACK}", f"--rpc_port={master_port}",
-         f"--metrics_host={LOOPBACK}", f"--metrics_port={metrics_port}", "--enable_http_metadata_server=false",
-         "--logtostderr=true", "--rpc_thread_num=2"],
+        [binary, f"--rpc_address={LOOPBACK}", f"--rpc_port={master_port}", *metrics,
+         "--enable_http_metadata_server=false", "--logtostderr=true", "--rpc_thread_num=2"],
         stdout=master_log.open("w"), stderr=subprocess.STDOUT)
     server = MooncakeServer(master_port, metadata_port, metrics_port, master, metadata, logs)
     try:
