@@ -35,6 +35,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pool-tokens", type=int, default=12000, help="server A's pool: about two documents")
     p.add_argument("--codec", default="int4", help="what A stores (and so publishes) with")
     p.add_argument("--segment", default="32GiB", help="memory each server gives the store")
+    p.add_argument("--b-settings", type=json.loads, default={},
+                   help='JSON merged into server B\'s settings, e.g. \'{"prefill_s_per_token": 1e-4}\' to price its '
+                        'prefill above the store\'s speed so that it loads from the store whatever the cost model says')
     return parse_server_args(p, argv)
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         remote = store.remote_config("shared-proof", global_segment_size=args.segment, local_buffer_size="2GiB")
         common = server_command(args) + ["--radix-cache-backend", "evicpress"]
         a_settings = {"policy": f"static:{args.codec}", "host_bytes": "16GiB", "remote": remote}
-        b_settings = {"policy": "evicpress", "host_bytes": "16GiB", "remote": remote}
+        b_settings = {"policy": "evicpress", "host_bytes": "16GiB", "remote": remote, **args.b_settings}
         result["settings"] = {"a": a_settings, "b": b_settings}
         servers = [
             Server(common + ["--port", str(args.port), "--max-total-tokens", str(args.pool_tokens)],
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "a_published": result["a_status"]["stats"]["published"], "b_shared_hits": stats.get("shared_hits"),
         "b_loads": stats.get("hits"), "b_internal_errors": result["b_status"]["health"]["internal_errors"],
         "remote_bw": result["b_status"]["cost_model"].get("remote_bw"),
+        "b_prefill_s_per_token": result["b_status"]["cost_model"].get("prefill_s_per_token"),
+        "b_not_read_too_slow": result["b_status"]["tiers"]["remote"].get("too_large"),
     }
     (args.out / "shared.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))

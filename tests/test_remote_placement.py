@@ -48,6 +48,8 @@ def test_contexts_beyond_host_memory_go_to_the_remote_tier_and_come_back_exact(m
         assert torch.equal(r.k, k) and torch.equal(r.v, v)  # bf16: bit-exact through the store
         assert free_slots_accounted(cache) and cache.audit() == []
     assert cache.stats.hits.get("remote:bf16") == 3 and cache.health.internal_errors == 0
+    prefetch = cache.status()["tiers"]["remote"]["prefetch"]
+    assert prefetch["started"] >= 3 and prefetch["found"] >= 3 and prefetch["running"] == 0
     cache.shared.flush()
     # Loaded: removed from the store once Mooncake's read lease (10 s) lets it (asking about
     # an object renews its lease, so the test asks only at the end).
@@ -100,3 +102,18 @@ def test_a_remote_blob_that_vanished_is_a_miss(mooncake_store):
     assert torch.equal(r.k, k) and torch.equal(r.v, v)  # recomputed
     assert free_slots_accounted(cache) and cache.audit() == [] and cache.health.internal_errors == 0
 
+
+
+def test_the_stores_speed_is_learnt_from_real_reads(mooncake_store):
+    """The policy and the readers price the store by what reads really took, not by the
+    start-up probe: a slow read pulls the speed down at once, later ones are averaged in;
+    reads too small to say anything about speed are not counted."""
+    cache = server(mooncake_store.remote_config("speed-test"))
+    probed = cache.cost.remote_bw
+    cache._observe_read(1000, 1.0)  # latency-bound: ignored
+    assert cache.cost.remote_bw == probed
+    latency = cache.cost.remote_latency
+    cache._observe_read(100 << 20, 1.0 + latency)  # 100 MiB in a second
+    assert abs(cache.cost.remote_bw - (100 << 20)) < 1e-3 * (100 << 20)
+    cache._observe_read(100 << 20, 0.5 + latency)
+    assert abs(cache.cost.remote_bw - (0.7 * (100 << 20) + 0.3 * (200 << 20))) < 1e-3 * (100 << 20)

@@ -189,6 +189,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.set_policy(settings.policy, settings.weights)
         self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
         self._published: OrderedDict[str, bool] = OrderedDict()
+        self._reads_seen = 0  # remote reads the store's speed was learnt from (SharedContexts._observe_read)
         self._ready = True
         self._restore_from_disk()
         self._lookups = self.shared is not None or not self.sync.agree(mins=[not self.dormant])[1][0]

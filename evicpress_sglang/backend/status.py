@@ -40,6 +40,8 @@ class CacheStatus(RadixCache):
                                      "entries": u.entries, **u.counters}
             if "disk" in tiers:
                 tiers["disk"]["dormant"] = sum(len(v) for v in self.dormant.values())
+            if "remote" in tiers:  # reads ahead of the match (backend.prefetch)
+                tiers["remote"]["prefetch"] = self.prefetch.status()
             return json_safe({
                 "policy": self.settings.policy,
                 "weights": {"alpha": self.settings.alpha, "quality_floor": self.settings.quality_floor},
