@@ -136,6 +136,35 @@ def arrive(cache, req, timeout_s: float = 30.0) -> None:
         time.sleep(0.001)
 
 
+def pool_with_kv(tokens: int = 40):
+    """A real SGLang pool on the CPU filled with random KV, and ``tokens`` scattered slots of it."""
+    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
+    g = torch.Generator().manual_seed(1)
+    for buf in (*pool.k_buffer, *pool.v_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    return pool, torch.randperm(128, generator=g)[:tokens]
+
+
+def assert_pool_entry_points_agree(name: str) -> None:
+    """For codec ``name``: ``kv_io.encode_from_pool`` makes the blob gather + encode makes, byte
+    for byte, and ``decode_into_pool`` writes into scattered slots what ``decode`` returns."""
+    from evicpress_sglang.backend import kv_io
+    from evicpress_sglang.codecs import get_codec
+
+    pool, slots = pool_with_kv()
+    codec = get_codec(name)
+    enc = kv_io.encode_from_pool(pool, slots, codec)
+    assert torch.equal(enc.payload, codec.device_codec.encode(*kv_io.gather(pool, slots)).payload)
+    n = codec.output_shape(enc.shape).tokens
+    into = slots[:n].flip(0)
+    positions = kv_io.decode_into_pool(pool, into, codec, enc)
+    k, v, want_positions = kv_io.decode(codec.device_codec, enc, "cpu")
+    got_k, got_v = kv_io.gather(pool, into)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    assert (positions is None) == (want_positions is None)
+    assert positions is None or torch.equal(positions, want_positions)
+
+
 def until(cond, timeout: float = 10.0) -> None:
     """Wait for ``cond()`` to hold (background threads at work); fails the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ from evicpress_sglang.backend import kv_io
 from evicpress_sglang.codecs import CodecError, get_codec
 
 import kernel_checks
-from harness import make_params
+from harness import assert_pool_entry_points_agree, pool_with_kv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,32 +45,13 @@ def test_kernel_matches_torch_codec(interpreted, case):
     assert interpreted[case] is None, interpreted[case]
 
 
-def _pool_with_kv(tokens: int = 40):
-    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
-    g = torch.Generator().manual_seed(1)
-    for buf in (*pool.k_buffer, *pool.v_buffer):
-        buf.copy_(torch.randn(buf.shape, generator=g))
-    return pool, torch.randperm(128, generator=g)[:tokens]
-
-
 @pytest.mark.parametrize("name", ["int4", "bf16", "keydiff:0.5+int8", "int8+zstd"])
 def test_entry_points_match_gather_encode_decode_scatter(name):
-    pool, slots = _pool_with_kv()
-    codec = get_codec(name)
-    enc = kv_io.encode_from_pool(pool, slots, codec)
-    assert torch.equal(enc.payload, codec.device_codec.encode(*kv_io.gather(pool, slots)).payload)
-    n = codec.output_shape(enc.shape).tokens
-    into = slots[:n].flip(0)
-    positions = kv_io.decode_into_pool(pool, into, codec, enc)
-    k, v, want_positions = kv_io.decode(codec.device_codec, enc, "cpu")
-    got_k, got_v = kv_io.gather(pool, into)
-    assert torch.equal(got_k, k) and torch.equal(got_v, v)
-    assert (positions is None) == (want_positions is None)
-    assert positions is None or torch.equal(positions, want_positions)
+    assert_pool_entry_points_agree(name)
 
 
 def test_a_failing_kernel_falls_back_to_torch_once_and_logged(monkeypatch, caplog):
-    pool, slots = _pool_with_kv()
+    pool, slots = pool_with_kv()
     codec = get_codec("int8")
     monkeypatch.setattr(kv_io, "_failed", set())
     monkeypatch.setattr(kv_io.kernels, "supports", lambda quantizer, k_buffer: True)
@@ -96,7 +77,7 @@ def test_a_failing_kernel_falls_back_to_torch_once_and_logged(monkeypatch, caplo
 
 
 def test_a_blob_that_does_not_fit_is_refused_before_writing():
-    pool, slots = _pool_with_kv()
+    pool, slots = pool_with_kv()
     before = [b.clone() for b in pool.k_buffer]
     enc = kv_io.encode_from_pool(pool, slots, get_codec("int4"))
     with pytest.raises(CodecError):
@@ -110,6 +91,6 @@ def test_a_blob_that_does_not_fit_is_refused_before_writing():
 
 
 def test_positions_only_with_a_subset_codec():
-    pool, slots = _pool_with_kv()
+    pool, slots = pool_with_kv()
     with pytest.raises(ValueError):
         kv_io.encode_from_pool(pool, slots, get_codec("int8"), positions=torch.arange(len(slots)))

@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from evicpress_sglang.backend import kv_io
 from evicpress_sglang.codecs import CodecError, KVShape, get_codec, queries
 from evicpress_sglang.codecs.queries import QueryModel, rope
 from evicpress_sglang.policy import prior_quality
-from harness import DIM, HEADS, LAYERS, make_params
+from harness import DIM, HEADS, LAYERS, assert_pool_entry_points_agree
 
 
 def _model(layers=LAYERS, heads=HEADS, d=DIM, mean=None, bias=None, key_map=None, freq=0.0) -> QueryModel:
@@ -145,20 +144,7 @@ def test_query_model_file_round_trips(tmp_path):
 @pytest.mark.parametrize("name", ["expected:0.5+int8", "kvzip:0.4"])
 def test_round_trip_through_a_real_sglang_pool(qmodel, name):
     qmodel(_model(mean=torch.randn(DIM), freq=0.05))
-    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
-    g = torch.Generator().manual_seed(1)
-    for buf in (*pool.k_buffer, *pool.v_buffer):
-        buf.copy_(torch.randn(buf.shape, generator=g))
-    slots = torch.randperm(128, generator=g)[:40]
-    codec = get_codec(name)
-    enc = kv_io.encode_from_pool(pool, slots, codec)
-    assert torch.equal(enc.payload, codec.device_codec.encode(*kv_io.gather(pool, slots)).payload)
-    n = codec.output_shape(enc.shape).tokens
-    into = slots[:n].flip(0)
-    positions = kv_io.decode_into_pool(pool, into, codec, enc)
-    k, v, want = kv_io.decode(codec.device_codec, enc, "cpu")
-    got_k, _ = kv_io.gather(pool, into)
-    assert torch.equal(got_k, k) and torch.equal(positions, want) and positions.numel() == n
+    assert_pool_entry_points_agree(name)
 
 
 def test_query_aware_priors_follow_the_key_scored_ones():

@@ -15,7 +15,7 @@ are used (:func:`rope`), and stored keys are un-rotated with their kept position
 Why not from the context's own keys: on SmolLM2 docqa contexts, the attention the actual
 question queries pay to the kept half of the context was 0.44 with the last 64 keys used as
 query samples (worse than random), against 0.89 for KeyDiff and 0.95 with the real queries'
-statistics (bench/results/2026-12-02-query-aware-selectors/README.md).
+statistics (bench/results/2026-12-01-query-aware-selectors/README.md).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0
 #: Quality lost per unit of drop ratio, before profiling: half the ratio for the
 #: key-scored selectors, more for a fixed window that ignores content. The query-aware
 #: selectors get the key-scored prior until the GPU measurement
-#: (bench/results/2026-12-02-query-aware-selectors) says otherwise: an offline study of
+#: (bench/results/2026-12-01-query-aware-selectors) says otherwise: an offline study of
 #: attention recall is not answer quality.
 PRIOR_DROP_LOSS = {"knorm": 0.5, "keydiff": 0.5, "streaming": 0.7, "expected": 0.5, "kvzip": 0.5}
 #: Once the profiler has measured a codec on some contexts, unprofiled contexts assume the
