@@ -21,6 +21,7 @@ import random
 import sys
 import threading
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +126,28 @@ def profile_job(cache: EvicPressRadixCache) -> int:
     return len(cache.profiling.report(job.id, {v: 0.5 for v in range(1, len(job.codecs))}, 1)["measured"])
 
 
+def held_for_remote_reads(cache: EvicPressRadixCache, rank: int) -> list:
+    """Each rank has a remote read still running for a different request (rank 0 for "a",
+    rank 1 for "b"): both must hold both out of prefill, then neither once the reads are
+    done. (A stand-in remote tier: only whether one is configured matters here.)"""
+    go = threading.Event()
+
+    def read():
+        go.wait(30)
+        return None, 0
+
+    cache.shared = types.SimpleNamespace()
+    try:
+        cache.prefetch.start(f"read-{rank}", read, rid="ab"[rank], deadline=time.monotonic() + 60)
+        while_running = sorted(cache.held_for_prefetch(["a", "b", "c"]))
+        go.set()
+        while cache.prefetch.known(f"read-{rank}") and not cache.prefetch.result(f"read-{rank}")[0]:
+            time.sleep(0.001)
+        return [while_running, sorted(cache.held_for_prefetch(["a", "b", "c"]))]
+    finally:
+        cache.shared = None
+
+
 def first_difference(a: list, b: list) -> str | None:
     for x, y in zip(a, b):
         if x != y:
@@ -170,6 +193,8 @@ def main(rank: int, port: int, tmp: str, out: str, steps: int, sync: bool) -> No
         if diff is not None:
             result["divergence"] = f"step {step}: {diff}"
             break
+    if sync:
+        result["held"] = held_for_remote_reads(cache, rank)
     result["internal_errors"] = cache.health.internal_errors
     result["degraded"] = cache.health.degraded
     result["refused_writes"] = disk.refused
