@@ -61,6 +61,7 @@ from .load import LoadBack
 from .match import PrefixMatch
 from .profiling import ProfileStaging
 from .restore import RestoreFromDisk
+from .memory import ContextMemory
 from .prefetch import Prefetcher
 from .shared import SharedContexts
 from .stats import Stats
@@ -177,6 +178,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.table = ContextTable(configs, self.layout, self.cost, settings.half_life_s)
         self.nodes: dict[int, TreeNode] = {}
         self.queries = HeldOutQueries(settings.held_out_queries)
+        self.memory = ContextMemory()
         self.profiling = ProfileStaging(self)
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works
@@ -291,6 +293,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
         self.queries = HeldOutQueries(self.settings.held_out_queries)
+        self.memory = ContextMemory()
         self.profiling = ProfileStaging(self)
         self.set_policy(self.settings.policy)
 

@@ -280,8 +280,15 @@ class ProfileStaging:
         while len(self.outcomes) > OUTCOMES_KEPT:
             self.outcomes.pop(next(iter(self.outcomes)))
 
-    def forget(self, key: int) -> None:
-        self.records.pop(key, None)
+    def forget(self, key: int) -> "Record | None":
+        """Drop context ``key``'s profile; returns it (see :mod:`.memory`)."""
+        return self.records.pop(key, None)
+
+    def restore(self, key: int, record: "Record") -> None:
+        """Give a context whose node came back its last profile, qualities included."""
+        self.records[key] = record
+        for codec, q in record.quality.items():
+            self.cache.table.set_quality(key, codec, q)
 
     def measured(self, key: int) -> dict[str, float] | None:
         rec = self.records.get(key)

@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from ..codecs import subset_codec
 from ..policy import Tier
 from .content_keys import token_hash
+from .memory import Learnt
 from .nodes import Stored, is_dropped, is_placeholder, kept_below, missing_slots
 
 
@@ -36,6 +37,8 @@ class TreeBookkeeping(RadixCache):
             r = self.table.insert(n.id, len(n.key), self._now(), parent)
             self.table.in_use[r] = n.lock_ref > 0
             self.nodes[n.id] = n
+            if len(self.memory):
+                self._recall(n)
 
     def _set_config(self, node: TreeNode, config: int) -> None:
         self.table.assign[self.table.row_of[node.id]] = config
@@ -52,8 +55,19 @@ class TreeBookkeeping(RadixCache):
         if node.id in self.table:
             self.table.remove(node.id)
         self.nodes.pop(node.id, None)
-        self.queries.forget(node.id)
-        self.profiling.forget(node.id)
+        queries, seen = self.queries.forget(node.id)
+        record = self.profiling.forget(node.id)
+        if queries or record is not None:  # remembered by content (see .memory)
+            self.memory.keep(self._start_hash(node, node.key.extra_key), Learnt(queries, seen, record))
+
+    def _recall(self, node: TreeNode) -> None:
+        """A context that was dropped and is back (recomputed): what was learnt about it."""
+        learnt = self.memory.recall(self._start_hash(node, node.key.extra_key))
+        if learnt is None:
+            return
+        self.queries.restore(node.id, learnt.queries, learnt.seen)
+        if learnt.record is not None:
+            self.profiling.restore(node.id, learnt.record)
 
     # -- tree changes ----------------------------------------------------------------
 
@@ -72,6 +86,8 @@ class TreeBookkeeping(RadixCache):
         if child.id in self.table:
             self.table.split(child.id, new_node.id, split_len)
             self.nodes[new_node.id] = new_node
+            if len(self.memory):  # the prefix may be a context that was dropped before
+                self._recall(new_node)
             if kept is not None:
                 self.table.set_stored_tokens(new_node.id, len(new_node.value))
                 self.table.set_stored_tokens(child.id, len(child.value))

@@ -50,9 +50,15 @@ class HeldOutQueries:
         """Queries ever offered for ``context`` (kept or not)."""
         return self._seen.get(context, 0)
 
-    def forget(self, context: Hashable) -> None:
-        self._kept.pop(context, None)
-        self._seen.pop(context, None)
+    def forget(self, context: Hashable) -> tuple[list[array], int]:
+        """Drop ``context``; returns what was kept of it (queries, how many were offered)."""
+        return self._kept.pop(context, []), self._seen.pop(context, 0)
+
+    def restore(self, context: Hashable, kept: list[array], seen: int) -> None:
+        """Give ``context`` back what :meth:`forget` returned (its node came back)."""
+        if kept:
+            self._kept[context] = kept[: self.k]
+            self._seen[context] = seen
 
     def __len__(self) -> int:
         return len(self._kept)
