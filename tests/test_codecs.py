@@ -128,3 +128,29 @@ def test_corrupt_zstd_payload_is_an_error_not_garbage():
     bad[len(bad) // 2 :] = 0
     with pytest.raises(CodecError):
         get_codec("int8+zstd").decode(EncodedKV(enc.codec, enc.shape, bad), torch.empty_like(k), torch.empty_like(v))
+
+
+def test_zstd_frames_decode_in_parallel_and_old_single_frame_blobs_still_decode(monkeypatch):
+    """A payload is cut into independent frames (decoded on several threads); a blob written
+    before that (one plain zstd frame) decodes the same; a damaged frame index is an error."""
+    import zstandard
+
+    from evicpress_sglang.codecs import zstd
+
+    k, v = _random_kv()
+    codec = get_codec("int4+zstd")
+    inner = get_codec("int4").encode(k, v)
+    monkeypatch.setattr(zstd, "CHUNK", 1000)  # many frames from a small payload
+    packed = codec.pack_host(inner)
+    count = int.from_bytes(bytes(packed.payload[4:8].tolist()), "little")
+    assert bytes(packed.payload[:4].tolist()) == zstd.MAGIC and count == -(-inner.payload.numel() // 1000) > 2
+    assert torch.equal(codec.unpack_host(packed).payload, inner.payload)
+
+    one_frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(inner.payload.numpy())
+    old = EncodedKV(codec.name, inner.shape, torch.frombuffer(bytearray(one_frame), dtype=torch.uint8))
+    assert torch.equal(codec.unpack_host(old).payload, inner.payload)
+
+    bad = packed.payload.clone()
+    bad[8:16] = 255  # the first frame's size
+    with pytest.raises(CodecError, match="corrupt zstd payload"):
+        codec.unpack_host(EncodedKV(codec.name, packed.shape, bad))
