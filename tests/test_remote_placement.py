@@ -117,3 +117,27 @@ def test_the_stores_speed_is_learnt_from_real_reads(mooncake_store):
     assert abs(cache.cost.remote_bw - (100 << 20)) < 1e-3 * (100 << 20)
     cache._observe_read(100 << 20, 0.5 + latency)
     assert abs(cache.cost.remote_bw - (0.7 * (100 << 20) + 0.3 * (200 << 20))) < 1e-3 * (100 << 20)
+
+
+def test_a_failing_publish_never_fails_the_store(mooncake_store, monkeypatch):
+    """Publishing is an extra: its re-encode (from the anchor, with the ancestors' tokens)
+    running out of GPU memory leaves the context stored in its own tier, the eviction done,
+    and nothing counted as an internal error."""
+    from evicpress_sglang.backend import kv_io
+
+    cache = server(mooncake_store.remote_config("publish-fail-test"))
+    serve(cache, SYSTEM)
+    cache.inc_lock_ref(next(iter(cache.root_node.children.values())))
+    serve(cache, SYSTEM + DOCS[5] + [7])
+    real, calls = kv_io.encode_from_pool, []
+
+    def second_call_fails(*args, **kwargs):  # the store's own encode, then the publish's
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv_io, "encode_from_pool", second_call_fails)
+    cache.evict(EvictParams(num_tokens=10**6))
+    assert len(calls) == 2 and cache.stats.stores.get("host:int8", 0) == 1 and cache.stats.published == 0
+    assert cache.health.internal_errors == 0 and cache.audit() == []

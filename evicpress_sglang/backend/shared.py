@@ -81,16 +81,18 @@ class SharedContexts(TreeBookkeeping):
         key = self._shared_key(extra_key, tokens[:b])
         if key in self._published:
             return
-        if a < start:
-            slots = self._slots_back_to(node, start - a)
-            if slots is None:
-                return
-            enc = kv_io.encode_from_pool(self.kvpool, slots, get_codec(codec))
         meta = {"codec": codec, "start": a, "tokens": list(tokens[a:]), "extra_key": extra_key}
         try:
+            if a < start:
+                slots = self._slots_back_to(node, start - a)
+                if slots is None:
+                    return
+                enc = kv_io.encode_from_pool(self.kvpool, slots, get_codec(codec))
             self.shared.put(key, enc, meta, pack=pack)
-        except (TierError, OSError) as e:
-            self.health.note_tier_failure("remote put", e)
+        except (TierError, OSError, CodecError, RuntimeError) as e:
+            # Publishing is an extra: the context is stored here whatever happens to it (a full
+            # store, the re-encode out of GPU memory), so a failure is logged once, not raised.
+            self.health.note_tier_failure("publishing a shared context", e)
             return
         _remember(self._published, key, True)
         self.stats.published += 1
