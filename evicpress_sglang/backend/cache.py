@@ -166,10 +166,10 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         _load_query_model(settings)
         tp = self.sync.rank, self.sync.size  # each rank's blobs hold its shard of the KV heads
         self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
-        if self.shared is not None and self.shared.options.anchor_tokens % self.page_size:
-            raise SettingsError(f"remote.anchor_tokens ({self.shared.options.anchor_tokens}) must be a multiple of "
-                                f"--page-size ({self.page_size})")
         if self.shared is not None:  # the tier after disk, priced by rank 0's probe of it
+            if self.shared.options.anchor_tokens % self.page_size:
+                raise SettingsError(f"remote.anchor_tokens ({self.shared.options.anchor_tokens}) must be a multiple "
+                                    f"of --page-size ({self.page_size})")
             self.tiers[Tier.REMOTE] = self.shared
             self.cost.remote_bw, self.cost.remote_latency = self.sync.from_rank0(self.shared.bandwidth,
                                                                                  self.shared.latency)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -188,8 +187,8 @@ class SharedContexts(TreeBookkeeping):
         shared context that may continue there."""
         if self.shared is None or self.disable or not self.health.loads_allowed:
             return
-        tokens = list(req.origin_input_ids)
-        key = RadixKey(array("q", tokens), req.extra_key).page_aligned(self.page_size)
+        tokens = array("q", req.origin_input_ids)
+        key = RadixKey(tokens, req.extra_key).page_aligned(self.page_size)
         deadline = time.monotonic() + self._wait_s(len(key))
         node, matched = self.root_node, 0
         while len(key) > 0:
@@ -266,7 +265,7 @@ class SharedContexts(TreeBookkeeping):
 
     def _stage_shared(self, found: "SharedHit") -> Stored | None:
         """Put a fetched shared blob in host memory; None when there is no room (a miss)."""
-        stored = Stored(Tier.HOST, found.codec, uuid.uuid4().hex, offset=found.offset)
+        stored = Stored(Tier.HOST, found.codec, self._new_blob_key(Tier.HOST), offset=found.offset)
         try:
             self.tiers[Tier.HOST].put(stored.blob, found.enc)
         except (TierError, OSError) as e:  # no room to stage it: the request prefills
