@@ -141,3 +141,17 @@ def test_a_failing_publish_never_fails_the_store(mooncake_store, monkeypatch):
     cache.evict(EvictParams(num_tokens=10**6))
     assert len(calls) == 2 and cache.stats.stores.get("host:int8", 0) == 1 and cache.stats.published == 0
     assert cache.health.internal_errors == 0 and cache.audit() == []
+
+
+def test_an_anchor_spacing_pages_cannot_follow_is_refused_at_start_up(mooncake_store):
+    """Shared blobs are cut at anchors and loaded from a page-aligned match end: an anchor that
+    is not a whole number of pages stops the server with the setting named."""
+    import pytest
+
+    from evicpress_sglang.backend.cache import EvicPressRadixCache
+    from evicpress_sglang.settings import Settings, SettingsError
+    from harness import make_params
+
+    remote = mooncake_store.remote_config("anchor-test", anchor_tokens=30)
+    with pytest.raises(SettingsError, match=r"remote.anchor_tokens \(30\) must be a multiple of --page-size \(4\)"):
+        EvicPressRadixCache(make_params(1024, page_size=4), Settings(remote=remote))

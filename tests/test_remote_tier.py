@@ -184,6 +184,9 @@ def test_settings_are_checked():
         make_remote_tier({"backend": "redis"})
     with pytest.raises(ValueError, match="unknown setting.*colour"):
         make_remote_tier({"backend": "mooncake", "colour": "blue"})
+    for anchor in (0, -256, 2.5, True):  # checked before any store is contacted
+        with pytest.raises(ValueError, match="remote.anchor_tokens: expected a whole number >= 1"):
+            make_remote_tier({"backend": "mooncake", "anchor_tokens": anchor})
 
 
 # -- loopback only ---------------------------------------------------------------

@@ -52,6 +52,7 @@ from typing import Any, Callable
 import torch
 
 from ..codecs import CodecError, EncodedKV
+from ..settings import whole_number
 from ..units import parse_bytes
 from . import transfer
 from .base import Pack, StorageTier, TierError, TierFullError, TierUsage, Unpack
@@ -153,10 +154,11 @@ def make_remote_tier(config: dict[str, Any], tp_rank: int = 0, tp_size: int = 1)
         raise ValueError(f"remote: unknown setting(s) {', '.join(unknown)}; valid: backend, "
                          f"{', '.join(sorted(own | mooncake))}")
     options = {k: v for k, v in config.items() if k in own}
-    if "max_pending_bytes" in options:
-        options["max_pending_bytes"] = parse_bytes(options["max_pending_bytes"], "remote.max_pending_bytes")
-    if "prefetch_bytes" in options:
-        options["prefetch_bytes"] = parse_bytes(options["prefetch_bytes"], "remote.prefetch_bytes")
+    for name in ("max_pending_bytes", "prefetch_bytes"):
+        if name in options:
+            options[name] = parse_bytes(options[name], f"remote.{name}")
+    if "anchor_tokens" in options:  # every key and lookup divides by it
+        options["anchor_tokens"] = whole_number("remote.anchor_tokens", options["anchor_tokens"], 1)
     if options.get("capacity_bytes") is not None:
         options["capacity_bytes"] = parse_bytes(options["capacity_bytes"], "remote.capacity_bytes")
     mc = mooncake_config({k: v for k, v in config.items() if k in mooncake}, tp_size)
