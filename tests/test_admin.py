@@ -94,7 +94,11 @@ def test_settings_validation_names_the_setting(tmp_path):
                      ({"profile_max_age_s": 0}, "profile_max_age_s"), ({"profile_min_tokens": True}, "profile_min_tokens"),
                      ({"profile_self_questions": -1}, "profile_self_questions"),
                      ({"status_top": True}, "status_top"), ({"held_out_queries": 1.5}, "held_out_queries"),
-                     ({"remote": "mooncake"}, "remote"), ({"remote": {"backend": "redis"}}, "remote")]:
+                     ({"remote": "mooncake"}, "remote"), ({"remote": {"backend": "redis"}}, "remote"),
+                     ({"remote_codecs": ["int3"]}, "remote_codecs"), ({"remote_codecs": 7}, "remote_codecs"),
+                     ({"evict_budget_ms": 0}, "evict_budget_ms"), ({"evict_budget_ms": "fast"}, "evict_budget_ms"),
+                     ({"async_plan_min_contexts": -1}, "async_plan_min_contexts"),
+                     ({"async_plan_min_contexts": 2.5}, "async_plan_min_contexts")]:
         with pytest.raises(SettingsError, match=msg):
             load_settings({ENV: json.dumps(raw)})
     with pytest.raises(SettingsError, match="invalid JSON"):
