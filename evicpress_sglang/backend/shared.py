@@ -242,7 +242,7 @@ class SharedContexts(TreeBookkeeping):
         """Learn the store's speed from real reads (on a prefetch worker): what a read costs
         end to end (the store, our copies, the checksum, a host stage) is what a request
         waits, and a small start-up probe overstated it several times on the H200 (1.1-1.4
-        GB/s probed against ~0.3 GB/s for 70 MB blobs). Alone the policy and the readers use
+        GB/s probed against roughly 0.3 GB/s inferred for 70 MB blobs). Alone the policy and the readers use
         it at once; under TP every rank keeps rank 0's start-up figure, so all decide alike."""
         if self.sync.on or nbytes < READ_SAMPLE_BYTES or seconds <= 0:
             return
