@@ -2,8 +2,9 @@
 
 Speaks the parts of SGLang's HTTP API the bench and the soak use: ``/health``,
 ``/generate`` (streamed as SSE ``data:`` lines with cumulative text and ``meta_info``, or
-one JSON reply), ``/flush_cache`` and, with ``--evicpress``, ``/evicpress/status`` and
-``/evicpress/policy``. A prompt seen before is a "cache hit": its
+one JSON reply), ``/flush_cache`` and, with ``--evicpress``, ``/evicpress/status`` (its
+store counters grow with every request) and ``/evicpress/policy`` (answers then depend on
+the policy, except under ``lru``). A prompt seen before is a "cache hit": its
 first token comes sooner and ``cached_tokens`` says so. Answers are a function of the
 prompt, so a bench's quality maths has something real to score. A prompt may be
 ``text`` or ``input_ids`` (as SGLang's); with ``--record FILE`` every request body is
@@ -29,6 +30,7 @@ EVICPRESS = "--evicpress" in sys.argv
 SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
 RECORD = sys.argv[sys.argv.index("--record") + 1] if "--record" in sys.argv else None
 POLICY = ["evicpress"]
+GENERATED = [0]  # requests answered: the status's store counter, so that deltas can be checked
 #: A profiler that measured one of the two contexts reused twice or more (status's shape).
 PROFILER = {"jobs": 3, "reported": 2, "staged": 8, "variants_measured": 6, "variants_tainted": 2, "expired": 0,
             "active_jobs": 1, "held_tokens": 40, "reserve_tokens": 100, "profiled_contexts": 1,
@@ -44,7 +46,9 @@ def answer(prompt: str, n: int) -> list[str]:
     if "access code" in prompt and "Reply with the number" in prompt:
         code = prompt.split("access code for document ")[1].split(" is ")[1].split(".")[0]
         return [code] + ["."] * (n - 1)
-    h = hashlib.sha256((prompt + SALT).encode()).hexdigest()
+    # an evicpress server's answers depend on its policy (but lru re-prefills: the full KV's)
+    salt = SALT + (POLICY[0] if EVICPRESS and POLICY[0] != "lru" else "")
+    h = hashlib.sha256((prompt + salt).encode()).hexdigest()
     return [f" w{h[i % 60:i % 60 + 2]}" for i in range(n)]
 
 
@@ -69,8 +73,10 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {})
         elif self.path == "/evicpress/status" and EVICPRESS:
             self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
-                             "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1}, "stores": {"host:int4": 2},
-                                       "bytes_loaded": {"host": 100}, "stored_bytes": 200, "compression_ratio": 3.5},
+                             "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1},
+                                       "stores": {"host:int4": 2 + GENERATED[0]}, "bytes_loaded": {"host": 100},
+                                       "raw_bytes_stored": 700 + 400 * GENERATED[0],
+                                       "stored_bytes": 200 + 100 * GENERATED[0], "compression_ratio": 3.5},
                              "profiler": PROFILER, "placements": PLACEMENTS})
         else:
             self._json(404, {"error": "not found"})
@@ -94,6 +100,7 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             hit = prompt in SEEN
             SEEN.add(prompt)
+            GENERATED[0] += 1
             if RECORD:
                 with open(RECORD, "a") as f:
                     f.write(json.dumps(body) + "\n")

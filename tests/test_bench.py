@@ -135,6 +135,56 @@ def test_bench_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     assert (out / "stock.json").stat().st_mtime_ns == before
 
 
+def test_one_server_switches_policies_at_runtime_and_scores_against_lru(tmp_path, monkeypatch):
+    """--one-server: one server start, each policy set through the admin endpoint with a flush
+    before it, ``reference`` run as ``lru``, each policy's counters its own, resume skips."""
+    port = free_port()
+    record = tmp_path / "requests.jsonl"
+    starts = []
+
+    def fake_server_for(spec, args, model):
+        starts.append(spec)
+        return [sys.executable, FAKE, str(port), "--evicpress", "--record", str(record)], {}
+
+    monkeypatch.setattr(runner, "server_for", fake_server_for)
+    monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--one-server", "--policies", "reference,static:int4,evicpress@alpha=0.5",
+            "--requests", "10", "--docs", "3", "--rate", "50", "--min-chars", "500", "--max-chars", "800",
+            "--port", str(port), "--quiet"]
+    assert runner.main(argv) == 0
+    assert starts == ["lru"]  # one server for all three
+    doc = json.loads((out / "bench.json").read_text())
+    by = {s["policy"]: s for s in doc["summaries"]}
+    assert by["reference"]["quality"] == 1.0
+    assert by["static:int4"]["identical_answers"] < 1.0 and by["evicpress@alpha=0.5"]["identical_answers"] < 1.0
+    # each policy's counters cover its own replay only (10 requests + the warm-up), not the run so far
+    assert all(s["stores"] == {"host:int4": 11} for s in by.values())
+    assert all(s["bytes_stored"] == 1100 and s["compression_ratio"] == 4.0 for s in by.values())
+    applied = {s: json.loads((out / f"{runner.slug(s)}.json").read_text())["policy_applied"] for s in by}
+    assert applied == {"reference": {"policy": "lru"}, "static:int4": {"policy": "static:int4"},
+                       "evicpress@alpha=0.5": {"policy": "evicpress", "alpha": 0.5}}
+    assert runner.main(argv + ["--resume"]) == 0 and starts == ["lru"]  # all done: no server started
+
+
+@pytest.mark.parametrize("spec", ["stock", "hicache", "evicpress@host_bytes=5"])
+def test_one_server_refuses_what_needs_its_own_server(spec, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--out", str(tmp_path / "o"), "--one-server", "--policies", f"reference,{spec}"])
+    assert e.value.code == 2 and "--one-server" in capsys.readouterr().err
+
+
+def test_stats_during_a_replay_subtract_counters_and_keep_the_rest():
+    before = {"stats": {"stores": {"a": 3}, "evict_ms": {"p99": 1.0}, "last_miss": "y", "hist": [1, 1],
+                        "raw_bytes_stored": 100, "stored_bytes": 50, "compression_ratio": 2.0}, "policy": "x"}
+    after = {"stats": {"stores": {"a": 5, "b": 2}, "evict_ms": {"p99": 3.0}, "last_miss": "z", "hist": [4, 5],
+                       "raw_bytes_stored": 500, "stored_bytes": 150, "compression_ratio": 3.3}, "policy": "lru"}
+    assert runner.stats_during(after, before) == {"policy": "lru", "stats": {
+        "stores": {"a": 2, "b": 2}, "evict_ms": {"p99": 3.0}, "last_miss": "z", "hist": [3, 4],
+        "raw_bytes_stored": 400, "stored_bytes": 100, "compression_ratio": 4.0}}
+    assert runner.stats_during(after, None) is after  # no status before: nothing to subtract
+
+
 def _tiny_model(tmp_path: Path) -> Path:
     d = tmp_path / "model"
     d.mkdir(exist_ok=True)

@@ -87,6 +87,7 @@ class Stats:
         return {
             "hits": dict(self.hits), "hit_tokens": dict(self.hit_tokens), "misses": dict(self.misses),
             "stores": dict(self.stores), "compression_ratio": self.compression_ratio,
+            "raw_bytes_stored": self.raw_bytes_stored, "stored_bytes": self.stored_bytes,
             "bytes_loaded": dict(self.bytes_loaded), "dropped": self.dropped, "tier_errors": self.tier_errors,
             "verify_mismatches": self.verify_mismatches, "stale_load_backs": self.stale_load_backs,
             "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,

@@ -20,6 +20,13 @@ stays within a target (default: stock's TTFT at the lowest rate), interpolated b
 With ``--workload trace:FILE`` the requests are the user's own, from a JSONL file (format
 in :mod:`evicpress_sglang.bench.trace`); the file is checked whole before any server starts.
 
+With ``--one-server`` every policy runs on one evicpress server, switched through
+``POST /evicpress/policy`` with ``/flush_cache`` between them: for quality studies of many
+codecs, where a server start per policy would cost more than the workload. Only policies
+the admin endpoint can set are allowed (``@alpha``/``@quality_floor`` overrides at most),
+``reference`` is the ``lru`` policy there (a miss is re-prefilled: full KV, exact under
+``--deterministic``), and each policy's counters are the difference across its replay.
+
 Each policy's results are saved as soon as it finishes (``<out>/<policy>.json``), and a
 re-run with ``--resume`` skips those: long benches can be split across GPU sessions.
 """
@@ -126,16 +133,109 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[Benc
         t0 = time.perf_counter()
         results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
         wall = time.perf_counter() - t0
-        try:
-            status = requests.get(url + "/evicpress/status", timeout=10)
-            status = status.json() if status.status_code == 200 else None
-        except (requests.RequestException, ValueError):
-            status = None
+        status = _status(url)
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
     record = {"policy": spec, "server_command": " ".join(cmd), "evicpress_config": env.get("EVICPRESS_CONFIG"),
               "wall_s": wall, "status": status, "results": results, "log_tail": server.log_tail(3000)}
     (out / f"{slug(spec)}.json").write_text(json.dumps(record))
     return record
+
+
+#: What ``POST /evicpress/policy`` may change besides the policy (``--one-server``).
+RUNTIME_OVERRIDES = ("alpha", "quality_floor")
+
+
+def runtime_policy(spec: str) -> dict:
+    """The ``POST /evicpress/policy`` body that turns a running server into ``spec``;
+    ValueError for what only a server start can set (stock, HiCache, other settings)."""
+    name, overrides = parse_policy(spec)
+    if name == "reference":
+        name = "lru"  # every miss re-prefilled: the full KV's answers
+    elif name in ("stock", "hicache"):
+        raise ValueError(f"{spec!r} is another server, not a policy of the evicpress one (--one-server)")
+    extra = sorted(set(overrides) - set(RUNTIME_OVERRIDES))
+    if extra:
+        raise ValueError(f"{spec!r}: {extra} cannot change at runtime (--one-server allows "
+                         f"{', '.join(RUNTIME_OVERRIDES)})")
+    return {"policy": name, **overrides}
+
+
+def counters_delta(after, before):
+    """``after - before`` for every number in nested counters (lists element by element);
+    what is not a number (strings, None, mismatched shapes) is ``after``'s."""
+    if isinstance(after, dict) and isinstance(before, dict):
+        return {k: counters_delta(v, before.get(k)) for k, v in after.items()}
+    if isinstance(after, list) and isinstance(before, list) and len(after) == len(before):
+        return [counters_delta(a, b) for a, b in zip(after, before)]
+    number = (int, float)
+    if isinstance(after, number) and isinstance(before, number) and not isinstance(after, bool):
+        return after - before
+    return after
+
+
+def stats_during(after: dict | None, before: dict | None) -> dict | None:
+    """A status whose ``stats`` cover only what happened between two statuses: counters
+    subtracted, the compression ratio recomputed from them; the eviction-time percentiles
+    (a window of recent evictions, not a counter) are ``after``'s."""
+    if after is None or before is None or "stats" not in after or "stats" not in before:
+        return after
+    stats = counters_delta(after["stats"], before["stats"])
+    stats["evict_ms"] = after["stats"].get("evict_ms")
+    stored = stats.get("stored_bytes")
+    stats["compression_ratio"] = stats.get("raw_bytes_stored", 0) / stored if stored else 1.0
+    return after | {"stats": stats}
+
+
+def _status(url: str) -> dict | None:
+    try:
+        r = requests.get(url + "/evicpress/status", timeout=10)
+        return r.json() if r.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def _flush(url: str, timeout: float = 60) -> None:
+    """``/flush_cache`` once the server is idle (SGLang refuses it while requests run)."""
+    stop = time.monotonic() + timeout
+    while True:
+        r = requests.post(url + "/flush_cache", timeout=30)
+        if r.status_code == 200:
+            return
+        if time.monotonic() > stop:
+            raise ServerError(f"/flush_cache refused for {timeout:.0f} s: {r.status_code} {r.text[:200]}")
+        time.sleep(1)
+
+
+def run_one_server(specs: list[str], args: argparse.Namespace, model: Path, reqs: list[BenchRequest],
+                   out: Path) -> None:
+    """Every spec on one evicpress server (see the module doc), each saved as it finishes."""
+    todo = [s for s in specs if not (args.resume and (out / f"{slug(s)}.json").exists())]
+    if not todo:
+        return
+    cmd, env = server_for("lru", args, model)
+    log = out / "logs" / "one-server.log"
+    print(f"[one server] starting: {' '.join(cmd)}", file=sys.stderr)
+    shutil.rmtree(disk_dir_of("lru", args), ignore_errors=True)
+    server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
+    with server as url:
+        for spec in todo:
+            body = runtime_policy(spec)
+            r = requests.post(url + "/evicpress/policy", json=body, timeout=60)
+            if r.status_code != 200:
+                raise ServerError(f"[{spec}] POST /evicpress/policy {body}: {r.status_code} {r.text[:300]}")
+            _flush(url)
+            before = _status(url)
+            replay(url, [BenchRequest(-1, 0.0, "warmup", "Say hello.")], 2, progress=False)
+            t0 = time.perf_counter()
+            results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
+            wall = time.perf_counter() - t0
+            status = stats_during(_status(url), before)
+            record = {"policy": spec, "policy_applied": body, "server_command": " ".join(cmd),
+                      "evicpress_config": env.get("EVICPRESS_CONFIG"), "wall_s": wall, "status": status,
+                      "results": results, "log_tail": server.log_tail(3000)}
+            (out / f"{slug(spec)}.json").write_text(json.dumps(record))
+            print(f"[{spec}] done in {wall:.0f} s", file=sys.stderr)
+    shutil.rmtree(disk_dir_of("lru", args), ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=30200)
     p.add_argument("--sglang-flags", default=SGLANG_FLAGS_DEFAULT, help="flags every server gets; default: %(default)s")
     p.add_argument("--server-timeout", type=float, default=600)
+    p.add_argument("--one-server", action="store_true",
+                   help="every policy on one evicpress server, switched at runtime (quality studies)")
     p.add_argument("--resume", action="store_true", help="reuse <out>/<policy>.json of policies already run")
     p.add_argument("--report-only", action="store_true", help="only rebuild bench.json, table and plots from <out>")
     p.add_argument("--quiet", action="store_true")
@@ -253,7 +355,7 @@ def _main(argv: list[str] | None) -> int:
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
     try:  # malformed specs or settings fail before any server starts, with one clear line
         for s in specs:
-            parse_policy(s)
+            runtime_policy(s) if args.one_server else parse_policy(s)
         if not isinstance(json.loads(args.settings), dict):
             raise ValueError("expected a JSON object")
     except (ValueError, json.JSONDecodeError) as e:
@@ -295,7 +397,13 @@ def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str,
                 for r in reqs]
         if not (args.resume and saved.exists()):
             saved.write_text(json.dumps(meta | {"requests_run": runs}))
-        for spec in specs:
+        if args.one_server:
+            try:
+                run_one_server(specs, args, model, reqs, out)
+            except ServerError as e:
+                print(f"[one server] {e}", file=sys.stderr)
+                return 1
+        for spec in [] if args.one_server else specs:
             if args.resume and (out / f"{slug(spec)}.json").exists():
                 print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
                 continue
