@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import shlex
 import sys
 import threading
 import time
@@ -93,36 +93,60 @@ def cpu(args: argparse.Namespace) -> dict:
 
 # -- GPU -----------------------------------------------------------------------------------
 
+VOCAB_BASE, VOCAB_SPAN = 1000, 40_000  # token ids used: inside every Llama-style vocabulary
 
-def _stream(url: str, text: str, max_new: int) -> tuple[float, list[float]]:
+
+def context_ids(i: int, tokens: int) -> list[int]:
+    """Context ``i``'s ``tokens`` token ids: distinct from every other context's from the
+    first two ids on, so each is its own radix-tree branch (no tokenizer involved)."""
+    ids = [VOCAB_BASE + i % VOCAB_SPAN, VOCAB_BASE + (i // VOCAB_SPAN) % VOCAB_SPAN]
+    return (ids + [VOCAB_BASE + (i * 7919 + j * 104729) % VOCAB_SPAN for j in range(tokens - 2)])[:tokens]
+
+
+def parse_stream(lines) -> int:
+    """How many token chunks an SGLang SSE stream carried (``data: {...}`` lines; the final
+    ``data: [DONE]`` is not one); an error chunk raises."""
+    chunks = 0
+    for line in lines:
+        if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+            continue
+        if b'"error"' in line[:64]:
+            raise RuntimeError(line.decode(errors="replace")[:300])
+        chunks += 1
+    return chunks
+
+
+def _stream(url: str, ids: list[int], max_new: int) -> tuple[float, list[float]]:
     """(TTFT, inter-token gaps) of one streamed request, in seconds."""
     import requests
 
+    marks: list[float] = []
     t0 = time.perf_counter()
-    marks = []
-    with requests.post(url + "/generate", stream=True, timeout=600, json={
-            "text": text, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
-                                                            "ignore_eos": True}}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data:") and line != b"data: [DONE]":
+
+    def timed(lines):
+        for line in lines:
+            yield line
+            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
                 marks.append(time.perf_counter())
+
+    with requests.post(url + "/generate", stream=True, timeout=600, json={
+            "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
+                                                                "ignore_eos": True}}) as r:
+        r.raise_for_status()
+        parse_stream(timed(r.iter_lines()))
     return marks[0] - t0, list(np.diff(marks))
 
 
-def _prompt(i: int, words: int) -> str:
-    """A distinct short prompt (about 3 SmolLM2 tokens per word): one context each."""
-    return f"R{i:07d}: " + " ".join(f"w{(i * 7919 + j) % 100003}" for j in range(words))
-
-
-def _fill(url: str, start: int, count: int, workers: int, words: int) -> None:
-    """Prefill ``count`` distinct prompts (1 output token each), ``workers`` at a time."""
+def _fill(url: str, first: int, count: int, tokens: int, workers: int, batch: int) -> None:
+    """Prefill contexts ``first .. first+count-1`` (1 output token each), as batched requests
+    (a list of prompts per /generate), ``workers`` requests at a time."""
     import requests
 
     def run(k: int) -> None:
-        for i in range(start + k, start + count, workers):
-            requests.post(url + "/generate", timeout=600, json={"text": _prompt(i, words), "sampling_params": {
-                "max_new_tokens": 1}}).raise_for_status()
+        for lo in range(first + k * batch, first + count, workers * batch):
+            ids = [context_ids(i, tokens) for i in range(lo, min(lo + batch, first + count))]
+            requests.post(url + "/generate", timeout=600, json={
+                "input_ids": ids, "sampling_params": {"max_new_tokens": 1}}).raise_for_status()
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(workers)]
     for th in threads:
@@ -131,73 +155,100 @@ def _fill(url: str, start: int, count: int, workers: int, words: int) -> None:
         th.join()
 
 
-def gpu(args: argparse.Namespace) -> dict:
+def _percentiles(prefix: str, seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {f"{prefix}_p50_ms": float(np.percentile(ms, 50)), f"{prefix}_p99_ms": float(np.percentile(ms, 99)),
+            f"{prefix}_n": int(ms.size)}
+
+
+def measure(url: str, policy: str, n: int, first: int, tokens: int, args: argparse.Namespace) -> dict:
+    """Steady decode over the ``n`` contexts just filled, plus arrivals of new ones (each
+    forcing an eviction) for ``args.seconds``; ITL from the decodes, TTFT from the arrivals."""
     import requests
 
+    status = (lambda: requests.get(url + "/evicpress/status", timeout=60).json()) if policy == "evicpress" else None
+    before = status() if status else None
+    ttft, itl, errors = [], [], []
+    lock = threading.Lock()
+    stop = time.monotonic() + args.seconds
+
+    def loop(k: int, decode: bool) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            if decode:  # a known context, continued for decode_tokens
+                ids, new = context_ids(first + (k * 7919 + i * 131) % n, tokens), args.decode_tokens
+            else:  # a context never seen: its prefill needs room
+                ids, new = context_ids(args.arrival_base + n * 1000 + k * 100_000 + i, tokens), 4
+            try:
+                t, gaps = _stream(url, ids, new)
+            except Exception as e:  # a failed request is reported, and the run goes on
+                with lock:
+                    errors.append(repr(e)[:200])
+                continue
+            with lock:
+                (itl.extend(gaps) if decode else ttft.append(t))
+            i += 1
+
+    threads = [threading.Thread(target=loop, args=(k, True)) for k in range(args.decoders)]
+    threads += [threading.Thread(target=loop, args=(k, False)) for k in range(args.arrivals)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    row = {"contexts": n, "policy": policy, "context_tokens": tokens, "errors": len(errors),
+           "first_errors": errors[:3], **_percentiles("itl", itl), **_percentiles("ttft", ttft),
+           "evict_p50_ms": None, "evict_p99_ms": None, "evict_max_ms": None}
+    if status:
+        st = status()
+        ev = st["stats"]["evict_ms"]
+        row |= {"evict_p50_ms": ev.get("p50"), "evict_p99_ms": ev.get("p99"), "evict_max_ms": ev.get("max"),
+                "evictions_in_window": ev.get("n"), "cached_contexts_before": before["contexts"],
+                "cached_contexts_after": st["contexts"], "plan": st["stats"]["plan"], "planner": st["planner"],
+                "plan_before": before["stats"]["plan"], "internal_errors": st["health"]["internal_errors"],
+                "stores": st["stats"]["stores"]}
+    return row
+
+
+def server_command(policy: str, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The launch command and environment of the ``stock`` or ``evicpress`` server."""
+    cmd = [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
+           "--port", str(args.port), "--max-total-tokens", str(args.pool_tokens), *args.sglang_args]
+    env = dict(os.environ)
+    if policy == "evicpress":
+        cmd += ["--radix-cache-backend", "evicpress"]
+        env["EVICPRESS_CONFIG"] = json.dumps({"host_bytes": args.host_bytes, "profile_share": 0.0,
+                                              "evict_budget_ms": args.budget_ms})
+    return cmd, env
+
+
+def gpu(args: argparse.Namespace) -> dict:
     from evicpress_sglang.bench.server import Server
 
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     for policy in args.policies:
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model, "--host", "127.0.0.1",
-               "--port", str(args.port), "--max-total-tokens", str(args.pool_tokens), *args.sglang_args]
-        env = dict(os.environ)
-        if policy == "evicpress":
-            cmd += ["--radix-cache-backend", "evicpress"]
-            env["EVICPRESS_CONFIG"] = json.dumps({"host_bytes": args.host_bytes, "profile_share": 0.0,
-                                                  "evict_budget_ms": args.budget_ms})
-        with Server(cmd, env, args.out / f"{policy}.log", args.port) as url:
-            filled = 0
+        cmd, env = server_command(policy, args)
+        with Server(cmd, env, args.out / f"{policy}.log", args.port, timeout=args.server_timeout) as url:
+            first = 0
             for n in sorted(args.contexts):
-                # Prompts sized so that n of them fill the pool: every arrival then evicts, at
-                # about n cached contexts, without n x long prefills.
-                words = max(1, args.pool_tokens // n // 3 - 2)
-                _fill(url, filled, n, args.fill_workers, words)
-                filled += n
-                before = requests.get(url + "/evicpress/status", timeout=60).json() if policy == "evicpress" else None
-                ttft, itl, stop = [], [], time.monotonic() + args.seconds
-                lock = threading.Lock()
-
-                def decode(k: int) -> None:  # steady decode traffic over known prefixes
-                    i = 0
-                    while time.monotonic() < stop:
-                        t, gaps = _stream(url, _prompt(filled - n + (k * 131 + i) % n, words), args.decode_tokens)
-                        with lock:
-                            itl.extend(gaps)
-                        i += 1
-
-                def arrive() -> None:  # new distinct prompts: each forces evictions
-                    i = 0
-                    while time.monotonic() < stop:
-                        t, _ = _stream(url, _prompt(10_000_000 + n * 10 + i, words), 4)
-                        with lock:
-                            ttft.append(t)
-                        i += 1
-
-                threads = [threading.Thread(target=decode, args=(k,)) for k in range(args.decoders)]
-                threads += [threading.Thread(target=arrive) for _ in range(args.arrivals)]
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join()
-                row = {"contexts": n, "policy": policy, "itl_p50_ms": float(np.percentile(itl, 50) * 1e3),
-                       "itl_p99_ms": float(np.percentile(itl, 99) * 1e3),
-                       "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
-                       "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3), "requests": len(ttft), "evict_p99_ms": None}
-                if policy == "evicpress":
-                    st = requests.get(url + "/evicpress/status", timeout=60).json()
-                    ev = st["stats"]["evict_ms"]
-                    row |= {"evict_p50_ms": ev.get("p50"), "evict_p99_ms": ev.get("p99"), "evict_max_ms": ev.get("max"),
-                            "cached_contexts": st["contexts"], "plan": st["stats"]["plan"], "planner": st["planner"],
-                            "contexts_before": before["contexts"]}
+                # n contexts fill the pool: every arrival then evicts, at about n cached contexts,
+                # with the same prefill work (one pool of tokens) at every n.
+                tokens = max(4, int(args.fill_share * args.pool_tokens) // n)
+                t0 = time.perf_counter()
+                _fill(url, first, n, tokens, args.fill_workers, args.fill_batch)
+                fill_s = time.perf_counter() - t0
+                row = measure(url, policy, n, first, tokens, args) | {"fill_s": fill_s}
+                first += n
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    return {"command": " ".join(["python"] + sys.argv), "rows": rows,
-            "median_itl_ms": {p: statistics.median(r["itl_p50_ms"] for r in rows if r["policy"] == p)
-                              for p in args.policies}}
+                (args.out / "hot_path.partial.json").write_text(json.dumps(rows, indent=1))
+    by = {(r["contexts"], r["policy"]): r for r in rows}
+    ratios = {str(n): by[(n, "evicpress")]["itl_p99_ms"] / by[(n, "stock")]["itl_p99_ms"]
+              for n in args.contexts if (n, "evicpress") in by and (n, "stock") in by}
+    return {"command": " ".join(["python"] + sys.argv), "rows": rows, "itl_p99_evicpress_over_stock": ratios}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cpu")
@@ -210,19 +261,29 @@ def main() -> None:
     g = sub.add_parser("gpu")
     g.add_argument("--model", required=True)
     g.add_argument("--out", required=True, type=Path)
-    g.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 10_000])
+    g.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1_000, 10_000, 100_000])
     g.add_argument("--policies", type=lambda s: s.split(","), default=["stock", "evicpress"])
-    g.add_argument("--pool-tokens", type=int, default=120_000, help="--max-total-tokens of each server")
+    g.add_argument("--pool-tokens", type=int, default=1_000_000, help="--max-total-tokens of each server")
+    g.add_argument("--fill-share", type=float, default=0.9, help="share of the pool the n contexts fill")
     g.add_argument("--host-bytes", default="256MiB")
     g.add_argument("--budget-ms", type=float, default=1.0)
     g.add_argument("--seconds", type=float, default=30.0, help="measured traffic per context count")
     g.add_argument("--decoders", type=int, default=8)
     g.add_argument("--decode-tokens", type=int, default=128)
     g.add_argument("--arrivals", type=int, default=4)
-    g.add_argument("--fill-workers", type=int, default=64)
+    g.add_argument("--fill-workers", type=int, default=8)
+    g.add_argument("--fill-batch", type=int, default=256, help="prompts per /generate request while filling")
+    g.add_argument("--arrival-base", type=int, default=10_000_000, help="first context index of the arrivals")
+    g.add_argument("--server-timeout", type=float, default=300)
+    g.add_argument("--launcher", default=f"{sys.executable} -m sglang.launch_server",
+                   help="the server command (tests use a stand-in)")
     g.add_argument("--port", type=int, default=31900)
     g.add_argument("sglang_args", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.mode == "cpu":
         report = cpu(args)
         if args.out:

@@ -73,7 +73,10 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {})
         elif self.path == "/evicpress/status" and EVICPRESS:
             self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
+                             "contexts": len(SEEN), "planner": {"background": True, "plans": 1, "failed": False},
                              "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1},
+                                       "evict_ms": {"n": 3, "p50": 0.2, "p99": 0.9, "max": 1.1},
+                                       "plan": {"steps": 2, "fallback_drops": 1},
                                        "stores": {"host:int4": 2 + GENERATED[0]}, "bytes_loaded": {"host": 100},
                                        "raw_bytes_stored": 700 + 400 * GENERATED[0],
                                        "stored_bytes": 200 + 100 * GENERATED[0], "compression_ratio": 3.5},

@@ -3,6 +3,11 @@ bookkeeping, its snapshot, the background planner's plans (staleness, policy swi
 the time budget's fallback, a crash) and the simulator's async-vs-sync utility. No timing
 assertions: speed is measured by bench/hot_path.py."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +184,53 @@ def test_async_plan_utility_is_within_2_percent_of_sync_in_the_simulator():
     run = simulate(trace, "evicpress", cap, cost=CostModel(), plan="async", check=True)
     assert run.evictions > 0
     assert (sync.utility_total - run.utility_total) / abs(sync.utility_total) < 0.02
+
+
+HOT_PATH = Path(__file__).parent.parent / "bench" / "hot_path.py"
+FAKE = Path(__file__).with_name("fake_sglang_server.py")
+
+
+def test_gpu_bench_runs_end_to_end_against_a_stand_in_server(tmp_path):
+    """bench/hot_path.py gpu's whole flow (batched fills, streamed decodes and arrivals, the
+    status read, the report's keys), so that the GPU run spends its minutes measuring."""
+    out = tmp_path / "hp"
+    r = subprocess.run([sys.executable, str(HOT_PATH), "gpu", "--model", "stand-in", "--out", str(out),
+                        "--contexts", "30,60", "--pool-tokens", "600", "--seconds", "1", "--decoders", "2",
+                        "--arrivals", "1", "--decode-tokens", "5", "--fill-batch", "7", "--fill-workers", "2",
+                        "--port", "31821", "--launcher", f"{sys.executable} {FAKE} --record {tmp_path / 'rec'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "hot_path.json").read_text())
+    rows = {(row["contexts"], row["policy"]): row for row in report["rows"]}
+    assert set(rows) == {(30, "stock"), (60, "stock"), (30, "evicpress"), (60, "evicpress")}
+    for row in rows.values():
+        assert {"contexts", "policy", "evict_p99_ms", "itl_p99_ms", "ttft_p99_ms"} <= set(row)
+        assert row["errors"] == 0 and row["itl_n"] > 0 and row["ttft_n"] > 0
+        assert row["context_tokens"] == int(0.9 * 600) // row["contexts"]
+    assert rows[(60, "evicpress")]["evict_p99_ms"] == 0.9 and rows[(60, "stock")]["evict_p99_ms"] is None
+    assert set(report["itl_p99_evicpress_over_stock"]) == {"30", "60"}
+    sent = [json.loads(line) for line in (tmp_path / "rec").read_text().splitlines()]
+    fills = [b for b in sent if not b.get("stream")]
+    # every context filled once per server, in batches, each its own token ids
+    filled = [tuple(ids) for b in fills for ids in b["input_ids"]]
+    assert len(filled) == 2 * (30 + 60) and len(set(filled)) == 30 + 60
+    assert all(len(b["input_ids"]) <= 7 for b in fills)
+
+
+def test_context_ids_are_distinct_branches_and_sse_chunks_are_counted():
+    hp = _load_hot_path()
+    ids = [hp.context_ids(i, 9) for i in (0, 1, 40_000, 80_000, 10_000_000)]
+    assert all(len(x) == 9 for x in ids) and len({tuple(x[:2]) for x in ids}) == len(ids)
+    assert all(hp.VOCAB_BASE <= t < hp.VOCAB_BASE + hp.VOCAB_SPAN for x in ids for t in x)
+    assert hp.parse_stream([b'data: {"text": "a"}', b"", b'data: {"text": "ab"}', b"data: [DONE]"]) == 2
+    with pytest.raises(RuntimeError, match="too long"):
+        hp.parse_stream([b'data: {"error": {"message": "too long"}}'])
+
+
+def _load_hot_path():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hot_path", HOT_PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

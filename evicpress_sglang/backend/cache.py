@@ -348,9 +348,10 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
 
     @entry_point(_stock_evict)
     def evict(self, params: EvictParams) -> EvictResult:
+        called_at = time.perf_counter()  # the wait for the lock (a planner's snapshot) stalls the scheduler too
         with self.lock:
             self.profiling.expire(self._now())  # a stopped profiler's jobs hold locks: released when room is needed
-            return self._evict_with(params.num_tokens)
+            return self._evict_with(params.num_tokens, called_at=called_at)
 
     def inc_lock_ref(self, node: TreeNode):
         """SGLang's walk, with the slots of dropped nodes counted right and the table's
