@@ -150,3 +150,25 @@ def test_round_trip_through_a_real_sglang_pool(qmodel, name):
 def test_query_aware_priors_follow_the_key_scored_ones():
     assert prior_quality("expected:0.5+int8") == prior_quality("keydiff:0.5+int8") < prior_quality("int8")
     assert prior_quality("kvzip:0.6") < prior_quality("kvzip:0.3")
+
+
+@pytest.mark.parametrize("name", ["expected:0.5", "kvzip:0.5", "knorm:0.5", "keydiff:0.5"])
+def test_selectors_take_softmax_along_the_last_dimension_only(qmodel, monkeypatch, name):
+    """SGLang's --enable-deterministic-inference swaps (log_)softmax for batch-invariant
+    kernels that refuse any other dimension (seen on the H200: every 'expected' store failed).
+    The selectors must choose the same tokens under that restriction."""
+    qmodel(_model(mean=torch.randn(DIM)))
+    k, v = _kv()
+    free = _kept(name, k, v)
+
+    def last_dim_only(original):
+        def op(x, dim=None, *args, **kwargs):
+            if dim not in (-1, x.dim() - 1):
+                raise ValueError("This implementation only supports log_softmax along the last dimension")
+            return original(x, dim, *args, **kwargs)
+        return op
+
+    for op in ("log_softmax", "softmax"):
+        monkeypatch.setattr(torch.Tensor, op, last_dim_only(getattr(torch.Tensor, op)))
+        monkeypatch.setattr(torch, op, last_dim_only(getattr(torch, op)))
+    assert _kept(name, k, v) == free

@@ -144,7 +144,10 @@ class ExpectedAttentionSelector(TokenSelector):
         k = kv.k.float()
         logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
         logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
-        score = logit.log_softmax(dim=1) + kv.values().float().norm(dim=-1).clamp_min(1e-6).log()
+        # softmax over the context's tokens, taken along the last dimension: SGLang's deterministic
+        # mode replaces log_softmax with a batch-invariant one that only supports that dimension
+        expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
+        score = expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log()
         return torch.topk(_standardised(score), keep).indices
 
 
