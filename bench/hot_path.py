@@ -201,7 +201,9 @@ def measure(url: str, policy: str, n: int, first: int, tokens: int, args: argpar
     if status:
         st = status()
         ev = st["stats"]["evict_ms"]
+        wait = st["stats"].get("evict_wait_ms", {})
         row |= {"evict_p50_ms": ev.get("p50"), "evict_p99_ms": ev.get("p99"), "evict_max_ms": ev.get("max"),
+                "evict_lock_wait_p99_ms": wait.get("p99"),
                 "evictions_in_window": ev.get("n"), "cached_contexts_before": before["contexts"],
                 "cached_contexts_after": st["contexts"], "plan": st["stats"]["plan"], "planner": st["planner"],
                 "plan_before": before["stats"]["plan"], "internal_errors": st["health"]["internal_errors"],

@@ -78,7 +78,7 @@ def main() -> None:
 
         full_cold = _ms(cold, repeat)
         rows, assign = pol.place(cap, now=3600.0)
-        table.assign[rows] = assign
+        table.set_assign(rows, assign)
         key = table.keys[rows[0]]
         one = table.sizes[rows[0], table.gpu_config]
 

@@ -132,4 +132,6 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     EVICPRESS = EVICPRESS or "evicpress" in sys.argv  # as SGLang's --radix-cache-backend evicpress
     port = sys.argv[sys.argv.index("--port") + 1] if "--port" in sys.argv else sys.argv[1]
+    ThreadingHTTPServer.request_queue_size = 128  # bursts of 16+ clients on a busy CI machine: no refused connects
+    ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer(("127.0.0.1", int(port)), Handler).serve_forever()

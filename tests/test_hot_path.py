@@ -54,11 +54,11 @@ def test_snapshot_copies_moved_rows_and_detaches_from_the_table():
         t.insert(i, 10 + i, 0.0)
     s = t.snapshot()
     t.set_quality(3, "int4", 0.5)
-    t.assign[4] = t.drop_config
+    t.set_assign(4, t.drop_config)
     s2 = t.snapshot(s)
     assert s2 is s and s.quality[3, t.configs.index(next(c for c in t.configs if c.codec == "int4"))] == 0.5
     assert s.assign[4] == t.drop_config
-    t.assign[5] = t.drop_config  # the table moves on: the snapshot does not
+    t.set_assign(5, t.drop_config)  # the table moves on: the snapshot does not
     assert s.assign[5] == t.gpu_config and s.cost is not t.cost
     for i in range(40, 80):  # grown again: a new snapshot, not a stale refresh
         t.insert(i, 1, 0.0)
@@ -77,7 +77,7 @@ def test_plan_steps_do_not_hold_once_their_row_changed():
     plan = build_plan(pol, t, np.array([3 * 100 * TOKEN_BYTES, 0, 0], dtype=float), 10.0, lru=True)
     assert plan.rows.size == 3 and all(plan.holds(t, i) for i in range(3))
     assert list(plan.rows) == [t.row_of[0], t.row_of[1], t.row_of[2]]  # least recently used first
-    t.assign[plan.rows[0]] = t.drop_config  # moved meanwhile
+    t.set_assign(plan.rows[0], t.drop_config)  # moved meanwhile
     t.remove(1)
     t.insert("new", 100, 11.0)  # reuses row 1: another context
     assert [plan.holds(t, i) for i in range(3)] == [False, False, True]
@@ -234,3 +234,84 @@ def _load_hot_path():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_a_refreshed_snapshot_equals_a_fresh_one_after_any_changes():
+    """The planner's snapshot is refreshed by copying only the rows whose ``touched`` count
+    moved: every way of changing a row must count, or the planner plans from stale rows.
+    Seeded random changes of every kind, refreshed every few steps, compared column by
+    column with a full copy."""
+    rng = np.random.default_rng(7)
+    t = _table()
+    snap, keys, n = None, [], 0
+    int4 = next(j for j, c in enumerate(t.configs) if c.codec == "int4")
+    for step in range(600):
+        op = rng.integers(0, 9) if keys else 0
+        if op == 0 or len(keys) < 3:
+            parent = keys[rng.integers(len(keys))] if keys and rng.random() < 0.5 else None
+            t.insert(n, int(rng.integers(2, 50)), float(step), parent)
+            keys.append(n)
+            n += 1
+        else:
+            key = keys[rng.integers(len(keys))]
+            r = t.row_of[key]
+            if op == 1:
+                t.remove(key)
+                keys.remove(key)
+            elif op == 2 and t.tokens[r] > 2:
+                t.split(key, n, int(rng.integers(1, t.tokens[r])))
+                keys.append(n)
+                n += 1
+            elif op == 3:
+                t.hit(key, float(step))
+            elif op == 4:
+                t.set_quality(key, "int4", float(rng.random()))
+            elif op == 5:
+                t.set_present_quality(r, float(rng.random()))
+            elif op == 6:
+                t.set_stored_tokens(key, max(1, int(t.tokens[r]) // 2))
+            elif op == 7:
+                t.set_assign(r, int(rng.choice([t.gpu_config, t.drop_config, int4])))
+            else:
+                t.set_in_use(r, not t.in_use[r])
+        if step % 7 == 0:
+            snap = t.snapshot(snap)
+            fresh = t.snapshot()
+            for name in ("alive", "version", "parent", "freq", "last_time", "assign", "in_use", "profiled", "tokens",
+                         "present_quality", "sizes", "quality"):
+                assert np.array_equal(getattr(snap, name), getattr(fresh, name)), (step, name)
+
+
+def test_placement_and_lock_columns_change_only_through_the_table():
+    t = _table()
+    r = t.insert("a", 10, 0.0)
+    with pytest.raises(ValueError):
+        t.assign[r] = t.drop_config
+    with pytest.raises(ValueError):
+        t.in_use[r] = True
+
+
+def test_eviction_time_counts_the_wait_for_the_lock_and_status_reports_it(tmp_path):
+    """What the scheduler loses to an eviction includes waiting for the cache's lock (the
+    planner's snapshot takes it): both are in status, the wait separately."""
+    import threading
+    import time
+
+    cache = _cache(tmp_path)
+    for d in _docs(5):
+        serve(cache, d)
+    held = threading.Event()
+
+    def hold_lock() -> None:
+        with cache.lock:
+            held.set()
+            time.sleep(0.05)
+
+    th = threading.Thread(target=hold_lock)
+    th.start()
+    held.wait()
+    cache.evict(EvictParams(num_tokens=40))
+    th.join()
+    stats = cache.status()["stats"]
+    assert stats["evict_wait_ms"]["n"] == stats["evict_ms"]["n"] == 1
+    assert 30 <= stats["evict_wait_ms"]["max"] <= stats["evict_ms"]["max"]

@@ -32,8 +32,10 @@ class Stats:
     stale_load_backs: int = 0  # load-backs refused because the tree changed since the match
     verify_mismatches: int = 0  # only counted with the `verify` setting
     evict_seconds: float = 0.0
-    #: the scheduler thread's time in each of the last evictions (status: p50/p99/max)
+    #: the scheduler thread's time in each of the last evictions (status: p50/p99/max), and
+    #: the part of it spent waiting for the cache's lock (held by the planner's snapshot)
     evict_times: deque = field(default_factory=lambda: deque(maxlen=4096))
+    evict_waits: deque = field(default_factory=lambda: deque(maxlen=4096))
     #: applying plans: steps carried out, stale steps skipped, stops at the time budget,
     #: evictions that found no current plan, contexts dropped by the LRU fallback
     plan: dict = field(default_factory=lambda: dict.fromkeys(
@@ -52,13 +54,15 @@ class Stats:
         if self.exporter is not None:
             self.exporter.stored(tier, codec, self.compression_ratio)
 
-    def evicted(self, seconds: float) -> None:
+    def evicted(self, seconds: float, waited: float = 0.0) -> None:
         self.evict_seconds += seconds
         self.evict_times.append(seconds)
+        self.evict_waits.append(waited)
 
-    def evict_ms(self) -> dict:
-        """p50, p99 and max of the recent evictions' scheduler time, in ms."""
-        t = np.asarray(self.evict_times) * 1e3
+    def evict_ms(self, waits: bool = False) -> dict:
+        """p50, p99 and max of the recent evictions' scheduler time (or of their wait for the
+        lock), in ms."""
+        t = np.asarray(self.evict_waits if waits else self.evict_times) * 1e3
         if t.size == 0:
             return {"n": 0}
         return {"n": int(t.size), "p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)),
@@ -91,7 +95,8 @@ class Stats:
             "bytes_loaded": dict(self.bytes_loaded), "dropped": self.dropped, "tier_errors": self.tier_errors,
             "verify_mismatches": self.verify_mismatches, "stale_load_backs": self.stale_load_backs,
             "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,
-            "evict_seconds": self.evict_seconds, "evict_ms": self.evict_ms(), "plan": dict(self.plan),
+            "evict_seconds": self.evict_seconds, "evict_ms": self.evict_ms(), "evict_wait_ms": self.evict_ms(waits=True),
+            "plan": dict(self.plan),
             "encode_seconds": self.encode_seconds,
             "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),
                              "sum_seconds": self.load_seconds_sum},

@@ -53,7 +53,8 @@ class StoreOnEvict(TreeBookkeeping):
                 freed += self._apply(plan, protect, deadline=math.inf)
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
-        self.stats.evicted(time.perf_counter() - (start if called_at is None else called_at))
+        called_at = start if called_at is None else called_at
+        self.stats.evicted(time.perf_counter() - called_at, waited=start - called_at)
         if self.stats.exporter is not None:
             self.stats.exporter.usage(self._tier_bytes())
         return EvictResult(num_tokens_evicted=freed)
@@ -266,6 +267,6 @@ class StoreOnEvict(TreeBookkeeping):
     def _after_store(self, node: TreeNode, config: int) -> None:
         r = self.table.row_of[node.id]
         self.table.set_present_quality(r, min(self.table.present_quality[r], self.table.quality[r, config]))
-        self.table.assign[r] = config
+        self.table.set_assign(r, config)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)

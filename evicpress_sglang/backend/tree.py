@@ -35,13 +35,13 @@ class TreeBookkeeping(RadixCache):
         for n in reversed(path):
             parent = None if n.parent is self.root_node else n.parent.id
             r = self.table.insert(n.id, len(n.key), self._now(), parent)
-            self.table.in_use[r] = n.lock_ref > 0
+            self.table.set_in_use(r, n.lock_ref > 0)
             self.nodes[n.id] = n
             if len(self.memory):
                 self._recall(n)
 
     def _set_config(self, node: TreeNode, config: int) -> None:
-        self.table.assign[self.table.row_of[node.id]] = config
+        self.table.set_assign(self.table.row_of[node.id], config)
 
     def _config_index(self, tier: Tier, codec: str) -> int | None:
         """The configuration a blob of ``codec`` in ``tier`` belongs to (a keep+ blob: the
@@ -224,7 +224,7 @@ class TreeBookkeeping(RadixCache):
         for n in self._path(node) if node is not None else ():
             r = t.row_of.get(n.id)
             if r is not None:
-                t.in_use[r] = n.lock_ref > 0
+                t.set_in_use(r, n.lock_ref > 0)
 
     def _lock_fix(self, node: TreeNode, lock_ref: int) -> int:
         """Missing slots of dropped nodes on the path whose lock count is ``lock_ref``

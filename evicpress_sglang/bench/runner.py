@@ -176,11 +176,13 @@ def counters_delta(after, before):
 def stats_during(after: dict | None, before: dict | None) -> dict | None:
     """A status whose ``stats`` cover only what happened between two statuses: counters
     subtracted, the compression ratio recomputed from them; the eviction-time percentiles
-    (a window of recent evictions, not a counter) are ``after``'s."""
+    and lock waits (windows of recent evictions, not counters) are ``after``'s."""
     if after is None or before is None or "stats" not in after or "stats" not in before:
         return after
     stats = counters_delta(after["stats"], before["stats"])
-    stats["evict_ms"] = after["stats"].get("evict_ms")
+    for window in ("evict_ms", "evict_wait_ms"):
+        if window in after["stats"]:
+            stats[window] = after["stats"][window]
     stored = stats.get("stored_bytes")
     stats["compression_ratio"] = stats.get("raw_bytes_stored", 0) / stored if stored else 1.0
     return after | {"stats": stats}

@@ -45,11 +45,10 @@ def prior_quality(codec: str | None) -> float:
     return max(q, 0.0)
 
 
-#: Every per-row column (grown together, copied together for a planner's snapshot).
-_COLUMNS = ("alive", "version", "_tokens", "parent", "freq", "last_time", "assign", "_present_quality", "profiled",
-            "in_use", "_sizes", "_quality")
-#: Columns whose rows change only with ``version`` (a snapshot copies just the rows that moved).
-_VERSIONED = ("_sizes", "_quality")
+#: Every per-row column (grown together; a planner's snapshot copies the rows whose
+#: ``touched`` count moved since its last refresh).
+_COLUMNS = ("alive", "version", "touched", "_tokens", "parent", "freq", "last_time", "_assign", "_present_quality",
+            "profiled", "_in_use", "_sizes", "_quality")
 
 
 def _read_only(column: str, doc: str) -> property:
@@ -66,14 +65,19 @@ class ContextTable:
     What the utility of a context depends on besides its frequency (its tokens, sizes,
     quality per configuration, present quality) is written only through methods, which
     count each row's changes in ``version``: the policy keeps per context what it derives
-    from them and recomputes it only for rows whose version moved. Those columns are
-    read-only to everyone else (a direct write raises instead of going unnoticed).
+    from them and recomputes it only for rows whose version moved. Every change of any
+    column of a row also counts in ``touched``, so that a planner's snapshot is refreshed
+    row by row under the owner's lock in O(rows changed), not O(table). The columns others
+    read (placement, lock state, sizes...) are read-only views: a direct write raises
+    instead of going unnoticed.
     """
 
     tokens = _read_only("_tokens", "[row] tokens of the context (what a re-prefill costs)")
     sizes = _read_only("_sizes", "[row, C] bytes the context takes in each configuration")
     quality = _read_only("_quality", "[row, C] quality in each configuration (measured, or the prior)")
     present_quality = _read_only("_present_quality", "[row] quality of the KV as it is now (1.0 = exact)")
+    assign = _read_only("_assign", "[row] index of the configuration the context is in now")
+    in_use = _read_only("_in_use", "[row] a request holds it (SGLang: lock_ref > 0): it may not move")
 
     def __init__(self, configs: list[Config], layout: KVShape, cost: CostModel, half_life_s: float = 600.0) -> None:
         self.configs = configs
@@ -91,16 +95,17 @@ class ContextTable:
         c = len(configs)
         self.alive = np.zeros(cap, dtype=bool)
         self.version = np.zeros(cap, dtype=np.int64)  # changes of the row's utility inputs
+        self.touched = np.zeros(cap, dtype=np.int64)  # changes of anything in the row (snapshot refresh)
         self._tokens = np.zeros(cap, dtype=np.int64)
         self.parent = np.full(cap, -1, dtype=np.int64)
         self.freq = np.zeros(cap)  # decayed hit count at `last_time`
         self.last_time = np.zeros(cap)
-        self.assign = np.zeros(cap, dtype=np.int64)
+        self._assign = np.zeros(cap, dtype=np.int64)
         self._present_quality = np.ones(cap)  # quality of the KV as it is now (1.0 = exact)
         self._sizes = np.zeros((cap, c), order="F")
         self._quality = np.ones((cap, c), order="F")
         self.profiled = np.zeros(cap, dtype=bool)
-        self.in_use = np.zeros(cap, dtype=bool)  # a request holds it (SGLang: lock_ref > 0): it may not move
+        self._in_use = np.zeros(cap, dtype=bool)
         #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
         self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
         self._prior_row = np.array([prior_quality(c) for c in self.quality_codec])
@@ -134,18 +139,30 @@ class ContextTable:
             self._children.setdefault(int(self.parent[r]), set()).add(r)
         self.freq[r] = 1.0
         self.last_time[r] = now
-        self.assign[r] = self.gpu_config
+        self._assign[r] = self.gpu_config
         self._present_quality[r] = 1.0
         self.profiled[r] = False
-        self.in_use[r] = False
+        self._in_use[r] = False
         self._quality[r] = self._prior_row
-        self._set_tokens(r, tokens)
+        self._set_tokens(r, tokens)  # touches the row
         return r
 
     def set_present_quality(self, rows: np.ndarray | int, quality: np.ndarray | float) -> None:
         """The KV of ``rows`` now has this quality (1.0: exact again, e.g. recomputed)."""
         self._present_quality[rows] = quality
         self.version[rows] += 1
+        self.touched[rows] += 1
+
+    def set_assign(self, rows: np.ndarray | int, config: np.ndarray | int) -> None:
+        """``rows`` are now in configuration ``config`` (an index into :attr:`configs`)."""
+        self._assign[rows] = config
+        self.touched[rows] += 1
+
+    def set_in_use(self, r: int, in_use: bool) -> None:
+        """Whether a request holds row ``r`` now (it may not move while it does)."""
+        if self._in_use[r] != in_use:
+            self._in_use[r] = in_use
+            self.touched[r] += 1
 
     def set_stored_tokens(self, key: object, stored: int) -> None:
         """The context now holds KV for only ``stored`` of its tokens (token dropping):
@@ -156,6 +173,7 @@ class ContextTable:
     def _set_tokens(self, r: int, tokens: int, stored: int | None = None) -> None:
         self._tokens[r] = tokens
         self.version[r] += 1
+        self.touched[r] += 1
         subset = stored is not None and stored < tokens
         shape = self.layout.with_tokens(stored if subset else tokens)
         for j, cfg in enumerate(self.configs):
@@ -172,10 +190,11 @@ class ContextTable:
         c = self.row_of[child]
         parent = self.keys[self.parent[c]] if self.parent[c] >= 0 else None
         r = self.insert(prefix, prefix_tokens, float(self.last_time[c]), parent)
-        for col in (self.freq, self.last_time, self.assign, self._present_quality, self.profiled, self.in_use,
+        for col in (self.freq, self.last_time, self._assign, self._present_quality, self.profiled, self._in_use,
                     self._quality):
             col[r] = col[c]
         self.version[r] += 1
+        self.touched[r] += 1
         self._reparent(c, r)
         self._set_tokens(c, int(self._tokens[c]) - prefix_tokens)
 
@@ -189,9 +208,11 @@ class ContextTable:
         """O(children): the rows below it become roots (the tree removes leaves, so usually none)."""
         r = self.row_of.pop(key)
         self.alive[r] = False
+        self.touched[r] += 1
         self.keys[r] = None
         for c in self._children.pop(r, ()):
             self.parent[c] = -1
+            self.touched[c] += 1
         self._reparent(r, -1)
         self._free.append(r)
 
@@ -206,25 +227,24 @@ class ContextTable:
         if parent >= 0:
             self._children.setdefault(parent, set()).add(r)
         self.parent[r] = parent
+        self.touched[r] += 1
 
     def snapshot(self, into: "ContextTable | None" = None) -> "ContextTable":
         """A copy of every column for a reader in another thread (the background planner),
         refreshed in place when ``into`` is an earlier snapshot of this table at its size:
-        the [rows, C] matrices only where a row's version moved, so a refresh of 100k rows
-        copies a few MB, not every configuration of every row. Rows only: no keys."""
+        only the rows whose ``touched`` count moved are copied, so the owner's lock is held
+        for one comparison of a counter column plus the changed rows (a full copy of a
+        table of 100k+ contexts held the scheduler ~1 ms). Rows only: no keys."""
         if into is None or getattr(into, "_source", None) is not self or into.alive.size != self.alive.size:
             into = copy.copy(self)
             into._source = self
             into.keys, into.row_of, into._children, into._free = [], {}, {}, []
-            into.version = np.full_like(self.version, -1)
-            for name in _VERSIONED:
-                setattr(into, name, np.empty_like(getattr(self, name), order="F"))
-        moved = np.flatnonzero(into.version != self.version)
-        for name in _VERSIONED:
-            getattr(into, name)[moved] = getattr(self, name)[moved]
-        for name in _COLUMNS:
-            if name not in _VERSIONED:
-                setattr(into, name, getattr(self, name).copy())
+            for name in _COLUMNS:
+                setattr(into, name, getattr(self, name).copy(order="K"))
+        else:
+            moved = np.flatnonzero(into.touched != self.touched)
+            for name in _COLUMNS:
+                getattr(into, name)[moved] = getattr(self, name)[moved]
         into.cost = copy.copy(self.cost)  # the scheduler re-learns its prefill rate meanwhile
         return into
 
@@ -233,6 +253,7 @@ class ContextTable:
         r = self.row_of[key]
         self.freq[r] = self.freq[r] * self._decay(now - self.last_time[r]) + 1.0
         self.last_time[r] = now
+        self.touched[r] += 1
 
     def set_quality(self, key: object, codec: str, quality: float) -> None:
         """A measured quality for one codec (its device stage, e.g. ``int4`` for ``int4+zstd``)
@@ -244,6 +265,7 @@ class ContextTable:
         cols = [j for j, c in enumerate(self.quality_codec) if c == codec]
         self._quality[np.ix_(rows, cols)] = quality[:, None]
         self.version[rows] += 1
+        self.touched[rows] += 1
         self.profiled[rows] = True
         total, n = self._learnt.get(codec, (0.0, 0))
         self._learnt[codec] = (total + float(quality.sum()), n + len(rows))
@@ -251,6 +273,7 @@ class ContextTable:
         unprofiled = np.flatnonzero(self.alive & ~self.profiled)
         self._quality[np.ix_(unprofiled, cols)] = self._prior_row[cols]
         self.version[unprofiled] += 1
+        self.touched[unprofiled] += 1
 
     def prior(self, codec: str) -> float:
         """Quality assumed for ``codec`` on a context not yet profiled."""

@@ -102,7 +102,7 @@ def simulate(
             table.insert(key, int(req["tokens"]), now, parent)
             for codec, q in (req.get("quality") or {}).items():
                 table.set_quality(key, codec, q)
-            table.assign[table.row_of[key]] = len(configs) - 1  # new: it will be computed, like a dropped one
+            table.set_assign(table.row_of[key], len(configs) - 1)  # new: it will be computed, like a dropped one
         path = []
         r = table.row_of[key]
         while r >= 0:
@@ -127,7 +127,7 @@ def simulate(
 
         # The prefix is on the GPU now, with the quality it was loaded at.
         table.set_present_quality(path, quality[np.arange(path.size), cfg])
-        table.assign[path] = table.gpu_config
+        table.set_assign(path, table.gpu_config)
         for row in path:
             table.hit(table.keys[row], now)
         rows = table.rows()
@@ -143,7 +143,7 @@ def simulate(
             evictions += moved.size
             # Re-encoding caps quality at the codec's; dropping means recomputing exact KV later.
             table.set_present_quality(moved, np.minimum(table.present_quality[moved], table.quality[moved, to]))
-            table.assign[moved] = to
+            table.set_assign(moved, to)
             if check:
                 _check(table, cap, path)
             if plan == "async":  # what the background planner has ready for the next eviction
