@@ -65,7 +65,7 @@ def _arrive(cache: EvicPressRadixCache, i: int) -> None:
 def cpu(args: argparse.Namespace) -> dict:
     rows = []
     for n in args.contexts:
-        for background in (False, True):
+        for background in [m == "background" for m in args.modes]:
             cache = _cache(n, background, args.budget_ms)
             for i in range(n):
                 _arrive(cache, i)
@@ -82,6 +82,7 @@ def cpu(args: argparse.Namespace) -> dict:
             row = {"contexts": n, "mode": "background" if background else "sync", "evictions": len(times),
                    "evict_p50_ms": round(float(np.percentile(t, 50)), 3),
                    "evict_p99_ms": round(float(np.percentile(t, 99)), 3), "evict_max_ms": round(float(t.max()), 3),
+                   "lock_wait_ms": cache.stats.evict_ms(waits=True),
                    "plan": dict(cache.stats.plan), "plans": cache.planner.plans if background else None,
                    "contexts_at_end": len(cache.table)}
             rows.append(row)
@@ -260,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--warmup", type=int, default=5)
     c.add_argument("--gap-ms", type=float, default=20.0, help="decode time between two evictions")
     c.add_argument("--budget-ms", type=float, default=1.0)
+    c.add_argument("--modes", type=lambda s: s.split(","), default=["sync", "background"],
+                   help="sync (re-plan inside each eviction) and/or background (the planner thread)")
     g = sub.add_parser("gpu")
     g.add_argument("--model", required=True)
     g.add_argument("--out", required=True, type=Path)
