@@ -239,3 +239,27 @@ def test_shift_positions_setting_must_be_a_boolean():
     with pytest.raises(SettingsError, match="shift_positions"):
         from_mapping({"shift_positions": "no"})
     assert from_mapping({"shift_positions": False}).shift_positions is False
+
+
+def test_a_node_below_another_is_dropped_knowing_where_it_starts(tmp_path, monkeypatch):
+    """The selector of a node that starts after a shared prefix is told that prefix's length
+    (``ContextKV.start``): its keys carry RoPE from there (the query-aware selectors, issue 24)."""
+    from evicpress_sglang.codecs.drop import DropCodec
+
+    seen = []
+    real_keep = DropCodec.keep
+
+    def keep(self, tokens, device, keys, values, positions=None, start=0):
+        seen.append((tokens, start))
+        return real_keep(self, tokens, device, keys, values, positions, start)
+
+    monkeypatch.setattr(DropCodec, "keep", keep)
+    cache = _cache(tmp_path)
+    shared = list(range(5000, 5030))
+    docs = [shared + list(range(1000 * i, 1000 * i + 70)) for i in range(2)] + _docs(3)[1:]
+    for doc in docs:
+        serve(cache, doc + [1])
+    assert cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
+    # the per-document tails (70 + 1 tokens after the 30 shared ones) start at 30; a node at the root at 0
+    assert (71, 30) in seen
+    assert all(start == 0 for tokens, start in seen if tokens != 71)

@@ -74,11 +74,14 @@ def decode(codec: KVCodec, enc: EncodedKV, device) -> tuple[torch.Tensor, torch.
     return k, v, codec.positions(enc) if drops_tokens(codec) else None
 
 
-def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch.Tensor | None = None) -> EncodedKV:
+def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch.Tensor | None = None,
+                     start: int = 0) -> EncodedKV:
     """The blob ``codec``'s device part makes of the KV at ``slots``: what
     ``codec.device_codec.encode(*gather(pool, slots))`` returns, byte for byte, with fewer
     passes over memory (module docstring). ``positions``: where a token subset's tokens sit in
-    their context, for a ``keep+...`` codec (as ``cache._put`` passes them)."""
+    their context, for a ``keep+...`` codec (as ``cache._put`` passes them). ``start``: where the
+    context (a radix node) starts in its sequence, for the selectors that read RoPE phases
+    (:attr:`~evicpress_sglang.codecs.drop.ContextKV.start`)."""
     codec = codec.device_codec
     drop = codec if isinstance(codec, DropCodec) else None
     if positions is not None and drop is None:
@@ -91,7 +94,7 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
         inner, kept = payload, idx
         if drop is not None:
             picked, kept_pos = drop.keep(idx.numel(), idx.device, lambda: _stack(pool.k_buffer, idx),
-                                         lambda: _stack(pool.v_buffer, idx), positions)
+                                         lambda: _stack(pool.v_buffer, idx), positions, start)
             head = drop.header(kept_pos)
             payload[: head.numel()] = head
             inner, kept = payload[head.numel():], idx[picked]
@@ -101,7 +104,7 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
         except Exception as e:  # noqa: BLE001 - any kernel failure: the torch path below is always right
             _give_up(quantizer, e)
     k, v = gather(pool, idx)
-    return codec.encode(k, v, positions=positions) if drop else codec.encode(k, v)
+    return codec.encode(k, v, positions=positions, start=start) if drop else codec.encode(k, v)
 
 
 def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) -> torch.Tensor | None:

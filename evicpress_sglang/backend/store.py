@@ -19,7 +19,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
-from ..codecs import EncodedKV, get_codec, subset_codec
+from ..codecs import EncodedKV, drops_tokens, get_codec, subset_codec
 from ..policy import ContextTable, Tier
 from ..policy.planner import Plan, PlanJob, build_plan
 from ..tiers import TierError, TierFullError
@@ -180,6 +180,13 @@ class StoreOnEvict(TreeBookkeeping):
         self.stats.dropped += 1
         return self._free_node(node)
 
+    def _start(self, node: TreeNode) -> int:
+        """Where ``node``'s tokens start in their sequence: after its ancestors' tokens (dropped
+        ones included: kept tokens keep their positions). Its keys carry RoPE from there, which
+        the query-aware selectors need to know (``ContextKV.start``; issue 24: given 0, they
+        rotated their queries thousands of positions off for every node below another)."""
+        return sum(len(n.key) for n in self._path(node)[:-1])
+
     def _store(self, node: TreeNode, target, config: int) -> int:
         if node.lock_ref > 0:
             return 0
@@ -187,7 +194,7 @@ class StoreOnEvict(TreeBookkeeping):
         self._verify(node, "between insert and eviction")
         positions = getattr(node, "evp_kept", None)
         stored = Stored(target.tier, self._blob_codec(target.codec, positions), self._new_blob_key(target.tier))
-        enc = kv_io.encode_from_pool(self.kvpool, node.value, get_codec(stored.codec), positions)
+        enc = kv_io.encode_from_pool(self.kvpool, node.value, get_codec(stored.codec), positions, self._start(node))
         if not self._put(stored, node, enc, t0):
             return self._drop(node)
         n = len(node.value)
@@ -212,7 +219,12 @@ class StoreOnEvict(TreeBookkeeping):
         new = Stored(target.tier, self._blob_codec(target.codec, read.positions), self._new_blob_key(target.tier))
         node.evp = new
         codec = get_codec(new.codec).device_codec
-        enc = codec.encode(read.k, read.v, positions=read.positions) if new.token_subset else codec.encode(read.k, read.v)
+        if new.token_subset:
+            enc = codec.encode(read.k, read.v, positions=read.positions)
+        elif drops_tokens(codec):
+            enc = codec.encode(read.k, read.v, start=self._start(node))
+        else:
+            enc = codec.encode(read.k, read.v)
         if not self._put(new, node, enc, t0):
             self._drop_placeholder(node)  # its KV is gone with the old blob: a miss from now on
             return 0

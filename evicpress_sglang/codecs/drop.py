@@ -40,9 +40,17 @@ POSITION_DTYPE = torch.int32
 class ContextKV:
     """What a selector may read about the context it prunes."""
 
-    k: torch.Tensor  # [layers, tokens, heads, head_dim], after RoPE at ``positions``
+    k: torch.Tensor  # [layers, tokens, heads, head_dim], after RoPE at ``start + positions``
     values: Callable[[], torch.Tensor]  # V in the same layout; gathered only if a selector asks
     positions: torch.Tensor  # int64 [tokens]: each token's position in the context
+    #: Where the context starts in its sequence: a radix node below others starts where its
+    #: ancestors end, and its keys carry RoPE at ``start + positions``. Only the selectors that
+    #: rotate queries or un-rotate keys (``expected``, ``kvzip``) read it.
+    start: int = 0
+
+    def rope_positions(self) -> torch.Tensor:
+        """The tokens' positions in the sequence: the ones their keys are rotated to."""
+        return self.positions + self.start
 
 
 class TokenSelector(ABC):
@@ -136,7 +144,7 @@ class ExpectedAttentionSelector(TokenSelector):
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
         layers, _, heads, d = kv.k.shape
         qm = queries.active().on(kv.k.device, layers, heads, d)
-        future = kv.positions[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
+        future = kv.rope_positions()[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
         eye = torch.eye(d, device=kv.k.device)[:, None, None, :].expand(d, self.FUTURE, 1, d)
         turn = queries.rope(eye, future, qm.inv_freq).mean(1)[:, 0]  # row j: mean rotation of unit vector j
         mean = qm.mean @ turn  # [L, H, d]
@@ -168,10 +176,11 @@ class ReconstructionSelector(TokenSelector):
         qm = queries.active().on(kv.k.device, layers, heads, d)
         k = kv.k.float()
         picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=k.device).round().long()
-        pos = kv.positions[picked]
+        seq = kv.rope_positions()
+        pos = seq[picked]
         plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [L, Q, H, d] pre-RoPE keys
         q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map) + qm.key_bias[:, None]
-        q = queries.rope(q, pos + kv.positions[-1] + 1, qm.inv_freq)
+        q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
         attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
         return torch.topk(_standardised(attn.amax(dim=2).transpose(1, 2).log()), keep).indices
 
@@ -214,28 +223,31 @@ class DropCodec(KVCodec):
         kept = self.output_shape(shape)
         return _aligned(kept.tokens * 4) + self.inner.nbytes(kept)
 
-    def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> EncodedKV:
+    def encode(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+               start: int = 0) -> EncodedKV:
         """``positions``: where the given tokens sit in the context (default 0..tokens-1);
-        a context dropped before passes the positions its kept tokens had."""
+        a context dropped before passes the positions its kept tokens had. ``start``: where the
+        context starts in its sequence (:attr:`ContextKV.start`; not stored)."""
         shape = KVShape.of(k)
-        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, lambda: v, positions)
+        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, lambda: v, positions, start)
         inner = self.inner.encode(k[:, idx], v[:, idx])
         return EncodedKV(self.name, shape, torch.cat([self.header(kept_pos), inner.payload]))
 
     def keep(self, tokens: int, device: torch.device, keys: Callable[[], torch.Tensor],
-             values: Callable[[], torch.Tensor], positions: torch.Tensor | None = None
+             values: Callable[[], torch.Tensor], positions: torch.Tensor | None = None, start: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending indices of the kept tokens, their positions in the context), both int64.
         ``keys`` / ``values`` return the tokens' K / V; they are called only when some token is
         dropped (V only by a selector that reads it), so a subset codec (``keep+...``) never
-        needs them gathered."""
+        needs them gathered. ``start``: where the context starts in its sequence (the kept
+        positions stay relative to the context; the selector reads it, see :class:`ContextKV`)."""
         if positions is not None and positions.numel() != tokens:
             raise CodecError(f"{positions.numel()} positions for {tokens} tokens")
         pos = torch.arange(tokens, device=device) if positions is None else positions.to(device, torch.int64)
         if self.selector.kept(tokens) >= tokens:
             idx = torch.arange(tokens, device=device)
         else:
-            idx = self.selector.select(ContextKV(keys(), values, pos))
+            idx = self.selector.select(ContextKV(keys(), values, pos, int(start)))
         return idx, pos[idx]
 
     def header(self, kept_pos: torch.Tensor) -> torch.Tensor:
