@@ -36,6 +36,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.bench.report import hist_percentile
 from evicpress_sglang.settings import Settings
 
 TOKENS = 4  # per context
@@ -98,8 +99,10 @@ VOCAB_BASE, VOCAB_SPAN = 1000, 40_000  # token ids used: inside every Llama-styl
 
 
 def context_ids(i: int, tokens: int) -> list[int]:
-    """Context ``i``'s ``tokens`` token ids: distinct from every other context's from the
-    first two ids on, so each is its own radix-tree branch (no tokenizer involved)."""
+    """Context ``i``'s ``tokens`` token ids (no tokenizer involved): distinct from every other
+    context's in their first two ids (for i < 1.6e9). No vocabulary has 100k first tokens, so
+    beyond 40k contexts some share their first id, and the radix tree holds one-token parent
+    nodes above them (counted among the cached contexts)."""
     ids = [VOCAB_BASE + i % VOCAB_SPAN, VOCAB_BASE + (i // VOCAB_SPAN) % VOCAB_SPAN]
     return (ids + [VOCAB_BASE + (i * 7919 + j * 104729) % VOCAB_SPAN for j in range(tokens - 2)])[:tokens]
 
@@ -111,8 +114,9 @@ def parse_stream(lines) -> int:
     for line in lines:
         if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
             continue
-        if b'"error"' in line[:64]:
-            raise RuntimeError(line.decode(errors="replace")[:300])
+        chunk = json.loads(line[5:])
+        if isinstance(chunk, dict) and "error" in chunk:
+            raise RuntimeError(str(chunk["error"])[:300])
         chunks += 1
     return chunks
 
@@ -143,23 +147,45 @@ def _fill(url: str, first: int, count: int, tokens: int, workers: int, batch: in
     (a list of prompts per /generate), ``workers`` requests at a time."""
     import requests
 
+    failures: list[BaseException] = []
+
     def run(k: int) -> None:
-        for lo in range(first + k * batch, first + count, workers * batch):
-            ids = [context_ids(i, tokens) for i in range(lo, min(lo + batch, first + count))]
-            requests.post(url + "/generate", timeout=600, json={
-                "input_ids": ids, "sampling_params": {"max_new_tokens": 1}}).raise_for_status()
+        try:
+            for lo in range(first + k * batch, first + count, workers * batch):
+                ids = [context_ids(i, tokens) for i in range(lo, min(lo + batch, first + count))]
+                requests.post(url + "/generate", timeout=600, json={
+                    "input_ids": ids, "sampling_params": {"max_new_tokens": 1}}).raise_for_status()
+        except Exception as e:  # noqa: BLE001 - re-raised below: a half-filled cache is not measured
+            failures.append(e)
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(workers)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    if failures:
+        raise RuntimeError(f"filling {count} contexts of {tokens} tokens failed: {failures[0]!r}")
 
 
 def _percentiles(prefix: str, seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1e3
+    if ms.size == 0:  # every request failed: reported as such, the run goes on
+        return {f"{prefix}_p50_ms": None, f"{prefix}_p99_ms": None, f"{prefix}_n": 0}
     return {f"{prefix}_p50_ms": float(np.percentile(ms, 50)), f"{prefix}_p99_ms": float(np.percentile(ms, 99)),
             f"{prefix}_n": int(ms.size)}
+
+
+def evictions_between(before: dict, after: dict) -> dict:
+    """p50 / p99 of ``evict()`` time and of its lock wait over the evictions between two
+    statuses (the histograms' difference, so the fill and earlier context counts are out),
+    at the histogram's resolution (each figure is a bucket's upper bound)."""
+    h0, h1 = before["stats"]["evict_hist"], after["stats"]["evict_hist"]
+    out = {"evictions": sum(h1["counts"]) - sum(h0["counts"])}
+    for name, key in (("evict", "counts"), ("evict_lock_wait", "wait_counts")):
+        diff = [a - b for a, b in zip(h1[key], h0[key])]
+        for q in (50, 99):
+            out[f"{name}_p{q}_ms"] = hist_percentile(h1["buckets_ms"], diff, q)
+    return out
 
 
 def measure(url: str, policy: str, n: int, first: int, tokens: int, args: argparse.Namespace) -> dict:
@@ -198,14 +224,11 @@ def measure(url: str, policy: str, n: int, first: int, tokens: int, args: argpar
         th.join()
     row = {"contexts": n, "policy": policy, "context_tokens": tokens, "errors": len(errors),
            "first_errors": errors[:3], **_percentiles("itl", itl), **_percentiles("ttft", ttft),
-           "evict_p50_ms": None, "evict_p99_ms": None, "evict_max_ms": None}
+           "evict_p50_ms": None, "evict_p99_ms": None}
     if status:
         st = status()
-        ev = st["stats"]["evict_ms"]
-        wait = st["stats"].get("evict_wait_ms", {})
-        row |= {"evict_p50_ms": ev.get("p50"), "evict_p99_ms": ev.get("p99"), "evict_max_ms": ev.get("max"),
-                "evict_lock_wait_p99_ms": wait.get("p99"),
-                "evictions_in_window": ev.get("n"), "cached_contexts_before": before["contexts"],
+        row |= evictions_between(before, st) | {
+                "cached_contexts_before": before["contexts"],
                 "cached_contexts_after": st["contexts"], "plan": st["stats"]["plan"], "planner": st["planner"],
                 "plan_before": before["stats"]["plan"], "internal_errors": st["health"]["internal_errors"],
                 "stores": st["stats"]["stores"]}
@@ -247,8 +270,16 @@ def gpu(args: argparse.Namespace) -> dict:
                 (args.out / "hot_path.partial.json").write_text(json.dumps(rows, indent=1))
     by = {(r["contexts"], r["policy"]): r for r in rows}
     ratios = {str(n): by[(n, "evicpress")]["itl_p99_ms"] / by[(n, "stock")]["itl_p99_ms"]
-              for n in args.contexts if (n, "evicpress") in by and (n, "stock") in by}
+              for n in args.contexts if (n, "evicpress") in by and (n, "stock") in by
+              and by[(n, "evicpress")]["itl_p99_ms"] and by[(n, "stock")]["itl_p99_ms"]}
     return {"command": " ".join(["python"] + sys.argv), "rows": rows, "itl_p99_evicpress_over_stock": ratios}
+
+
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    if not modes or set(modes) - {"sync", "background"}:
+        raise argparse.ArgumentTypeError(f"expected sync and/or background, got {text!r}")
+    return modes
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--warmup", type=int, default=5)
     c.add_argument("--gap-ms", type=float, default=20.0, help="decode time between two evictions")
     c.add_argument("--budget-ms", type=float, default=1.0)
-    c.add_argument("--modes", type=lambda s: s.split(","), default=["sync", "background"],
+    c.add_argument("--modes", type=_modes, default=["sync", "background"],
                    help="sync (re-plan inside each eviction) and/or background (the planner thread)")
     g = sub.add_parser("gpu")
     g.add_argument("--model", required=True)

@@ -162,8 +162,12 @@ def test_one_server_switches_policies_at_runtime_and_scores_against_lru(tmp_path
     assert all(s["stores"] == {"host:int4": 11} for s in by.values())
     assert all(s["bytes_stored"] == 1100 and s["compression_ratio"] == 4.0 for s in by.values())
     applied = {s: json.loads((out / f"{runner.slug(s)}.json").read_text())["policy_applied"] for s in by}
-    assert applied == {"reference": {"policy": "lru"}, "static:int4": {"policy": "static:int4"},
-                       "evicpress@alpha=0.5": {"policy": "evicpress", "alpha": 0.5}}
+    # weights always sent: a switch must not keep the previous policy's alpha / floor
+    assert applied == {"reference": {"policy": "lru", "alpha": 2.0, "quality_floor": 0.9},
+                       "static:int4": {"policy": "static:int4", "alpha": 2.0, "quality_floor": 0.9},
+                       "evicpress@alpha=0.5": {"policy": "evicpress", "alpha": 0.5, "quality_floor": 0.9}}
+    assert runner.runtime_policy("evicpress", {"alpha": 4.0}) == {"policy": "evicpress", "alpha": 4.0,
+                                                                 "quality_floor": 0.9}
     assert runner.main(argv + ["--resume"]) == 0 and starts == ["lru"]  # all done: no server started
 
 
@@ -172,6 +176,16 @@ def test_one_server_refuses_what_needs_its_own_server(spec, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         runner.main(["--out", str(tmp_path / "o"), "--one-server", "--policies", f"reference,{spec}"])
     assert e.value.code == 2 and "--one-server" in capsys.readouterr().err
+
+
+def test_histogram_percentiles_are_bucket_bounds():
+    from evicpress_sglang.bench.report import hist_percentile
+
+    bounds = ["0.5", "1.0", "2.0", "inf"]
+    assert hist_percentile(bounds, [50, 40, 9, 1], 50) == 0.5
+    assert hist_percentile(bounds, [50, 40, 9, 1], 99) == 2.0
+    assert hist_percentile(bounds, [50, 40, 9, 1], 100) == float("inf")
+    assert hist_percentile(bounds, [0, 0, 0, 0], 99) is None
 
 
 def test_stats_during_a_replay_subtract_counters_and_keep_the_rest():

@@ -289,6 +289,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
             tier.clear()
         self.dormant.clear()
         self.dormant_bytes = 0
+        self.stats.forget_evictions()
         self.prefetch.clear()
         self.table = ContextTable(self.table.configs, self.layout, self.cost, self.settings.half_life_s)
         self.nodes.clear()
@@ -350,8 +351,9 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
     def evict(self, params: EvictParams) -> EvictResult:
         called_at = time.perf_counter()  # the wait for the lock (a planner's snapshot) stalls the scheduler too
         with self.lock:
+            waited = time.perf_counter() - called_at
             self.profiling.expire(self._now())  # a stopped profiler's jobs hold locks: released when room is needed
-            return self._evict_with(params.num_tokens, called_at=called_at)
+            return self._evict_with(params.num_tokens, called_at=called_at, waited=waited)
 
     def inc_lock_ref(self, node: TreeNode):
         """SGLang's walk, with the slots of dropped nodes counted right and the table's

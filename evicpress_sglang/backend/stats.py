@@ -13,6 +13,10 @@ import numpy as np
 
 #: Upper bounds (seconds) of the load-back latency histogram buckets.
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
+#: Upper bounds (ms) of the eviction-time histograms: cumulative counts, so that a bench can
+#: subtract two statuses and read the percentiles of what happened in between.
+EVICT_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 25.0, 50.0, 100.0, 250.0,
+                    1000.0, float("inf"))
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Stats:
     #: the part of it spent waiting for the cache's lock (held by the planner's snapshot)
     evict_times: deque = field(default_factory=lambda: deque(maxlen=4096))
     evict_waits: deque = field(default_factory=lambda: deque(maxlen=4096))
+    evict_hist: list = field(default_factory=lambda: [0] * len(EVICT_BUCKETS_MS))
+    evict_wait_hist: list = field(default_factory=lambda: [0] * len(EVICT_BUCKETS_MS))
     #: applying plans: steps carried out, stale steps skipped, stops at the time budget,
     #: evictions that found no current plan, contexts dropped by the LRU fallback
     plan: dict = field(default_factory=lambda: dict.fromkeys(
@@ -58,6 +64,14 @@ class Stats:
         self.evict_seconds += seconds
         self.evict_times.append(seconds)
         self.evict_waits.append(waited)
+        for hist, t in ((self.evict_hist, seconds), (self.evict_wait_hist, waited)):
+            hist[next(i for i, b in enumerate(EVICT_BUCKETS_MS) if t * 1e3 <= b)] += 1
+
+    def forget_evictions(self) -> None:
+        """Start the recent-evictions windows afresh (``/flush_cache``: a new run); the
+        cumulative histograms keep counting."""
+        self.evict_times.clear()
+        self.evict_waits.clear()
 
     def evict_ms(self, waits: bool = False) -> dict:
         """p50, p99 and max of the recent evictions' scheduler time (or of their wait for the
@@ -96,6 +110,8 @@ class Stats:
             "verify_mismatches": self.verify_mismatches, "stale_load_backs": self.stale_load_backs,
             "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,
             "evict_seconds": self.evict_seconds, "evict_ms": self.evict_ms(), "evict_wait_ms": self.evict_ms(waits=True),
+            "evict_hist": {"buckets_ms": [str(b) for b in EVICT_BUCKETS_MS], "counts": list(self.evict_hist),
+                           "wait_counts": list(self.evict_wait_hist)},
             "plan": dict(self.plan),
             "encode_seconds": self.encode_seconds,
             "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),

@@ -34,11 +34,11 @@ class StoreOnEvict(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`: the eviction side."""
 
     def _evict_with(self, num_tokens: int, protect: Collection[int] = (),
-                    called_at: float | None = None) -> EvictResult:
+                    called_at: float | None = None, waited: float = 0.0) -> EvictResult:
         """Free ``num_tokens`` GPU slots. ``protect``: ids of nodes no decision may touch
         (the chain a load-back is bringing in). ``called_at``: when the caller started waiting
         for the cache's lock, so that the recorded time is what the scheduler lost (the
-        plan's budget counts from now)."""
+        plan's budget counts from now); ``waited``: how long it waited for the lock."""
         if self.disable or num_tokens <= 0:
             return EvictResult()
         start = time.perf_counter()
@@ -53,8 +53,7 @@ class StoreOnEvict(TreeBookkeeping):
                 freed += self._apply(plan, protect, deadline=math.inf)
         if freed < num_tokens:  # policy off, or it could not free enough: stock LRU drop
             freed += super().evict(EvictParams(num_tokens=num_tokens - freed)).num_tokens_evicted
-        called_at = start if called_at is None else called_at
-        self.stats.evicted(time.perf_counter() - called_at, waited=start - called_at)
+        self.stats.evicted(time.perf_counter() - (start if called_at is None else called_at), waited=waited)
         if self.stats.exporter is not None:
             self.stats.exporter.usage(self._tier_bytes())
         return EvictResult(num_tokens_evicted=freed)

@@ -20,6 +20,21 @@ def _pct(x: np.ndarray, q: float) -> float | None:
     return float(np.percentile(x, q)) if x.size else None
 
 
+def hist_percentile(bounds: list[str], counts: list[int], q: float) -> float | None:
+    """The ``q``-th percentile of a histogram of cumulative counts (``bounds``: each bucket's
+    upper bound, as status gives them): the bound of the first bucket that reaches it, so at
+    the histogram's resolution and never below the true value; None if it counts nothing."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    seen = 0
+    for bound, n in zip(bounds, counts):
+        seen += n
+        if seen >= q / 100 * total:
+            return float(bound)
+    return float(bounds[-1])
+
+
 def summarize(policy: str, results: list[dict], reqs: list, wall_s: float, status: dict | None = None,
               reference: dict[int, str] | None = None, quality_floor: float = 0.9) -> dict:
     """The figures of one policy's replay (``reqs`` are the workload's BenchRequests)."""

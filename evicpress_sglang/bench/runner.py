@@ -145,9 +145,14 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[Benc
 RUNTIME_OVERRIDES = ("alpha", "quality_floor")
 
 
-def runtime_policy(spec: str) -> dict:
-    """The ``POST /evicpress/policy`` body that turns a running server into ``spec``;
-    ValueError for what only a server start can set (stock, HiCache, other settings)."""
+def runtime_policy(spec: str, settings: dict | None = None) -> dict:
+    """The ``POST /evicpress/policy`` body that turns a running server into ``spec``, weights
+    included (a policy switch keeps the last weights set: ``evicpress`` after
+    ``evicpress@alpha=0.5`` must say alpha is the default again); ``settings``: the run's
+    ``--settings``, whose weights are the defaults. ValueError for what only a server start can
+    set (stock, HiCache, other settings)."""
+    from ..policy import Weights
+
     name, overrides = parse_policy(spec)
     if name == "reference":
         name = "lru"  # every miss re-prefilled: the full KV's answers
@@ -157,7 +162,9 @@ def runtime_policy(spec: str) -> dict:
     if extra:
         raise ValueError(f"{spec!r}: {extra} cannot change at runtime (--one-server allows "
                          f"{', '.join(RUNTIME_OVERRIDES)})")
-    return {"policy": name, **overrides}
+    base = Weights()
+    weights = {k: (settings or {}).get(k, getattr(base, k)) for k in RUNTIME_OVERRIDES}
+    return {"policy": name, **weights, **overrides}
 
 
 def counters_delta(after, before):
@@ -221,11 +228,14 @@ def run_one_server(specs: list[str], args: argparse.Namespace, model: Path, reqs
     server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
     with server as url:
         for spec in todo:
-            body = runtime_policy(spec)
-            r = requests.post(url + "/evicpress/policy", json=body, timeout=60)
-            if r.status_code != 200:
-                raise ServerError(f"[{spec}] POST /evicpress/policy {body}: {r.status_code} {r.text[:300]}")
-            _flush(url)
+            body = runtime_policy(spec, json.loads(args.settings))
+            try:
+                r = requests.post(url + "/evicpress/policy", json=body, timeout=60)
+                if r.status_code != 200:
+                    raise ServerError(f"[{spec}] POST /evicpress/policy {body}: {r.status_code} {r.text[:300]}")
+                _flush(url)
+            except requests.RequestException as e:  # the server died: one line and rc 1, not a traceback
+                raise ServerError(f"[{spec}] the server stopped answering: {e}\n{server.log_tail()}") from None
             before = _status(url)
             replay(url, [BenchRequest(-1, 0.0, "warmup", "Say hello.")], 2, progress=False)
             t0 = time.perf_counter()
