@@ -46,8 +46,11 @@ def prior_quality(codec: str | None) -> float:
 
 
 #: Every per-row column (grown together; a planner's snapshot copies the rows whose
-#: ``touched`` count moved since its last refresh).
-_COLUMNS = ("alive", "version", "touched", "_tokens", "parent", "freq", "last_time", "_assign", "_present_quality",
+#: ``touched`` count moved since its last refresh). ``touched`` comes first and every writer
+#: bumps it after writing: a write that races a refresh (``set_in_use`` runs in SGLang's
+#: lock-ref walk, outside the cache's lock) is then either copied whole or seen as moved by
+#: the next refresh, never half-copied and forgotten.
+_COLUMNS = ("touched", "alive", "version", "_tokens", "parent", "freq", "last_time", "_assign", "_present_quality",
             "profiled", "_in_use", "_sizes", "_quality")
 
 
