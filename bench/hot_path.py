@@ -107,18 +107,16 @@ def context_ids(i: int, tokens: int) -> list[int]:
     return (ids + [VOCAB_BASE + (i * 7919 + j * 104729) % VOCAB_SPAN for j in range(tokens - 2)])[:tokens]
 
 
-def parse_stream(lines) -> int:
-    """How many token chunks an SGLang SSE stream carried (``data: {...}`` lines; the final
-    ``data: [DONE]`` is not one); an error chunk raises."""
-    chunks = 0
+def stream_chunks(lines):
+    """The token chunks of an SGLang SSE stream, as they arrive (``data: {...}`` lines; the
+    final ``data: [DONE]`` is not one); an error chunk raises."""
     for line in lines:
         if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
             continue
         chunk = json.loads(line[5:])
         if isinstance(chunk, dict) and "error" in chunk:
             raise RuntimeError(str(chunk["error"])[:300])
-        chunks += 1
-    return chunks
+        yield chunk
 
 
 def _stream(url: str, ids: list[int], max_new: int) -> tuple[float, list[float]]:
@@ -127,18 +125,12 @@ def _stream(url: str, ids: list[int], max_new: int) -> tuple[float, list[float]]
 
     marks: list[float] = []
     t0 = time.perf_counter()
-
-    def timed(lines):
-        for line in lines:
-            yield line
-            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
-                marks.append(time.perf_counter())
-
     with requests.post(url + "/generate", stream=True, timeout=600, json={
             "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
                                                                 "ignore_eos": True}}) as r:
         r.raise_for_status()
-        parse_stream(timed(r.iter_lines()))
+        for _ in stream_chunks(r.iter_lines()):
+            marks.append(time.perf_counter())
     return marks[0] - t0, list(np.diff(marks))
 
 

@@ -225,10 +225,11 @@ def test_context_ids_are_distinct_branches_and_sse_chunks_are_counted():
     ids = [hp.context_ids(i, 9) for i in (0, 1, 40_000, 80_000, 10_000_000)]
     assert all(len(x) == 9 for x in ids) and len({tuple(x[:2]) for x in ids}) == len(ids)
     assert all(hp.VOCAB_BASE <= t < hp.VOCAB_BASE + hp.VOCAB_SPAN for x in ids for t in x)
-    assert hp.parse_stream([b'data: {"text": "a"}', b"", b'data: {"text": "ab"}', b"data: [DONE]"]) == 2
+    chunks = list(hp.stream_chunks([b'data: {"text": "a"}', b"", b'data: {"text": "ab"}', b"data: [DONE]"]))
+    assert chunks == [{"text": "a"}, {"text": "ab"}]
     with pytest.raises(RuntimeError, match="too long"):
-        hp.parse_stream([b'data: {"error": {"message": "too long"}}'])
-    assert hp.parse_stream([b'data: {"text": "error"}']) == 1  # an answer that says "error" is a token
+        list(hp.stream_chunks([b'data: {"error": {"message": "too long"}}']))
+    assert len(list(hp.stream_chunks([b'data: {"text": "error"}']))) == 1  # an answer that says "error" is a token
     assert hp._percentiles("itl", []) == {"itl_p50_ms": None, "itl_p99_ms": None, "itl_n": 0}
 
 

@@ -6,6 +6,7 @@ queue run on the GPU afterwards, overlapped with forward passes where possible.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -17,6 +18,11 @@ LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 #: subtract two statuses and read the percentiles of what happened in between.
 EVICT_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 25.0, 50.0, 100.0, 250.0,
                     1000.0, float("inf"))
+
+
+def _bucket(bounds: tuple[float, ...], value: float) -> int:
+    """The histogram bucket of ``value``: the first whose upper bound is at least it."""
+    return bisect_left(bounds, value)
 
 
 @dataclass
@@ -64,8 +70,8 @@ class Stats:
         self.evict_seconds += seconds
         self.evict_times.append(seconds)
         self.evict_waits.append(waited)
-        for hist, t in ((self.evict_hist, seconds), (self.evict_wait_hist, waited)):
-            hist[next(i for i, b in enumerate(EVICT_BUCKETS_MS) if t * 1e3 <= b)] += 1
+        self.evict_hist[_bucket(EVICT_BUCKETS_MS, seconds * 1e3)] += 1
+        self.evict_wait_hist[_bucket(EVICT_BUCKETS_MS, waited * 1e3)] += 1
 
     def forget_evictions(self) -> None:
         """Start the recent-evictions windows afresh (``/flush_cache``: a new run); the
@@ -87,7 +93,7 @@ class Stats:
         self.hit_tokens[tier] += tokens
         self.bytes_loaded[tier] += nbytes
         self.load_seconds_sum += seconds
-        self.load_hist[next(i for i, b in enumerate(LOAD_BUCKETS) if seconds <= b)] += 1
+        self.load_hist[_bucket(LOAD_BUCKETS, seconds)] += 1
         if self.exporter is not None:
             self.exporter.loaded(tier, codec, tokens, seconds)
 

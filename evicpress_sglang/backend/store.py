@@ -218,10 +218,8 @@ class StoreOnEvict(TreeBookkeeping):
         new = Stored(target.tier, self._blob_codec(target.codec, read.positions), self._new_blob_key(target.tier))
         node.evp = new
         codec = get_codec(new.codec).device_codec
-        if new.token_subset:
-            enc = codec.encode(read.k, read.v, positions=read.positions)
-        elif drops_tokens(codec):
-            enc = codec.encode(read.k, read.v, start=self._start(node))
+        if drops_tokens(codec):  # read.positions: a token subset's, re-stored as keep+<quantizer>
+            enc = codec.encode(read.k, read.v, positions=read.positions, start=self._start(node))
         else:
             enc = codec.encode(read.k, read.v)
         if not self._put(new, node, enc, t0):

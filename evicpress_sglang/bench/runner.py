@@ -128,14 +128,25 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[Benc
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
     server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
     with server as url:
-        warm = BenchRequest(-1, 0.0, "warmup", "Say hello.")  # first-request compilation stays out of the figures
-        replay(url, [warm], 2, progress=False)
-        t0 = time.perf_counter()
-        results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
-        wall = time.perf_counter() - t0
+        results, wall = _replay_warm(url, reqs, args)
         status = _status(url)
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
-    record = {"policy": spec, "server_command": " ".join(cmd), "evicpress_config": env.get("EVICPRESS_CONFIG"),
+    return _save(out, spec, cmd, env, server, results, wall, status)
+
+
+def _replay_warm(url: str, reqs: list[BenchRequest], args: argparse.Namespace) -> tuple[list[dict], float]:
+    """(results, wall seconds) of the workload, after one warm-up request (first-request
+    compilation stays out of the figures)."""
+    replay(url, [BenchRequest(-1, 0.0, "warmup", "Say hello.")], 2, progress=False)
+    t0 = time.perf_counter()
+    results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
+    return results, time.perf_counter() - t0
+
+
+def _save(out: Path, spec: str, cmd: list[str], env: dict, server: Server, results: list[dict], wall: float,
+          status: dict | None, **extra) -> dict:
+    """One policy's record, written to ``<out>/<policy>.json`` as soon as it is done."""
+    record = {"policy": spec, **extra, "server_command": " ".join(cmd), "evicpress_config": env.get("EVICPRESS_CONFIG"),
               "wall_s": wall, "status": status, "results": results, "log_tail": server.log_tail(3000)}
     (out / f"{slug(spec)}.json").write_text(json.dumps(record))
     return record
@@ -237,15 +248,8 @@ def run_one_server(specs: list[str], args: argparse.Namespace, model: Path, reqs
             except requests.RequestException as e:  # the server died: one line and rc 1, not a traceback
                 raise ServerError(f"[{spec}] the server stopped answering: {e}\n{server.log_tail()}") from None
             before = _status(url)
-            replay(url, [BenchRequest(-1, 0.0, "warmup", "Say hello.")], 2, progress=False)
-            t0 = time.perf_counter()
-            results = replay(url, reqs, args.max_new_tokens, progress=not args.quiet)
-            wall = time.perf_counter() - t0
-            status = stats_during(_status(url), before)
-            record = {"policy": spec, "policy_applied": body, "server_command": " ".join(cmd),
-                      "evicpress_config": env.get("EVICPRESS_CONFIG"), "wall_s": wall, "status": status,
-                      "results": results, "log_tail": server.log_tail(3000)}
-            (out / f"{slug(spec)}.json").write_text(json.dumps(record))
+            results, wall = _replay_warm(url, reqs, args)
+            _save(out, spec, cmd, env, server, results, wall, stats_during(_status(url), before), policy_applied=body)
             print(f"[{spec}] done in {wall:.0f} s", file=sys.stderr)
     shutil.rmtree(disk_dir_of("lru", args), ignore_errors=True)
 
@@ -415,15 +419,16 @@ def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str,
             except ServerError as e:
                 print(f"[one server] {e}", file=sys.stderr)
                 return 1
-        for spec in [] if args.one_server else specs:
-            if args.resume and (out / f"{slug(spec)}.json").exists():
-                print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
-                continue
-            try:
-                run_policy(spec, args, model, reqs, out)
-            except ServerError as e:
-                print(f"[{spec}] {e}", file=sys.stderr)
-                return 1
+        else:
+            for spec in specs:
+                if args.resume and (out / f"{slug(spec)}.json").exists():
+                    print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
+                    continue
+                try:
+                    run_policy(spec, args, model, reqs, out)
+                except ServerError as e:
+                    print(f"[{spec}] {e}", file=sys.stderr)
+                    return 1
     # Reported from the workload as it was run (the text differs between Python versions).
     meta = json.loads(saved.read_text())
     reqs = [BenchRequest(**r, prompt="") for r in meta.pop("requests_run")]

@@ -24,9 +24,9 @@ from .cost import CostModel
 PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0.75, "zstd": 1.0}
 #: Quality lost per unit of drop ratio, before profiling: half the ratio for the
 #: key-scored selectors, more for a fixed window that ignores content. The query-aware
-#: selectors get the key-scored prior until the GPU measurement
-#: (bench/results/2026-12-01-query-aware-selectors) says otherwise: an offline study of
-#: attention recall is not answer quality.
+#: selectors get the key-scored prior: their GPU measurement
+#: (bench/results/2026-12-01-query-aware-selectors) predates a fix of the positions they
+#: score at, and is to be redone before it sets their prior.
 PRIOR_DROP_LOSS = {"knorm": 0.5, "keydiff": 0.5, "streaming": 0.7, "expected": 0.5, "kvzip": 0.5}
 #: Once the profiler has measured a codec on some contexts, unprofiled contexts assume the
 #: mean of those measurements, shrunk towards the conservative prior as if the prior were
