@@ -203,3 +203,31 @@ def test_a_chunk_insert_that_fails_leaves_the_request_running_on_exact_kv(tmp_pa
     cache.cache_finished_req(req, kv_len_to_handle=100)
     assert free_slots_accounted(cache) and cache.audit() == []
     assert cache.root_node.children and all(n.lock_ref == 0 for n in cache.nodes.values())
+
+
+def test_a_blob_lost_while_its_load_makes_room_is_a_miss(tmp_path, monkeypatch):
+    """A load-back reads a node's blob, then evicts to make room for it; that eviction first
+    removes the placeholders whose blobs a tier lost in the background (a disk write that
+    failed after the read was served from its buffer). When that is the node being loaded,
+    the load is a miss: seen in the background-planner stress run as an internal error
+    (KeyError on the forgotten node) that left the size counters wrong."""
+    cache = _cache(tmp_path, pool=200, policy="lru-offload")
+    chain = _chain(cache, 10_000)
+    cache.evict(EvictParams(num_tokens=10_000))  # everything to host memory
+    first = _placeholder_chain(cache, chain)[0]
+    assert is_placeholder(first)
+    for i in range(3):  # a full pool: loading the chain has to evict first
+        serve(cache, list(range(50_000 + 1000 * i, 50_000 + 1000 * i + 60)))
+    assert cache.token_to_kv_pool_allocator.available_size() < 120
+    host = cache.tiers[Tier.HOST]
+    armed = []
+    lost_once = [first.evp.blob]
+    real_take_lost = host.take_lost
+    monkeypatch.setattr(host, "take_lost", lambda: (lost_once and armed and [lost_once.pop()]) or real_take_lost())
+    r = serve(cache, chain + [7], between=lambda: armed.append(True))
+    assert not lost_once  # the loss was reported during the load
+    assert cache.health.internal_errors == 0, cache.health.last_error
+    assert r.loaded == 0 and cache.stats.misses["host"] >= 1  # recomputed: exact KV
+    k, v = expected_kv(chain + [7])
+    assert torch.equal(r.k, k) and torch.equal(r.v, v)
+    assert cache.audit() == [] and free_slots_accounted(cache)

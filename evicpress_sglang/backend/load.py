@@ -142,6 +142,8 @@ class LoadBack(StoreOnEvict):
         allocator = self.token_to_kv_pool_allocator
         if allocator.available_size() < n:
             self._evict_with(n, protect=protect)
+            if node.evp is not stored:  # its blob was reported lost meanwhile and it left the tree (a miss)
+                return None
         slots = allocator.alloc(n)
         if slots is None:
             return None  # no room even after eviction (alike on every rank): the request recomputes the rest
