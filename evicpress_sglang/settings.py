@@ -58,7 +58,8 @@ class Settings:
     held_out_queries: int = 4  # per context, a sample of the queries that reused it (for the quality profiler)
     #: Quality profiler: the share of time its requests may be in flight (0 = no background
     #: profiling; POST /evicpress/profile still works), the score the policy uses, the length
-    #: of the reference answers, when a profile is old, and the shortest context worth it.
+    #: of the reference answers, when a profile is old, and the fewest tokens of its own (not
+    #: counting its ancestors') a context needs to be worth a job.
     profile_share: float = 0.05
     profile_score: str = "top1"  # top1 | likelihood | f1 | similarity (see profiler.runner)
     profile_answer_tokens: int = 24
@@ -66,7 +67,8 @@ class Settings:
     profile_min_tokens: int = 128
     #: Share of the GPU KV pool the profiler's degraded copies may hold at once; to stage one
     #: the cache frees room as for a user request (idle copies, then the policy's demotions),
-    #: so this bounds what profiling takes from user traffic. Larger contexts are not profiled.
+    #: so this bounds what profiling takes from user traffic. Larger contexts are not profiled;
+    #: one whose KV is not exact on the GPU is recomputed beside its copy and needs twice its size.
     profile_reserve: float = 0.05
     #: Questions the served model writes about a context nobody has reused yet, so it can be
     #: profiled before its first reuse (as the paper did with a large model); 0 = off.

@@ -55,6 +55,18 @@ def test_the_cache_keeps_what_requests_asked_after_a_reused_prefix(tmp_path):
     assert len(cache.queries) == 0
 
 
+def test_questions_that_split_below_a_document_are_held_out_queries_of_the_document_too():
+    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=8))
+    doc, what = list(range(500, 600)), [71, 72]  # "Question: What" shared by two of the questions
+    for q in ([1], what + [3], what + [4], [5, 6]):
+        serve(cache, doc + q)
+    node = next(n for n in cache.root_node.children.values())
+    below = node.children[what[0]]
+    assert len(node.key) == 100 and len(below.key) == 2  # the shared words made a node below the document
+    assert sorted(q.tolist() for q in cache.queries.queries(node.id)) == [[5, 6], what + [3], what + [4]]
+    assert [q.tolist() for q in cache.queries.queries(below.id)] == [[4]]
+
+
 def test_held_out_queries_setting_is_validated():
     with pytest.raises(SettingsError, match="held_out_queries"):
         from_mapping({"held_out_queries": -1})

@@ -19,30 +19,26 @@ from evicpress_sglang.profiler.client import ServerClient
 from evicpress_sglang.settings import ENV, SettingsError, from_mapping, load_settings
 from harness import FakeReq, FakeScheduler, free_slots_accounted, make_params, serve
 from stress import Stress
-from test_profiling_server import DOC, ask, make_app
+from test_profiling_server import DOC, OneAtATime, ask, make_app
 
 USERS = [list(range(20_000 + 1000 * i, 20_000 + 1000 * i + 150)) for i in range(10)]  # ~7 fit the pool with DOC
 CODECS = ["int8", "int2", "keydiff:0.5"]
 
 
-class BusyHttp:
+class BusyHttp(OneAtATime):
     """The profiler's HTTP client, with user traffic before each of its ``/generate``
     requests: three questions on other documents, so the pool is full and evicts."""
 
     def __init__(self, inner, cache) -> None:
-        self.inner, self.cache, self.turn, self.user_requests = inner, cache, 0, 0
+        super().__init__(inner)
+        self.cache, self.turn, self.user_requests = cache, 0, 0
 
-    def get(self, *args, **kwargs):
-        return self.inner.get(*args, **kwargs)
-
-    def post(self, url, **kwargs):
-        if url.endswith("/generate"):
-            for _ in range(3):
-                self.turn += 1
-                ask(self.cache, USERS[self.turn % len(USERS)], [self.turn % 50 + 1])
-                self.user_requests += 1
-                assert self.cache.audit() == [] and free_slots_accounted(self.cache)
-        return self.inner.post(url, **kwargs)
+    def before_generate(self) -> None:
+        for _ in range(3):
+            self.turn += 1
+            ask(self.cache, USERS[self.turn % len(USERS)], [self.turn % 50 + 1])
+            self.user_requests += 1
+            assert self.cache.audit() == [] and free_slots_accounted(self.cache)
 
 
 @pytest.fixture
@@ -87,6 +83,47 @@ def test_a_context_larger_than_the_reserve_gets_no_job_and_status_says_why(press
     refusal = http.get("/evicpress/status").json()["profiler"]["refusal"]
     assert "does not fit the profiling reserve (51 tokens: profile_reserve 0.05" in refusal["reason"], refusal
     assert cache.protected_size() == 0
+
+
+def test_a_context_not_exact_on_the_gpu_is_profiled_through_a_recomputed_reference(pressured):
+    """Under pressure most contexts sit compressed in host memory: a job on one prefills its
+    reference namespace (SGLang computes exact KV, as for any miss) and stages the degraded
+    copies from that; the context itself stays where the policy put it, and the qualities
+    are the ones a job on its exact GPU KV measures."""
+    cache, http, profiler, busy = pressured(profile_reserve=0.5)
+    source = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9])))
+    on_gpu = profiler.profile_node(source.id)
+    assert on_gpu["measured"] and cache.profiling.counts["recomputed"] == 0
+    cache.evict(EvictParams(num_tokens=10_000))  # everything leaves the GPU
+    assert source.value is None and source.id in cache.table  # stored (host memory), not dropped
+    recomputed = profiler.profile_node(source.id)  # user traffic loads and evicts between its requests
+    c = cache.profiling.counts
+    assert c["recomputed"] == 1 and c["variants_tainted"] == 0, c
+    assert recomputed["measured"] == on_gpu["measured"] and set(recomputed["measured"]) == set(CODECS)
+    assert cache.profiling.records[source.id].quality == on_gpu["measured"]
+    assert source.value is None and source.lock_ref == 0  # not loaded back by the profiler, not left locked
+    assert cache.profiling.held_tokens() == 0 and cache.protected_size() == 0  # reference and copies freed
+    assert cache.audit() == [] and free_slots_accounted(cache)
+
+
+def test_a_context_dropped_while_it_is_measured_keeps_its_profile_by_content(pressured):
+    """The job outlives its context's node: the report goes to the node that holds the
+    same tokens when the context was recomputed meanwhile, or to the context memory."""
+    cache, http, profiler, _ = pressured(profile_reserve=0.5, policy="lru")  # lru drops what it evicts
+    source = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9])))
+    job = ServerClient("http://testserver", http=http).jobs(node=source.id)["jobs"][0]
+    for ns in job["namespaces"]:  # every variant served in full
+        serve(cache, job["prefix"] + [5], extra_key=ns)
+    cache.dec_lock_ref(source)  # let eviction take the pinned context (a test of the report path only)
+    cache.profiling.jobs[job["job"]].pinned = None
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert source.id not in cache.table
+    out = cache.profiling.report(job["job"], {1: 0.75, 2: 0.5, 3: 0.25}, 3)
+    assert out["accepted"] and out["measured"] == dict(zip(CODECS, (0.75, 0.5, 0.25)))
+    ask(cache, DOC, [1, 2, 3])  # recomputed: the profile comes back with its tokens (once a
+    ask(cache, DOC, [4, 5, 6])  # second question splits the tree where the context ends)
+    back = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9])))
+    assert back.id != source.id and cache.profiling.measured(back.id) == out["measured"]
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, "a lot"])
@@ -151,7 +188,7 @@ class ProfiledStress(Stress):
         self.job = None
         self.plan: list[tuple[str, list[int]]] = []  # (namespace, prompt) still to ask
         self.in_flight = None
-        self.tally = {"jobs": 0, "measured": 0, "discarded": 0}
+        self.tally = {"jobs": 0, "measured": 0, "discarded": 0, "recomputed": 0}
         self.reasons: list[str] = []  # of discarded variants
 
     def _step(self, step: int) -> None:
@@ -181,6 +218,7 @@ class ProfiledStress(Stress):
         if not new:
             return
         self.job = new[0]
+        self.tally["recomputed"] += self.job.recompute
         self.log.append(f"profile job {self.job.id} on node {self.job.node}: {len(self.job.codecs)} variants")
         self.plan = [(f"evp-profile:{self.job.id}:{v}", self.job.prefix + q)
                      for v in range(len(self.job.codecs)) for q in self.job.queries]
@@ -204,8 +242,11 @@ class ProfiledStress(Stress):
         p = self.cache.profiling
         copies = sum(len(j.copy.value) for j in p.jobs.values() if j.copy is not None)
         assert copies <= p.reserve_tokens(), f"copies hold {copies} slots, over the reserve"
-        for j in p.jobs.values():
-            assert j.pinned is not None and j.pinned.lock_ref > 0 and p._exact_on_gpu(j.pinned), "source not pinned"
+        for j in p.jobs.values():  # a recomputed job pins its reference once a request made it
+            if j.pinned is None:
+                assert j.recompute and j.copy is None, "source not pinned"
+            else:
+                assert j.pinned.lock_ref > 0 and p._exact_on_gpu(j.pinned), "source not exact"
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -24,7 +24,7 @@ def test_arguments_become_the_benchs_with_a_pool_of_a_quarter_of_the_documents(t
     b = pp.bench_args(args, pool)
     assert (b.workload, b.requests, b.rate, b.docs, b.pool_tokens) == ("docqa", 120, 2.0, 24, pool)
     assert b.min_chars == b.max_chars == 7000 and b.host_ratio == 1.0 and b.port == 30200
-    assert json.loads(b.settings) == {"profile_reserve": 0.3, "status_top": 100_000}
+    assert json.loads(b.settings) == {"profile_reserve": 0.4, "status_top": 100_000}
     assert b.sglang_args[-2:] == ["--attention-backend", "triton"] and b.sglang_flags == runner.SGLANG_FLAGS_DEFAULT
     name, overrides = runner.parse_policy(pp.RUNS[1])
     assert (name, overrides) == ("evicpress", {"profile_share": 0})
@@ -45,10 +45,11 @@ def test_run_summary_and_the_ttft_comparison():
     results = [{"id": i, "ttft_s": t, "e2e_s": 2 * t, "text": "", "prompt_tokens": 10, "cached_tokens": 5,
                 "completion_tokens": 1} for i, t in enumerate([0.1, 0.2, 0.3])] + [{"id": 3, "error": "x"}]
     status = {"profiler": {"staged": 8, "variants_measured": 6, "variants_tainted": 2},
-              "placements": [{"held_out_queries": q, "profiled_quality": m}
-                             for q, m in ((4, {"int8": 0.9}), (2, {}), (2, None), (1, {"int8": 1.0}))]}
+              "placements": [{"held_out_queries": q, "profiled_quality": m, "tokens": n}
+                             for q, m, n in ((4, {"int8": 0.9}, 900), (2, {}, 900), (2, None, 3), (1, {"int8": 1.0}, 9))]}
     r = pp.run_summary({"policy": "evicpress", "results": results, "wall_s": 1.0, "status": status}, [])
     assert r["contexts_with_2_queries"] == 3 and r["measured_contexts"] == 1 and r["measured_share"] == pytest.approx(1 / 3)
+    assert r["contexts_with_2_queries_and_min_tokens"] == 2 and r["measured_share_min_tokens"] == 0.5
     assert r["tainted_per_staged"] == 0.25 and r["ttft_p50_s"] == pytest.approx(0.2) and r["errors"] == 1
     empty = pp.run_summary({"policy": "x", "results": [], "wall_s": 1.0, "status": None}, [])
     assert empty["measured_share"] is None and empty["tainted_per_staged"] is None and empty["ttft_p50_s"] is None

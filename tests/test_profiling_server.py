@@ -4,6 +4,7 @@ model is a stand-in: its answer is a function of the KV each request was served 
 (through the cache), so a degraded copy of a context answers differently."""
 
 import json
+import threading
 from array import array
 
 import pytest
@@ -18,7 +19,7 @@ from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.backend.profiling import NAMESPACE, parse_namespace
 from evicpress_sglang.policy.contexts import prior_quality
 from evicpress_sglang.profiler.client import ServerClient
-from evicpress_sglang.profiler.runner import Profiler
+from evicpress_sglang.profiler.runner import Profiler, ask_together
 from evicpress_sglang.settings import ENV, load_settings
 from harness import FakeScheduler, FakeTokenizerManager, free_slots_accounted, make_params, serve
 
@@ -31,6 +32,29 @@ def model_answer(k: torch.Tensor) -> list[int]:
     attends to, so it moves with quantization error and with dropped tokens."""
     layers = k.shape[0]
     return [int(torch.round(k[j % layers, :, 0, j].float().mean() * 32)) % 1000 for j in range(ANSWER_TOKENS)]
+
+
+class OneAtATime:
+    """A test client that serves one ``/generate`` at a time, as SGLang's single scheduler
+    thread does: the profiler asks a variant's queries from several threads at once, and the
+    TestClient would otherwise run each on its own event loop, touching the cache together.
+    (Only those: the admin trigger's route waits for the profiler's own nested requests.)"""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.lock = inner, threading.Lock()
+
+    def get(self, *args, **kwargs):
+        return self.inner.get(*args, **kwargs)
+
+    def post(self, url, **kwargs):
+        if not url.endswith("/generate"):
+            return self.inner.post(url, **kwargs)
+        with self.lock:
+            self.before_generate()
+            return self.inner.post(url, **kwargs)
+
+    def before_generate(self) -> None:
+        """What runs in the scheduler just before each ``/generate`` (subclasses: user traffic)."""
 
 
 def make_app(cache, scheduler):
@@ -61,7 +85,7 @@ def make_app(cache, scheduler):
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
     holder = {}
     add_routes(app, lambda: tm, lambda: holder["profiler"])
-    http = TestClient(app)
+    http = OneAtATime(TestClient(app))
     profiler = Profiler(ServerClient("http://testserver", http=http), answer_tokens=ANSWER_TOKENS, poll_s=0.0)
     holder["profiler"] = profiler
     return http, profiler, state
@@ -288,6 +312,25 @@ def test_pacing_keeps_the_profilers_share():
     assert p.pause_after(0.0) == 3.0  # nothing to do: poll again later
     with pytest.raises(ValueError, match="valid"):
         Profiler(ServerClient("http://unused"), score="bleu")
+
+
+@pytest.mark.parametrize("first_alone", [False, True])
+def test_a_variants_queries_are_asked_together(first_alone):
+    """All in flight at once (each waits until the others started: asked one by one, the
+    barrier breaks); for a recomputed reference the first goes alone, as it makes the KV."""
+    started, together = [], threading.Barrier(4 - first_alone, timeout=10)
+
+    def ask_one(x: int) -> int:
+        started.append(x)
+        if first_alone and x == 0:
+            assert started == [0]
+        else:
+            together.wait()
+        return 10 * x
+
+    assert ask_together(ask_one, [0, 1, 2, 3], first_alone=first_alone) == [0, 10, 20, 30]
+    assert sorted(started) == [0, 1, 2, 3] and (started[0] == 0 or not first_alone)
+    assert ask_together(ask_one, []) == []
 
 
 def test_a_job_asked_for_by_node_is_never_the_background_loops(server):

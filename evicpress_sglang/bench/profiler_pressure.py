@@ -30,6 +30,7 @@ from pathlib import Path
 
 import requests
 
+from ..settings import Settings
 from . import report, runner
 from .server import ServerError
 
@@ -43,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=int, default=24)
     p.add_argument("--doc-chars", type=int, default=7000, help="per document (about 1.8k SmolLM2 tokens)")
     p.add_argument("--pool-share", type=float, default=0.25, help="GPU pool = this share of all documents' tokens")
-    p.add_argument("--profile-reserve", type=float, default=0.3,
-                   help="profile_reserve: the pool holds ~1/pool-share documents; a copy of one must fit")
+    p.add_argument("--profile-reserve", type=float, default=0.4,
+                   help="profile_reserve: the pool holds ~1/pool-share documents; a recomputed reference and a "
+                        "copy of one must fit")
     p.add_argument("--host-ratio", type=float, default=1.0, help="host tier = this x the GPU pool")
     p.add_argument("--rate", type=float, default=3.0, help="user requests per second (Poisson)")
     p.add_argument("--seconds", type=float, default=140.0, help="replay length of each run")
@@ -76,7 +78,7 @@ def pool_tokens(reqs: list, share: float) -> int:
 def profiler_sample(profiler: dict) -> dict:
     """What one status sample keeps of the profiler: counters and the reasons of the last
     refusal, of each running job and of each recently finished job that discarded variants."""
-    keys = ("jobs", "reported", "staged", "variants_measured", "variants_tainted", "expired", "active_jobs",
+    keys = ("jobs", "recomputed", "reported", "staged", "variants_measured", "variants_tainted", "expired", "active_jobs",
             "held_tokens", "reserve_tokens", "profiled_contexts")
     return {k: profiler.get(k) for k in keys} | {
         "refusal": (profiler.get("refusal") or {}).get("reason"),
@@ -112,16 +114,22 @@ class StatusSampler:
         self._thread.join()
 
 
-def run_summary(record: dict, reqs: list) -> dict:
+def run_summary(record: dict, reqs: list, min_tokens: int = Settings.profile_min_tokens) -> dict:
     """One run's figures from what :func:`.runner.run_policy` saved."""
     status = record["status"] or {}
     prof = status.get("profiler", {})
     reused = [p for p in status.get("placements", []) if p["held_out_queries"] >= 2]
     measured = [p for p in reused if p["profiled_quality"]]
+    # the same among contexts with profile_min_tokens of their own (the ones jobs are made for;
+    # the rest are a question's first words split below a document)
+    own = [p for p in reused if p.get("tokens", 0) >= min_tokens]
+    own_measured = [p for p in own if p["profiled_quality"]]
     staged = prof.get("staged", 0)
     ttft = report.summarize(record["policy"], record["results"], reqs, record["wall_s"])
     return {"contexts_with_2_queries": len(reused), "measured_contexts": len(measured),
             "measured_share": len(measured) / len(reused) if reused else None,
+            "contexts_with_2_queries_and_min_tokens": len(own),
+            "measured_share_min_tokens": len(own_measured) / len(own) if own else None,
             "staged": staged, "variants_measured": prof.get("variants_measured", 0),
             "variants_tainted": prof.get("variants_tainted", 0),
             "tainted_per_staged": prof.get("variants_tainted", 0) / staged if staged else None,

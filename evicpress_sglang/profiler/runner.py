@@ -28,7 +28,10 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from statistics import fmean
+from typing import TypeVar
 
 from .client import ServerClient, ServerError
 from .scores import teacher_forced, token_f1
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 SCORES = ("top1", "likelihood", "f1", "similarity")
 TEACHER_FORCED = {"top1", "likelihood"}
 GENERATED = {"f1", "similarity"}
+MAX_TOGETHER = 16  # requests of one variant in flight at once
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Profiler:
@@ -57,8 +64,9 @@ class Profiler:
                 details: list | None = None) -> dict[int, dict[str, float]]:
         """Mean of each score per lossy variant over ``queries`` (default: the job's
         held-out ones). Variants are run one after the other, so at most the reference
-        and one degraded copy of the context are in the pool at a time. ``details``, if
-        given, receives one record per query and variant (answers and scores)."""
+        and one degraded copy of the context are in the pool at a time; the queries of
+        one variant are asked together (see :func:`ask_together`). ``details``, if given,
+        receives one record per query and variant (answers and scores)."""
         scores = tuple(scores or (self.score,))
         unknown = set(scores) - set(SCORES)
         if unknown:
@@ -66,32 +74,43 @@ class Profiler:
         queries = job["queries"] if queries is None else queries
         prompts = [job["prefix"] + list(q) for q in queries]
         ns = job["namespaces"]
-        refs = [self.client.answer(p, ns[0], self.answer_tokens) for p in prompts]
-        ref_tf = ([self._teacher_forced(p, r.ids, ns[0]) for p, r in zip(prompts, refs)]
-                  if TEACHER_FORCED & set(scores) else None)
+        refs = ask_together(lambda p: self.client.answer(p, ns[0], self.answer_tokens), prompts,
+                            first_alone=bool(job.get("recompute")))
+        teacher = bool(TEACHER_FORCED & set(scores))
+        ref_tf = (ask_together(lambda pr: self._teacher_forced(pr[0], pr[1].ids, ns[0]), list(zip(prompts, refs)))
+                  if teacher else None)
         out: dict[int, dict[str, float]] = {}
         for variant in range(1, len(ns)):
+            one = ask_together(lambda i: self._score_one(prompts[i], refs[i], ref_tf[i] if teacher else None,
+                                                         ns[variant], scores, details is not None),
+                               list(range(len(prompts))))
             got: dict[str, list[float]] = defaultdict(list)
-            for i, (p, ref) in enumerate(zip(prompts, refs)):
-                one: dict = {}
-                if ref_tf is not None:
-                    tf = self._teacher_forced(p, ref.ids, ns[variant])
-                    one["top1"] = _relative(tf["top1_agreement"], ref_tf[i]["top1_agreement"])
-                    one["likelihood"] = _relative(tf["likelihood"], ref_tf[i]["likelihood"])
-                if GENERATED & set(scores):
-                    ans = self.client.answer(p, ns[variant], self.answer_tokens)
-                    one["f1"] = token_f1(ans.text, ref.text)
-                    if "similarity" in scores:
-                        one["similarity"] = self.similarity(ans.text, ref.text)
-                    if details is not None:
-                        one |= {"answer": ans.text, "reference": ref.text}
+            for i, rec in enumerate(one):
                 for s in SCORES:
-                    if s in one:
-                        got[s].append(one[s])
+                    if s in rec:
+                        got[s].append(rec[s])
                 if details is not None:
-                    details.append({"variant": variant, "codec": job["codecs"][variant], "query": i, **one})
+                    details.append({"variant": variant, "codec": job["codecs"][variant], "query": i, **rec})
             out[variant] = {s: fmean(got[s]) for s in scores if got[s]}
         return out
+
+    def _score_one(self, prompt: list[int], ref, ref_tf: dict | None, namespace: str, scores: tuple[str, ...],
+                   with_text: bool) -> dict:
+        """One query's scores on one degraded variant (``ref_tf``: the reference's
+        teacher-forced figures, when a teacher-forced score is asked for)."""
+        one: dict = {}
+        if ref_tf is not None:
+            tf = self._teacher_forced(prompt, ref.ids, namespace)
+            one["top1"] = _relative(tf["top1_agreement"], ref_tf["top1_agreement"])
+            one["likelihood"] = _relative(tf["likelihood"], ref_tf["likelihood"])
+        if GENERATED & set(scores):
+            ans = self.client.answer(prompt, namespace, self.answer_tokens)
+            one["f1"] = token_f1(ans.text, ref.text)
+            if "similarity" in scores:
+                one["similarity"] = self.similarity(ans.text, ref.text)
+            if with_text:
+                one |= {"answer": ans.text, "reference": ref.text}
+        return one
 
     def _teacher_forced(self, prompt: list[int], reference: list[int], namespace: str) -> dict[str, float]:
         r = self.client.teacher_forced(prompt, reference, namespace)
@@ -161,6 +180,24 @@ class Profiler:
                 log.warning("evicpress profiler: %s", e)
                 wait = self.poll_s
             stop.wait(wait)
+
+
+def ask_together(fn: Callable[[T], R], items: list[T], first_alone: bool = False) -> list[R]:
+    """``fn`` over ``items``, all in flight at once, results in order.
+
+    Requests on the same KV run as one batch in SGLang (one prefill of the questions after a
+    shared prefix), so a job's GPU time, and with it the pause that keeps the profiler within
+    ``profile_share``, shrinks with the number of queries. A staged copy is made by the first
+    of them the scheduler matches and found by the rest; a recomputed reference is not, so
+    its first request goes alone (``first_alone``), or every request would prefill the
+    whole context.
+    """
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    head = [fn(items[0])] if first_alone else []
+    rest = items[len(head):]
+    with ThreadPoolExecutor(max_workers=min(MAX_TOGETHER, len(rest))) as pool:
+        return [*head, *pool.map(fn, rest)]
 
 
 def _relative(degraded: float, reference: float) -> float:
