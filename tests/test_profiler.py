@@ -101,6 +101,42 @@ def test_minilm_similarity_sees_paraphrase_and_difference(similarity):
     assert similarity("", "") == 1.0
 
 
+def test_calibration_keeps_only_the_variants_the_server_accepted():
+    """Under memory pressure a copy can fail to stage; the server's report says which
+    variants a request ran on without their copy, and the calibration drops their rows."""
+    from types import SimpleNamespace
+
+    from evicpress_sglang.bench.calibration import _calibrate
+    from evicpress_sglang.bench.workload import docqa_prompt
+
+    text = "a document of some length about things"
+    tok = lambda s: SimpleNamespace(input_ids=[ord(c) for c in s])  # noqa: E731
+    prefix = tok(docqa_prompt(text, "x")).input_ids[: len(text) + 12]
+    job = {"job": 7, "node": 3, "prefix": prefix, "queries": [[1], [2]], "codecs": ["bf16", "int8", "int2"]}
+    reported = []
+
+    class Client:
+        def jobs(self, node):
+            return {"jobs": [job]}
+
+        def report(self, job_id, quality, queries):
+            reported.append((job_id, quality, queries))
+            return {"accepted": True, "measured": {"int8": quality[1]}, "discarded": ["int2"],
+                    "reason": "variant 2 (int2) partly matched: 0 of 50 tokens"}
+
+    def measure(job, queries=None, scores=None, details=None):
+        details += [{"variant": v, "codec": job["codecs"][v], "query": 0} for v in (1, 2)]
+        return {1: {"top1": 0.9, "likelihood": 0.8, "f1": 0.7}, 2: {"top1": 0.4, "likelihood": 0.3, "f1": 0.2}}
+
+    profiler = SimpleNamespace(client=Client(), measure=measure)
+    args = SimpleNamespace(held_out=1)
+    rows, details = _calibrate(profiler, 3, [text], [tok(docqa_prompt(text, "x")).input_ids],
+                               [["q0", "q1", "what else"]], tok, args)
+    assert [r["codec"] for r in rows] == ["int8"] and {d["codec"] for d in details} == {"int8"}
+    assert rows[0]["predicted"]["top1"] == 0.9 and rows[0]["fresh"] == 1
+    assert reported == [(7, {1: 0.9, 2: 0.4}, 2)]
+
+
 def test_calibration_maths_rank_correlation_and_summary():
     from evicpress_sglang.bench.calibration import spearman, summarise
 

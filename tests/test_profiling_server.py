@@ -188,6 +188,27 @@ def test_jobs_only_while_nothing_waits_and_again_when_new_queries_arrive(server)
     assert profiler.step() > 0
 
 
+def test_contexts_never_profiled_come_before_popular_ones_profiled_again(server):
+    cache, _, _, profiler, _ = server
+    other = list(range(3000, 3100))
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    assert profiler.step() > 0  # DOC profiled
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, other, q)
+    for q in ([21, 22], [23, 24], [25, 26]):  # DOC: more popular, and it has new queries
+        ask(cache, DOC, q)
+    cache.profiling.prepare(1)
+    (job,) = cache.profiling.jobs.values()
+    assert job.node == _find(cache, other + [7, 8, 9]).id
+    cache.profiling.report(job.id, {}, 0)
+    ask(cache, DOC + [7, 8, 9, 4], [40])  # a node of 1 token of its own below DOC, reused: passed over
+    short = _find(cache, DOC + [7, 8, 9, 4])
+    assert len(short.key) == 1 and cache.queries.queries(short.id)
+    cache.profiling.prepare(5)
+    assert short.id not in {j.node for j in cache.profiling.jobs.values()}
+
+
 def test_no_background_profiling_under_a_policy_that_ignores_quality(server):
     cache, _, http, profiler, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):

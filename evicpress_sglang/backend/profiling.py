@@ -157,9 +157,12 @@ class ProfileStaging:
 
     def prepare(self, want: int, now: float | None = None) -> None:
         """Make up to ``want`` jobs for the contexts that most need profiling: never
-        profiled, profiled with fewer queries than they now have, or profiled longer
-        than ``profile_max_age_s`` ago, most frequently used first; then, if the model may
-        write questions (``profile_self_questions``), contexts nobody has reused yet.
+        profiled first, then those profiled with fewer queries than they now have or longer
+        than ``profile_max_age_s`` ago, each group most frequently used first (a popular
+        context's reservoir grows with every reuse, and re-profiling it came before every
+        context not yet profiled); then, if the model may write questions
+        (``profile_self_questions``), contexts nobody has reused yet. Contexts with fewer
+        than ``profile_min_tokens`` of their own are passed over (the admin trigger says why).
         None under a policy that does not read qualities (a baseline, or ``off``): there the
         background loop would take GPU time for nothing (the admin trigger still works)."""
         now = self.cache._now() if now is None else now
@@ -168,14 +171,16 @@ class ProfileStaging:
             return
         t, s = self.cache.table, self.cache.settings
         busy = {j.node for j in self.jobs.values()}
-        due = []
+        never, again = [], []
         for key in self.cache.queries.contexts():
-            rec = self.records.get(key)
-            if key in busy or key not in t or (rec is not None and now - rec.when < s.profile_max_age_s
-                                               and rec.queries >= len(self.cache.queries.queries(key))):
+            if key in busy or key not in t or t.tokens[t.row_of[key]] < s.profile_min_tokens:
                 continue
-            due.append(key)
-        groups = [np.array([t.row_of[k] for k in due], dtype=np.int64)]
+            rec = self.records.get(key)
+            if rec is None:
+                never.append(t.row_of[key])
+            elif now - rec.when >= s.profile_max_age_s or rec.queries < len(self.cache.queries.queries(key)):
+                again.append(t.row_of[key])
+        groups = [np.array(never, dtype=np.int64), np.array(again, dtype=np.int64)]
         if s.profile_self_questions:
             rows = t.rows()
             groups.append(rows[~t.profiled[rows]])
