@@ -5,7 +5,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.backend.memory import ContextMemory, Learnt
-from evicpress_sglang.backend.profiling import Record
+from evicpress_sglang.backend.profile_job import Record
 from evicpress_sglang.settings import Settings
 from harness import make_params, serve
 

@@ -3,7 +3,6 @@ samples and summary maths, and the whole script against the stand-in server."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 

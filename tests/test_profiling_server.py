@@ -16,7 +16,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from evicpress_sglang.admin import add_routes
 from evicpress_sglang.backend.cache import EvicPressRadixCache
-from evicpress_sglang.backend.profiling import NAMESPACE, parse_namespace
+from evicpress_sglang.backend.profile_job import NAMESPACE, parse_namespace
 from evicpress_sglang.policy.contexts import prior_quality
 from evicpress_sglang.profiler.client import ServerClient
 from evicpress_sglang.profiler.runner import Profiler, ask_together

@@ -10,7 +10,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from . import dropped
 from .nodes import Stored, is_dropped, is_placeholder
-from .profiling import parse_namespace
+from .profile_job import parse_namespace
 from .tree import TreeBookkeeping
 
 

@@ -13,7 +13,7 @@ from ..policy import Tier
 from . import dropped
 from .nodes import is_dropped, is_placeholder
 from .content_keys import token_hash
-from .profiling import parse_namespace
+from .profile_job import parse_namespace
 from .tree import TreeBookkeeping
 
 #: A reuse offers its query to the deepest context it reused whole and this many in all up
