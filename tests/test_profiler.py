@@ -10,6 +10,7 @@ from evicpress_sglang.backend.cache import EvicPressRadixCache
 from evicpress_sglang.profiler import AnswerSimilarity, HeldOutQueries, teacher_forced, token_f1
 from evicpress_sglang.settings import Settings, SettingsError, from_mapping
 from harness import make_params, serve
+from sglang.srt.mem_cache.radix_cache import RadixKey
 
 
 def test_reservoir_keeps_a_uniform_sample_of_k():
@@ -65,6 +66,49 @@ def test_questions_that_split_below_a_document_are_held_out_queries_of_the_docum
     assert len(node.key) == 100 and len(below.key) == 2  # the shared words made a node below the document
     assert sorted(q.tolist() for q in cache.queries.queries(node.id)) == [[5, 6], what + [3], what + [4]]
     assert [q.tolist() for q in cache.queries.queries(below.id)] == [[4]]
+
+
+def test_a_context_above_is_offered_the_query_only_when_it_fits_a_held_out_query():
+    """A shared system prompt above documents longer than a held-out query would collect
+    document heads, not questions (review)."""
+    cache = EvicPressRadixCache(make_params(4096), Settings(host_bytes=1 << 20, held_out_queries=8))
+    system, d1, d2 = list(range(100, 300)), list(range(5000, 5600)), list(range(7000, 7600))
+    for prompt in (system + d1 + [1, 2], system + d2 + [3, 4], system + d1 + [5, 6]):
+        serve(cache, prompt)
+    top = cache._find_exact(RadixKey(array("q", system)))
+    doc = cache._find_exact(RadixKey(array("q", system + d1)))
+    assert [q.tolist() for q in cache.queries.queries(doc.id)] == [[5, 6]]
+    # the system prompt keeps what it was the deepest reuse of (the second request: its head),
+    # not the third request's document, which it only lies above
+    assert cache.queries.seen(top.id) == 1 and cache.queries.queries(top.id)[0].tolist() == d2[:512]
+
+
+def test_the_similarity_model_is_built_once_when_queries_are_scored_together(monkeypatch):
+    import threading
+    import time
+
+    from evicpress_sglang.profiler import scores
+    from evicpress_sglang.profiler.client import Answer
+    from evicpress_sglang.profiler.runner import Profiler
+
+    built = []
+
+    class SlowSimilarity:
+        def __init__(self):
+            built.append(threading.get_ident())
+            time.sleep(0.2)
+
+        def __call__(self, a, b):
+            return 1.0 if a == b else 0.5
+
+    class Client:
+        def answer(self, ids, namespace, n):
+            return Answer(f"answer {ids[-1]} {namespace[-1] == '0'}", [1])
+
+    monkeypatch.setattr(scores, "AnswerSimilarity", SlowSimilarity)
+    job = {"prefix": [1, 2], "queries": [[q] for q in range(8)], "codecs": ["bf16", "int8"], "namespaces": ["n0", "n1"]}
+    out = Profiler(Client()).measure(job, scores=("similarity",))
+    assert len(built) == 1 and out == {1: {"similarity": 0.5}}
 
 
 def test_held_out_queries_setting_is_validated():

@@ -106,6 +106,41 @@ def test_a_context_not_exact_on_the_gpu_is_profiled_through_a_recomputed_referen
     assert cache.audit() == [] and free_slots_accounted(cache)
 
 
+def test_a_recomputed_job_pins_its_reference_without_the_question_after_it(pressured):
+    """Twice the context's tokens is all a recomputed job needs: the reference is split
+    where the prefix ends, so the question and answer below it are not held (review: they
+    were pinned with it, and with a reserve of exactly twice the context every copy was
+    refused for a full reserve)."""
+    cache, http, profiler, _ = pressured(profile_reserve=2 * len(DOC + [7, 8, 9]) / 1024)
+    source = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9])))
+    cache.evict(EvictParams(num_tokens=10_000))
+    out = profiler.profile_node(source.id)
+    assert cache.profiling.counts["recomputed"] == 1 and set(out["measured"]) == set(CODECS), out
+    assert cache.profiling.held_tokens() == 0 and cache.protected_size() == 0
+    assert cache.audit() == [] and free_slots_accounted(cache)
+
+
+def test_a_context_in_a_cache_namespace_gets_no_job(pressured):
+    """SGLang appends a LoRA adapter's id to the request's extra_key; the profiler's requests
+    run on the base model, so such a context is not profiled (status says why)."""
+    cache, http, profiler, _ = pressured(profile_reserve=0.5)
+    for q in ([1], [2]):
+        serve(cache, DOC + [7, 8, 9] + q, extra_key="salt-or-lora")
+    node = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9]), "salt-or-lora"))
+    assert node is not None and cache.queries.queries(node.id)
+    got = ServerClient("http://testserver", http=http).jobs(node=node.id)
+    assert got["jobs"] == [] and "cache namespace" in got["refusal"]["reason"]
+
+
+def test_a_report_without_the_reference_served_is_discarded(pressured):
+    cache, http, _, _ = pressured(profile_reserve=0.5)
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    for ns in job["namespaces"][1:]:  # every lossy variant, but no request on the exact reference
+        serve(cache, job["prefix"] + [5], extra_key=ns)
+    out = cache.profiling.report(job["job"], {1: 0.9, 2: 0.8, 3: 0.7}, 3)
+    assert out["accepted"] and out["measured"] == {} and sorted(out["discarded"]) == sorted(CODECS)
+
+
 def test_a_context_dropped_while_it_is_measured_keeps_its_profile_by_content(pressured):
     """The job outlives its context's node: the report goes to the node that holds the
     same tokens when the context was recomputed meanwhile, or to the context memory."""

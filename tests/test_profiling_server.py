@@ -209,6 +209,29 @@ def test_contexts_never_profiled_come_before_popular_ones_profiled_again(server)
     assert short.id not in {j.node for j in cache.profiling.jobs.values()}
 
 
+def test_short_contexts_are_not_refusals_with_self_written_questions_either(server):
+    cache, _, _, _, _ = server
+    cache.settings.profile_self_questions = 2
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    ask(cache, DOC + [7, 8, 9, 4], [40])  # a node of 1 token of its own, reused
+    cache.profiling.prepare(10)
+    refusal = cache.profiling.last_refusal
+    assert refusal is None or "fewer than profile_min_tokens" not in refusal["reason"], refusal
+    for job in list(cache.profiling.jobs.values()):
+        cache.profiling.report(job.id, {}, 0)
+
+
+def test_a_profile_request_of_an_unknown_variant_is_ignored(server):
+    cache, _, http, _, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    job = ServerClient("http://testserver", http=http).jobs(want=1)["jobs"][0]
+    serve(cache, job["prefix"][:10] + [5], extra_key=f"{NAMESPACE}{job['job']}:99")  # partly matched, no variant 99
+    assert cache.health.internal_errors == 0 and cache.profiling.jobs[job["job"]].tainted() == set()
+    cache.profiling.report(job["job"], {}, 0)
+
+
 def test_no_background_profiling_under_a_policy_that_ignores_quality(server):
     cache, _, http, profiler, _ = server
     for q in ([1, 2, 3], [4, 5, 6]):

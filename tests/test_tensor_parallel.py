@@ -51,6 +51,7 @@ def test_ranks_make_identical_decisions(tmp_path):
     assert r0["disk_misses"] == r1["disk_misses"] > 0
     assert r0["loaded"] == r1["loaded"] > 0
     assert r0["profiled"] == r1["profiled"] > 0  # profile copies staged (evicting inside a match) alike
+    assert r0["recomputed"] == r1["recomputed"] > 0  # references recomputed (prefilled, then pinned) alike
     assert r0["held"] == r1["held"] == [["a", "b"], []]  # each rank's pending remote read holds on both
 
 

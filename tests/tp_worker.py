@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 
 import harness  # noqa: E402
 try:
@@ -111,19 +112,23 @@ def digest(cache: EvicPressRadixCache, served: harness.Served) -> list:
             ("calibration", repr(cache.cost.host_bw), repr(cache.cost.disk_bw))]
 
 
-def profile_job(cache: EvicPressRadixCache) -> int:
+def profile_job(cache: EvicPressRadixCache, recompute: bool) -> tuple[int, int]:
     """One background profile job, its requests in the runner's order (the reference, then
     each codec), then its report: staging a copy in the full pool evicts inside a match, on
-    every rank alike. Returns the variants measured."""
+    every rank alike. ``recompute``: everything leaves the GPU first, so the job prefills its
+    reference. Returns the variants measured and whether the job recomputed."""
+    if recompute:
+        cache.evict(EvictParams(num_tokens=cache.token_to_kv_pool_allocator.size))
     before = set(cache.profiling.jobs)
     cache.profiling.prepare(1)
     new = [j for i, j in cache.profiling.jobs.items() if i not in before]
     if not new:
-        return 0
+        return 0, 0
     job = new[0]
     for v in range(len(job.codecs)):
         harness.serve(cache, job.prefix + [95_000 + v], extra_key=f"evp-profile:{job.id}:{v}")
-    return len(cache.profiling.report(job.id, {v: 0.5 for v in range(1, len(job.codecs))}, 1)["measured"])
+    out = cache.profiling.report(job.id, {v: 0.5 for v in range(1, len(job.codecs))}, 1)
+    return len(out["measured"]), int(job.recompute)
 
 
 def held_for_remote_reads(cache: EvicPressRadixCache, rank: int) -> list:
@@ -175,7 +180,7 @@ def main(rank: int, port: int, tmp: str, out: str, steps: int, sync: bool) -> No
                         host_codecs=["bf16", "int8", "int4"], disk_codecs=["bf16+zstd", "int4+zstd"],
                         half_life_s=0.02, profile_min_tokens=32, profile_reserve=0.5)
     cache = EvicPressRadixCache(params, settings, cost=cost)
-    result = {"steps": 0, "divergence": None, "internal_errors": 0, "loaded": 0, "profiled": 0}
+    result = {"steps": 0, "divergence": None, "internal_errors": 0, "loaded": 0, "profiled": 0, "recomputed": 0}
     for step, tokens in enumerate(requests(steps)):
         if step in POLICY_AT:
             cache.set_policy(POLICY_AT[step])
@@ -183,7 +188,9 @@ def main(rank: int, port: int, tmp: str, out: str, steps: int, sync: bool) -> No
         if rank == 1:  # its own prefill timings
             cache.cost.prefill_s_per_token = 27e-6 * rng.uniform(0.05, 20.0)
         if step % 20 == PROFILE_AT:
-            result["profiled"] += profile_job(cache)
+            measured, recomputed = profile_job(cache, recompute=(step // 20) % 2 == 1)
+            result["profiled"] += measured
+            result["recomputed"] += recomputed
         served = harness.serve(cache, tokens, load_back=step % 7 != 3)
         result["loaded"] += served.loaded
         both: list = [None, None]

@@ -135,15 +135,18 @@ class PrefixMatch(TreeBookkeeping):
         match a waiting request many times); what it asks after a context it reuses whole
         is a held-out query of that context, for the deepest one and the ones above it
         (questions that share their first words split the tree below a document, and the
-        document is still what they were asked about)."""
+        document is still what they were asked about), as long as the whole of it fits a
+        held-out query: above that it would be the head of another document, not a question."""
         if req is None or req.rid in self._counted_rids or parse_namespace(req.extra_key) is not None:
             return
         self._counted_rids[req.rid] = None
         if len(self._counted_rids) > 100_000:
             self._counted_rids.pop(next(iter(self._counted_rids)))
         node, start, level = reused, self._logical_len(reused), 0
+        asked = len(req.origin_input_ids)
         while node is not self.root_node and level < HELD_OUT_LEVELS:
-            self.queries.offer(node.id, req.origin_input_ids[start:])
+            if node is reused or asked - start <= self.queries.max_tokens:  # above: only if the question fits
+                self.queries.offer(node.id, req.origin_input_ids[start:])
             start -= len(node.key)
             node, level = node.parent, level + 1
         now = self._now()

@@ -72,7 +72,7 @@ class ProfileCopies:
         if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
             return None
         if job.recompute and parsed[1] == 0:  # SGLang prefills what is missing; pin it once it exists
-            self._source(job)
+            self._pin_reference(job)
             return None
         ns_key = RadixKey(array("q", job.prefix), key.extra_key)
         if self.cache._find_exact(ns_key) is not None:
@@ -94,7 +94,7 @@ class ProfileCopies:
         ``refusal``: why :meth:`ensure` could not stage the variant just before."""
         parsed = parse_namespace(key.extra_key)
         job = self.jobs.get(parsed[0]) if parsed else None
-        if job is None:
+        if job is None or not 0 <= parsed[1] < len(job.codecs):
             return
         if job.recompute and parsed[1] == 0:  # found or prefilled by the request itself: exact either way
             logical_len = max(logical_len, len(job.prefix))
@@ -108,8 +108,8 @@ class ProfileCopies:
         before the next user eviction takes it as an idle copy."""
         parsed = parse_namespace(extra_key)
         job = self.jobs.get(parsed[0]) if parsed else None
-        if job is not None and job.recompute and parsed[1] == 0 and job.pinned is None:
-            self._source(job)
+        if job is not None and job.recompute and parsed[1] == 0:
+            self._pin_reference(job)
 
     def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
         """Stage the variant's copy, locked, in place of the job's other copies; None, or why not."""
@@ -147,32 +147,44 @@ class ProfileCopies:
 
     def _source(self, job: Job) -> torch.Tensor | str:
         """Pool slots of the exact KV of the job's prefix, kept locked until the job ends; or
-        why there are none. A recomputed job pins its reference the first time it is found."""
-        cache = self.cache
-        if job.pinned is None and job.recompute:
-            node = self._reference(job)
-            if node is None:
-                return "its recomputed reference is not in the pool (no request made it yet, or it was evicted)"
-            cache.inc_lock_ref(node)
-            job.pinned = node
+        why there are none."""
+        if not self._pin_reference(job):
+            return "its recomputed reference is not in the pool (no request made it yet, or it was evicted)"
         if job.pinned is None or not self._exact_on_gpu(job.pinned):
             return "the context's KV is no longer exact on the GPU"
-        return torch.cat([n.value for n in cache._path(job.pinned)])[: len(job.prefix)]
+        return torch.cat([n.value for n in self.cache._path(job.pinned)])
+
+    def _pin_reference(self, job: Job) -> bool:
+        """A recomputed job's reference is pinned the first time it is in the tree; False
+        while it is not (a job on the context's own KV is pinned from the start)."""
+        if job.pinned is not None or not job.recompute:
+            return True
+        node = self._reference(job)
+        if node is None:
+            return False
+        self.cache.inc_lock_ref(node)
+        job.pinned = node
+        return True
 
     def _reference(self, job: Job) -> TreeNode | None:
-        """The first node of the job's reference namespace whose path covers its whole prefix
-        (requests put their questions after it, so the prefix may end inside a node)."""
+        """The node of the job's reference namespace whose path is exactly its prefix. The
+        requests put their questions (and SGLang their answers) after the prefix, so it may
+        end inside a node: that node is split there, so that the pin holds the prefix only
+        (a pinned tail would count against the reserve until the job ends)."""
+        cache = self.cache
         key = RadixKey(array("q", job.prefix), namespace(job.id, 0))
-        node = self.cache.root_node
+        node = cache.root_node
         while len(key) > 0:
-            child = node.children.get(key.child_key(self.cache.page_size))
+            child = node.children.get(key.child_key(cache.page_size))
             if child is None or child.value is None or getattr(child, "evp_kept", None) is not None:
                 return None
-            found = child.key.match(key, page_size=self.cache.page_size)
+            found = child.key.match(key, page_size=cache.page_size)
             if found < min(len(child.key), len(key)):
                 return None
+            if found < len(child.key):
+                child = cache._split_node(child.key, child, found)
             node, key = child, key[found:]
-        return None if node is self.cache.root_node else node
+        return None if node is cache.root_node else node
 
     # -- memory ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from .profile_copies import ProfileCopies
 from .profile_job import REFERENCE, Job, Record, lossy_codecs
 
 JOB_TIMEOUT_S = 600.0
+_JOB_IDS = itertools.count(1)
 OUTCOMES_KEPT = 16
 
 
@@ -41,7 +42,7 @@ class ProfileStaging(ProfileCopies):
         self.refusal: dict | None = None  # why the last job asked for by node could not be made
         self.last_refusal: dict | None = None  # why the last job of either kind could not be made (status)
         self.outcomes: dict[str, dict] = {}  # of the last reported or expired jobs, by job id
-        self._ids = itertools.count(1)
+        self._ids = _JOB_IDS  # per process, not per cache: a report across a reset cannot hit a new job
         self.counts = {"jobs": 0, "reported": 0, "variants_measured": 0, "variants_tainted": 0, "staged": 0,
                        "expired": 0, "recomputed": 0}
         #: root child keys of profile namespaces (every profile request is matched through
@@ -78,7 +79,7 @@ class ProfileStaging(ProfileCopies):
         groups = [np.array(never, dtype=np.int64), np.array(again, dtype=np.int64)]
         if s.profile_self_questions:
             rows = t.rows()
-            groups.append(rows[~t.profiled[rows]])
+            groups.append(rows[~t.profiled[rows] & (t.tokens[rows] >= s.profile_min_tokens)])
         for rows in groups:
             for r in rows[np.argsort(-t.frequency(rows, now), kind="stable")]:
                 if want <= 0:
@@ -122,6 +123,9 @@ class ProfileStaging(ProfileCopies):
         least = self.cache.settings.profile_min_tokens
         if len(node.key) < least:  # what its placement moves: a few words split below a document are not worth a job
             return f"{len(node.key)} tokens of its own, fewer than profile_min_tokens ({least})"
+        if node.key.extra_key:  # its namespace: a cache salt, or a LoRA adapter's id (SGLang appends it)
+            return ("it lives in a cache namespace (a LoRA adapter or cache salt): the profiler's requests run "
+                    "on the base model and would measure something else")
         tokens = self.cache._logical_len(node)
         exact = self._exact_on_gpu(node)
         copies = 1 if exact else 2  # a recomputed reference is held beside each variant's copy
@@ -156,7 +160,7 @@ class ProfileStaging(ProfileCopies):
         for variant, q in quality.items():
             if variant <= 0 or variant >= len(job.codecs):
                 continue
-            if variant in tainted or variant not in served or 0 in tainted:
+            if variant in tainted or variant not in served or 0 in tainted or 0 not in served:
                 self.counts["variants_tainted"] += 1
                 continue
             measured[job.codecs[variant]] = min(max(float(q), 0.0), 1.0)

@@ -119,7 +119,13 @@ def run(args: argparse.Namespace) -> dict:
         _wait_profiled(url, args.wait_for, args.wait_s)
         record["waited_s"] = time.monotonic() - t0 - record["traffic_s"]
         profiler = Profiler(ServerClient(url), answer_tokens=args.answer_tokens)
-        contexts = [p for p in _status(url)["placements"] if p["held_out_queries"] > 0]
+        # the background profiler's own records, taken before the bench reports its measurements
+        # (a report is how the server says which variants it discarded, and it records them)
+        status = _status(url)
+        record["background"] = {"profiler": status["profiler"],
+                                "profiled": {p["node"]: p["profiled_quality"] for p in status["placements"]
+                                             if p["profiled_quality"]}}
+        contexts = [p for p in status["placements"] if p["held_out_queries"] > 0]
         rows, details = [], []
         with ThreadPoolExecutor(args.workers) as pool:  # documents side by side: the server batches them
             for got_rows, got_details in pool.map(lambda p: _calibrate_or_skip(profiler, p["node"], texts, doc_ids,
@@ -127,10 +133,6 @@ def run(args: argparse.Namespace) -> dict:
                 rows += got_rows
                 details += got_details
                 _write(out, record, rows, details)  # a run cut short still leaves what it measured
-        status = _status(url)  # the background profiler's own records, to compare with the bench's prediction
-        record["background"] = {"profiler": status["profiler"],
-                                "profiled": {p["node"]: p["profiled_quality"] for p in status["placements"]
-                                             if p["profiled_quality"]}}
         for r in rows:
             r["background_top1"] = record["background"]["profiled"].get(r["node"], {}).get(r["codec"])
     return _write(out, record, rows, details)

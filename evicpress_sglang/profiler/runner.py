@@ -58,6 +58,7 @@ class Profiler:
         self.share = share
         self.poll_s = poll_s
         self._similarity = None
+        self._similarity_lock = threading.Lock()
         self.lock = threading.Lock()  # one job at a time (background loop and admin trigger)
 
     def measure(self, job: dict, queries: list[list[int]] | None = None, scores: tuple[str, ...] | None = None,
@@ -117,10 +118,11 @@ class Profiler:
         return teacher_forced(r.logprobs, r.top1, reference)
 
     def similarity(self, a: str, b: str) -> float:
-        if self._similarity is None:
-            from .scores import AnswerSimilarity
+        with self._similarity_lock:  # a variant's queries are scored in several threads: one model
+            if self._similarity is None:
+                from .scores import AnswerSimilarity
 
-            self._similarity = AnswerSimilarity()
+                self._similarity = AnswerSimilarity()
         return self._similarity(a, b)
 
     def write_questions(self, job: dict) -> list[list[int]]:
