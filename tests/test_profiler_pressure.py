@@ -218,8 +218,9 @@ class ProfiledStress(Stress):
     requests run, their requests admitted in the runner's order (every query on the
     reference, then on each variant in turn), reported when all have finished."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, recompute: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.recompute = recompute  # jobs often find their context off the GPU: they recompute the reference
         self.job = None
         self.plan: list[tuple[str, list[int]]] = []  # (namespace, prompt) still to ask
         self.in_flight = None
@@ -247,6 +248,8 @@ class ProfiledStress(Stress):
 
     def _new_job(self) -> None:
         p = self.cache.profiling
+        if self.recompute and self.rng.random() < 0.5:  # user traffic took the GPU's exact KV first
+            self.cache.evict(EvictParams(num_tokens=self.cache.token_to_kv_pool_allocator.size // 3))
         before = set(p.jobs)
         p.prepare(1)
         new = [j for i, j in p.jobs.items() if i not in before]
@@ -296,5 +299,24 @@ def test_profile_jobs_in_the_stress_scheduler_are_measured(tmp_path, monkeypatch
         s.cache.profiling.report(s.job.id, {}, 0)
     t = s.tally
     assert t["jobs"] >= 2 and t["measured"] == 4 * t["jobs"] and t["discarded"] == 0, (t, s.reasons)  # before the fix: ~40% discarded
+    c = s.cache
+    assert c.protected_size() == 0 and c.profiling.held_tokens() == 0 and c.audit() == []
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_recomputed_profile_jobs_in_the_stress_scheduler_are_measured(tmp_path, monkeypatch, seed):
+    """The same with room in host memory, and half the jobs made just after an eviction that
+    moved contexts off the GPU: those prefill their reference while requests, faults, policy
+    switches and restarts go on."""
+    settings = {"policy": "evicpress", "host_bytes": 1500 * TOKEN_BYTES, "disk_dir": str(tmp_path / "disk"),
+                "disk_bytes": 2500 * TOKEN_BYTES, "alpha": 2.0, "quality_floor": 0.0,
+                "host_codecs": ["bf16", "int8", "int2", "keydiff:0.3+int8"], "disk_codecs": ["bf16", "int4"],
+                "profile_min_tokens": 16, "profile_reserve": 0.5}
+    s = ProfiledStress(seed, settings, tmp_path, lossless=False, monkeypatch=monkeypatch, recompute=True)
+    s.run(1600)
+    if s.job is not None:
+        s.cache.profiling.report(s.job.id, {}, 0)
+    t = s.tally
+    assert t["recomputed"] >= 1 and t["measured"] == 4 * t["jobs"] and t["discarded"] == 0, (t, s.reasons)
     c = s.cache
     assert c.protected_size() == 0 and c.profiling.held_tokens() == 0 and c.audit() == []
