@@ -65,13 +65,13 @@ class ProfileCopies:
     def ensure(self, key: RadixKey) -> str | None:
         """Before matching a profile request: stage its variant if it is not in the tree;
         why it could not be staged, if so."""
-        parsed = parse_namespace(key.extra_key)
-        if parsed and len(key):
+        if parse_namespace(key.extra_key) and len(key):
             self._tops[key.child_key(self.cache.page_size)] = None
-        job = self.jobs.get(parsed[0]) if parsed else None
-        if job is None or not 0 <= parsed[1] < len(job.codecs) or len(key) < len(job.prefix):
+        found = self._variant_of(key.extra_key)
+        if found is None or len(key) < len(found[0].prefix):
             return None
-        if job.recompute and parsed[1] == 0:  # SGLang prefills what is missing; pin it once it exists
+        job, variant = found
+        if job.recompute and variant == 0:  # SGLang prefills what is missing; pin it once it exists
             self._pin_reference(job)
             return None
         ns_key = RadixKey(array("q", job.prefix), key.extra_key)
@@ -86,30 +86,36 @@ class ProfileCopies:
             self._free_subtree(children[child_key], None)
             if child_key in children:
                 return "a tainted request still runs in its namespace"
-        return self._stage(job, parsed[1], ns_key)
+        return self._stage(job, variant, ns_key)
 
     def matched(self, key: RadixKey, rid: str, logical_len: int, refusal: str | None) -> None:
         """After matching profile request ``rid``: did it find the whole variant? Its last
         match counts (a waiting request is matched again each time the scheduler tries it).
         ``refusal``: why :meth:`ensure` could not stage the variant just before."""
-        parsed = parse_namespace(key.extra_key)
-        job = self.jobs.get(parsed[0]) if parsed else None
-        if job is None or not 0 <= parsed[1] < len(job.codecs):
+        found = self._variant_of(key.extra_key)
+        if found is None:
             return
-        if job.recompute and parsed[1] == 0:  # found or prefilled by the request itself: exact either way
+        job, variant = found
+        if job.recompute and variant == 0:  # found or prefilled by the request itself: exact either way
             logical_len = max(logical_len, len(job.prefix))
-        job.last_match[rid] = (parsed[1], logical_len)
+        job.last_match[rid] = (variant, logical_len)
         if logical_len < len(job.prefix):
-            job.reason = (f"variant {parsed[1]} ({job.codecs[parsed[1]]}) partly matched: {logical_len} of "
+            job.reason = (f"variant {variant} ({job.codecs[variant]}) partly matched: {logical_len} of "
                           f"{len(job.prefix)} tokens" + (f" (staging refused: {refusal})" if refusal else ""))
 
     def inserted(self, extra_key: str) -> None:
         """A profile request's KV entered the tree: a recomputed reference is pinned at once,
         before the next user eviction takes it as an idle copy."""
+        found = self._variant_of(extra_key)
+        if found is not None and found[0].recompute and found[1] == 0:
+            self._pin_reference(found[0])
+
+    def _variant_of(self, extra_key: str | None) -> tuple[Job, int] | None:
+        """The running job and the variant a profile namespace names; None for any other
+        namespace (a finished job's, or a variant its job does not have)."""
         parsed = parse_namespace(extra_key)
         job = self.jobs.get(parsed[0]) if parsed else None
-        if job is not None and job.recompute and parsed[1] == 0:
-            self._pin_reference(job)
+        return (job, parsed[1]) if job is not None and 0 <= parsed[1] < len(job.codecs) else None
 
     def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
         """Stage the variant's copy, locked, in place of the job's other copies; None, or why not."""

@@ -74,7 +74,8 @@ class Job:
     def summary(self, now: float) -> dict:
         """What status shows of a running job (no tokens)."""
         return {"job": self.id, "node": self.node, "codecs": self.codecs, "age_s": round(now - self.created, 1),
-                "recompute": self.recompute, "served": sorted(self.served()), "tainted": sorted(self.tainted()), "reason": self.reason}
+                "recompute": self.recompute, "served": sorted(self.served()), "tainted": sorted(self.tainted()),
+                "reason": self.reason}
 
 
 @dataclass

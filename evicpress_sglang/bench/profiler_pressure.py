@@ -78,8 +78,8 @@ def pool_tokens(reqs: list, share: float) -> int:
 def profiler_sample(profiler: dict) -> dict:
     """What one status sample keeps of the profiler: counters and the reasons of the last
     refusal, of each running job and of each recently finished job that discarded variants."""
-    keys = ("jobs", "recomputed", "reported", "staged", "variants_measured", "variants_tainted", "expired", "active_jobs",
-            "held_tokens", "reserve_tokens", "profiled_contexts")
+    keys = ("jobs", "recomputed", "reported", "staged", "variants_measured", "variants_tainted", "expired",
+            "active_jobs", "held_tokens", "reserve_tokens", "profiled_contexts")
     return {k: profiler.get(k) for k in keys} | {
         "refusal": (profiler.get("refusal") or {}).get("reason"),
         "running": [j.get("reason") for j in profiler.get("running", []) if j.get("reason")],
