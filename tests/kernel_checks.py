@@ -30,13 +30,34 @@ TOKENS = (1, 31, 64, 70)
 CODECS = ("fp8", "int8", "int4", "int2", "bf16", "keep+int8", "keep+int2", "keydiff:0.4+int4", "streaming:0.5+fp8",
           "knorm:0.3")
 #: Other pool dtypes SGLang allows (codec, geometry, tokens, dtype).
-DTYPE_CASES = (("int4", "L3H2D64", 45, "float32"), ("int8", "L3H2D64", 45, "float16"), ("fp8", "L2H3D128", 9, "float16"))
+DTYPE_CASES = (("int4", "L3H2D64", 45, "float32"), ("int8", "L3H2D64", 45, "float16"), ("fp8", "L2H3D128", 9, "float16"),
+               ("bf16", "L3H2D64", 45, "float32"), ("bf16", "L2H3D128", 9, "float16"))
 
 
 def cases() -> list[str]:
-    """Every case id: codec/geometry/tokens[/dtype]."""
+    """Every case id: codec/geometry/tokens[/dtype], and the start-up warm-up per geometry."""
     out = [f"{c}/{g}/{t}" for c in CODECS for g in GEOMETRIES for t in TOKENS]
-    return out + [f"{c}/{g}/{t}/{d}" for c, g, t, d in DTYPE_CASES]
+    return out + [f"{c}/{g}/{t}/{d}" for c, g, t, d in DTYPE_CASES] + [f"warm_up/{g}" for g in GEOMETRIES]
+
+
+def check_warm_up(geometry: str) -> None:
+    """kv_io.warm_up runs every kernel family in both directions and touches no slot but 0."""
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from evicpress_sglang.backend import kv_io
+
+    layers, heads, dim = GEOMETRIES[geometry]
+    pool = MHATokenToKVPool(size=64, page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=dim,
+                            layer_num=layers, device="cpu", enable_memory_saver=False)
+    g = torch.Generator().manual_seed(7)
+    for buf in (*pool.k_buffer, *pool.v_buffer):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    before = [b.clone() for b in (*pool.k_buffer, *pool.v_buffer)]
+    warmed = kv_io.warm_up(pool, ["bf16", "keydiff:0.5+int8", "int8", "fp8", "int4", "int2+zstd", "keep+int4"])
+    assert warmed == ["bf16", "int8", "fp8", "int4", "int2"], warmed
+    for buf, old in zip((*pool.k_buffer, *pool.v_buffer), before):
+        assert torch.equal(buf[1:], old[1:]), "a slot other than the padding slot 0 changed"
 
 
 def _faithful_conversions() -> None:
@@ -60,6 +81,8 @@ def _faithful_conversions() -> None:
 
 
 def check(case: str) -> None:
+    if case.startswith("warm_up/"):
+        return check_warm_up(case.split("/")[1])
     import torch
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -82,7 +105,7 @@ def check(case: str) -> None:
     if name.startswith("keep+"):  # a token subset: its tokens' positions in their context
         positions = torch.sort(torch.randperm(3 * tokens, generator=g)[:tokens]).values
     inner = codec.device_codec.inner if drops_tokens(codec) else codec
-    assert kernels.supports(inner, pool.k_buffer) or name.endswith(("bf16", "knorm:0.3")), case
+    assert kernels.supports(inner, pool.k_buffer), case
 
     k, v = kv_io.gather(pool, slots)
     want = codec.encode(k, v, positions=positions) if drops_tokens(codec) else codec.encode(k, v)
@@ -113,7 +136,7 @@ def main(out_path: str) -> None:
 
     assert kernels.INTERPRET, "run with TRITON_INTERPRET=1"
 
-    def no_fallback(quantizer, e: Exception) -> None:  # a kernel failure must fail the case, not hide
+    def no_fallback(quantizer, path: str, e: Exception) -> None:  # a kernel failure must fail the case, not hide
         raise e
 
     kv_io._give_up = no_fallback

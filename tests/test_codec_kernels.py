@@ -69,11 +69,37 @@ def test_a_failing_kernel_falls_back_to_torch_once_and_logged(monkeypatch, caplo
             assert torch.equal(kv_io.encode_from_pool(pool, slots, codec).payload, want.payload)
             kv_io.decode_into_pool(pool, slots, codec, want)
     assert len(calls) == 1, "a kernel that failed once is not tried again"
-    assert sum("fused int8 path failed" in r.message for r in caplog.records) == 1
+    assert sum("kernel path of int8 failed" in r.message for r in caplog.records) == 1
     k, v = kv_io.gather(pool, slots)
     out_k, out_v = torch.empty_like(k), torch.empty_like(v)
     codec.decode(want, out_k, out_v)
     assert torch.equal(k, out_k) and torch.equal(v, out_v)
+
+
+def test_bf16_falls_back_from_its_kernel_to_the_layer_copy_then_to_torch_each_once(monkeypatch, caplog):
+    """Each path that fails is given up once, logged once, and the next one down serves."""
+    pool, slots = pool_with_kv()
+    codec = get_codec("bf16")
+    monkeypatch.setattr(kv_io, "_failed", set())
+    monkeypatch.setattr(kv_io.kernels, "supports", lambda quantizer, k_buffer: True)
+    monkeypatch.setattr(kv_io.kernels, "encode", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    real_select = torch.index_select
+    layer_calls = []
+
+    def broken_select(*args, **kwargs):  # the per-layer copy writes with out=...
+        if "out" in kwargs:
+            layer_calls.append(1)
+            raise RuntimeError("no per-layer copy either")
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", broken_select)
+    want = codec.encode(*kv_io.gather(pool, slots))
+    with caplog.at_level(logging.WARNING, logger=kv_io.__name__):
+        for _ in range(3):
+            assert torch.equal(kv_io.encode_from_pool(pool, slots, codec).payload, want.payload)
+    assert kv_io._failed == {"bf16", "bf16/layers"} and len(layer_calls) == 1
+    assert [r.message.split(" failed")[0] for r in caplog.records] == [
+        "evicpress: the kernel path of bf16", "evicpress: the layers path of bf16"]
 
 
 def test_a_blob_that_does_not_fit_is_refused_before_writing():
@@ -94,3 +120,23 @@ def test_positions_only_with_a_subset_codec():
     pool, slots = pool_with_kv()
     with pytest.raises(ValueError):
         kv_io.encode_from_pool(pool, slots, get_codec("int8"), positions=torch.arange(len(slots)))
+
+
+def test_the_cache_compiles_its_stored_codecs_kernels_at_start_and_starts_if_that_fails(monkeypatch, caplog):
+    from evicpress_sglang.backend.cache import EvicPressRadixCache
+    from evicpress_sglang.settings import Settings
+    from harness import make_params
+
+    asked = []
+    monkeypatch.setattr(kv_io, "warm_up", lambda pool, codecs: asked.append(list(codecs)) or ["int8"])
+    settings = Settings(host_codecs=["bf16", "int8"], disk_codecs=[])
+    EvicPressRadixCache(make_params(64), settings)
+    assert asked == [settings.stored_codecs]
+
+    def broken(pool, codecs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kv_io, "warm_up", broken)
+    with caplog.at_level(logging.WARNING):
+        cache = EvicPressRadixCache(make_params(64), settings)
+    assert not cache.disable and any("compile at first use" in r.message for r in caplog.records)

@@ -6,10 +6,11 @@ for K and for V; a radix node owns a list of slot indices. Codecs want
 builds that; one ``index_copy_`` per layer writes decoded KV back into fresh slots.
 
 :func:`encode_from_pool` and :func:`decode_into_pool` skip the ``[layers, tokens, ...]``
-tensor where they can: the fp8, int8, int4 and int2 quantizers (alone or under token dropping)
-run as fused Triton kernels between the pool and the payload (:mod:`..codecs.kernels`), and
-``bf16`` is copied between the pool and its payload segments directly. Anything else, or a
-kernel that fails, takes the gather / codec / scatter path above, which gives the same bytes.
+tensor where they can: ``bf16`` and the fp8, int8, int4 and int2 quantizers (alone or under
+token dropping) run as fused Triton kernels between the pool and the payload
+(:mod:`..codecs.kernels`), and where the kernels do not run (a CPU pool), ``bf16`` is copied
+between the pool and its payload segments per layer. Anything else, or a kernel that fails,
+takes the gather / codec / scatter path above, which gives the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 
 import torch
 
-from ..codecs import CodecError, EncodedKV, KVCodec, KVShape, drops_tokens, kernels
+from ..codecs import CodecError, EncodedKV, KVCodec, KVShape, drops_tokens, get_codec, kernels
 from ..codecs.base import SegmentCodec, check_blob
 from ..codecs.drop import DropCodec
 from ..codecs.identity import IdentityCodec
@@ -88,7 +89,8 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
         raise ValueError(f"{codec.name} does not store positions; a token subset needs a keep+<quantizer> codec")
     idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
     quantizer = drop.inner if drop else codec
-    if _direct(quantizer, pool):
+    path = _path(quantizer, pool)
+    if path is not None:
         shape = pool_layout(pool).with_tokens(idx.numel())
         payload = torch.empty(codec.nbytes(shape), dtype=torch.uint8, device=idx.device)
         inner, kept = payload, idx
@@ -99,10 +101,10 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
             payload[: head.numel()] = head
             inner, kept = payload[head.numel():], idx[picked]
         try:
-            _encode_into(pool, kept, quantizer, inner)
+            _encode_into(pool, kept, quantizer, inner, path)
             return EncodedKV(codec.name, shape, payload)
         except Exception as e:  # noqa: BLE001 - any kernel failure: the torch path below is always right
-            _give_up(quantizer, e)
+            _give_up(quantizer, path, e)
     k, v = gather(pool, idx)
     return codec.encode(k, v, positions=positions, start=start) if drop else codec.encode(k, v)
 
@@ -125,49 +127,81 @@ def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) 
     drop = codec if isinstance(codec, DropCodec) else None
     quantizer = drop.inner if drop else codec
     enc = enc.to(idx.device)
-    if _direct(quantizer, pool):
+    path = _path(quantizer, pool)
+    if path is not None:
         try:
-            _decode_from(pool, idx, quantizer, drop.inner_payload(enc).payload if drop else enc.payload)
+            _decode_from(pool, idx, quantizer, drop.inner_payload(enc).payload if drop else enc.payload, path)
             return drop.positions(enc) if drop else None
         except Exception as e:  # noqa: BLE001 - as in encode_from_pool; the slots are all rewritten below
-            _give_up(quantizer, e)
+            _give_up(quantizer, path, e)
     k, v, positions = decode(codec, enc, idx.device)
     scatter(pool, idx, k, v)
     return positions
 
 
-#: Quantizers whose kernel failed once (e.g. fp8 on a GPU without it): torch from then on.
+#: Tokens of the warm-up (any count: the kernels are not specialized on it).
+WARM_TOKENS = 40
+
+
+def warm_up(pool, codecs: list[str]) -> list[str]:
+    """Compile, now, the kernels that ``codecs`` (stored codec names) will run between the pool
+    and their payloads, in both directions: otherwise the first store and the first load-back of
+    each run Triton's compiler on the scheduler thread (about a second each on an H200 with an
+    empty Triton cache). Reads and writes only slot 0, which SGLang keeps for the dummy writes of
+    padded tokens. Returns the quantizers compiled."""
+    idx = torch.zeros(WARM_TOKENS, dtype=torch.int64, device=pool.k_buffer[0].device)
+    shape = pool_layout(pool).with_tokens(WARM_TOKENS)
+    done: list[str] = []
+    for name in codecs:
+        codec = get_codec(name).device_codec
+        quantizer = codec.inner if isinstance(codec, DropCodec) else codec
+        if quantizer.name in done or _path(quantizer, pool) != "kernel":
+            continue
+        payload = torch.empty(quantizer.nbytes(shape), dtype=torch.uint8, device=idx.device)
+        kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+        kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+        done.append(quantizer.name)
+    return done
+
+
+#: Paths that failed once ("int8": its kernel; "bf16/layers": the per-layer bf16 copy): not
+#: tried again, the next path down is taken from then on.
 _failed: set[str] = set()
 
 
-def _direct(quantizer: KVCodec, pool) -> bool:
-    """True when ``quantizer`` goes between pool and payload without the intermediate tensor."""
-    if quantizer.name in _failed:
-        return False
-    return isinstance(quantizer, IdentityCodec) or kernels.supports(quantizer, pool.k_buffer)
+def _path(quantizer: KVCodec, pool) -> str | None:
+    """How ``quantizer``'s payload moves between the pool and the payload without the
+    intermediate tensor: ``"kernel"`` (:mod:`..codecs.kernels`), ``"layers"`` (``bf16``, one
+    copy per layer: where no kernel runs, e.g. a CPU pool, or after the kernel failed), or
+    None: the gather / codec / scatter path."""
+    if quantizer.name not in _failed and kernels.supports(quantizer, pool.k_buffer):
+        return "kernel"
+    if isinstance(quantizer, IdentityCodec) and f"{quantizer.name}/layers" not in _failed:
+        return "layers"
+    return None
 
 
-def _give_up(quantizer: KVCodec, e: Exception) -> None:
-    _failed.add(quantizer.name)
-    log.warning("evicpress: the fused %s path failed (%s: %s); using the torch codec for it from now on",
-                quantizer.name, type(e).__name__, e, exc_info=True)
+def _give_up(quantizer: KVCodec, path: str, e: Exception) -> None:
+    _failed.add(quantizer.name if path == "kernel" else f"{quantizer.name}/{path}")
+    log.warning("evicpress: the %s path of %s failed (%s: %s); not using it from now on", path, quantizer.name,
+                type(e).__name__, e, exc_info=True)
 
 
-def _encode_into(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor) -> None:
-    if isinstance(quantizer, IdentityCodec):
+def _encode_into(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor, path: str) -> None:
+    if path == "kernel":
+        kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+    else:  # "layers"
         shape = pool_layout(pool).with_tokens(idx.numel())
         quantizer.zero_padding(payload, shape)
         views = quantizer.views(payload, shape)
         for layer, (kb, vb) in enumerate(zip(pool.k_buffer, pool.v_buffer)):
             torch.index_select(kb, 0, idx, out=views["k"][layer])
             torch.index_select(vb, 0, idx, out=views["v"][layer])
-    else:
-        kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
 
 
-def _decode_from(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor) -> None:
-    if isinstance(quantizer, IdentityCodec):
+def _decode_from(pool, idx: torch.Tensor, quantizer: SegmentCodec, payload: torch.Tensor, path: str) -> None:
+    if path == "kernel":
+        kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+    else:  # "layers"
         views = quantizer.views(payload, pool_layout(pool).with_tokens(idx.numel()))
         scatter(pool, idx, views["k"], views["v"])
-    else:
-        kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)

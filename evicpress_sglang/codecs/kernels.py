@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the quantizers: pool slots -> payload and payload -> pool slots, one pass each.
+"""Fused Triton kernels for the codecs: pool slots -> payload and payload -> pool slots, one pass each.
 
 The torch codecs gather a context into a ``[layers, tokens, heads, head_dim]`` tensor and
 quantize it op by op; on the way back they decode into a fresh tensor that is then scattered
@@ -8,7 +8,10 @@ int8; KIVI: one for keys, one for values), compiled once per direction, reads th
 context's slots and writes the payload, or writes the decoded values straight into the pool's
 rows: each byte is read once and written once. On an H200 (8B-class geometry, 8k tokens and
 more) that is 2.0-2.6 TB/s of bf16 KV decoded and 0.6-1.8 TB/s encoded, against 0.1-0.2 for
-the torch codecs (bench/results/2026-12-01-codec-kernels/).
+the torch codecs (bench/results/2026-12-01-codec-kernels/). ``bf16`` (the pool's KV as it is) has a
+copy kernel too: not for bandwidth (a gather per buffer is as fast) but for the scheduler thread,
+which otherwise launches one gather per layer for K and for V (60 for SmolLM2, 64 for an 8B model)
+on every store and load-back, where one launch does (issue 25: a plan step's cost inside ``evict()``).
 
 **Layout.** The payload is the torch codec's, byte for byte (same segments, offsets and
 zero padding, :meth:`SegmentCodec.offsets`), so blobs written by either decode with either,
@@ -39,6 +42,7 @@ import torch
 from .absmax import AbsmaxCodec
 from .base import KVShape, SegmentCodec
 from .fp8 import FP8Codec
+from .identity import IdentityCodec
 from .kivi import GROUP, KiviCodec
 
 try:
@@ -56,17 +60,18 @@ INTERPRET = bool(triton is not None and triton.knobs.runtime.interpret)
 #: kernels. Encoding wants small V tiles (32 rows: 595 GB/s, 128: 442), decoding larger ones.
 ABSMAX_ROWS = 32
 ABSMAX_WARPS = 4
+COPY_ROWS = 32  # rows (token, head) per program of the bf16 copy kernel, as the absmax kernels
 KIVI_TILES = {"encode": (128, 32), "decode": (256, 128)}
 KIVI_WARPS = 4
 
 
 def supports(codec: SegmentCodec | object, k_buffer: list[torch.Tensor]) -> bool:
-    """True when the kernels handle ``codec`` (an fp8, int8, int4 or int2 quantizer) on a pool
-    with these K buffers (V buffers are required to match by :func:`buffer_offsets`)."""
+    """True when the kernels handle ``codec`` (``bf16``, or an fp8, int8, int4 or int2 quantizer)
+    on a pool with these K buffers (V buffers are required to match by :func:`buffer_offsets`)."""
     if triton is None or not k_buffer or not (k_buffer[0].is_cuda or INTERPRET):
         return False
     head_dim = k_buffer[0].shape[-1]
-    if isinstance(codec, AbsmaxCodec):
+    if isinstance(codec, (AbsmaxCodec, IdentityCodec)):
         return _pow2(head_dim)
     if isinstance(codec, KiviCodec):
         return head_dim % GROUP == 0
@@ -134,6 +139,11 @@ def _run(encoding: bool, k_buffer: list[torch.Tensor], v_buffer: list[torch.Tens
 def _launch(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Tensor, offsets: torch.Tensor,
             slots: torch.Tensor, payload: torch.Tensor, at: dict[str, int]) -> None:
     L, n, H, D = shape.tensor_shape
+    if isinstance(codec, IdentityCodec):
+        _copy[(triton.cdiv(n * H, COPY_ROWS), 2 * L)](
+            pool, offsets, slots, payload, at["k"], at["v"] - at["k"], n * H, LAYERS=L, HD=H * D, D=D,
+            BLOCK=COPY_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS)
+        return
     if isinstance(codec, AbsmaxCodec):
         _absmax[(triton.cdiv(n * H, ABSMAX_ROWS), 2 * L)](
             pool, offsets, slots, payload, at["k_codes"], at["v_codes"] - at["k_codes"], at["k_scale"],
@@ -153,6 +163,25 @@ def _launch(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Ten
 
 if triton is not None:
     _GROUP = tl.constexpr(GROUP)
+
+    # Counts (rows, tokens) are not specialized on (Triton compiles a variant for 1 and for
+    # multiples of 16 by default): one compiled kernel per geometry serves every context length,
+    # so that kv_io.warm_up can compile them all at start-up.
+    @triton.jit(do_not_specialize=["rows"])
+    def _copy(pool, offsets, slots, payload, k_at, kv_bytes, rows, LAYERS: tl.constexpr, HD: tl.constexpr,
+              D: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
+        """IdentityCodec, program (row block, K/V layer); a row is (layer, token, head). The K and V
+        segments are [layers, tokens, heads, head_dim] in the pool's dtype, ``kv_bytes`` apart."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        buf = tl.program_id(1).to(tl.int64)
+        kv, layer = buf // LAYERS, buf % LAYERS
+        tile, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
+        seg = (payload + k_at + kv * kv_bytes).to(tl.pointer_type(pool.dtype.element_ty), bitcast=True)
+        at = seg + (layer * rows + r)[:, None] * D + tl.arange(0, D)[None, :]
+        if ENCODE:
+            tl.store(at, tl.load(tile, mask=mask), mask=mask)
+        else:
+            tl.store(tile, tl.load(at, mask=mask), mask=mask)
 
     @triton.jit
     def _rne(x):
@@ -177,7 +206,7 @@ if triton is not None:
         slot = tl.load(slots + t, mask=mask, other=0)
         return pool + tl.load(offsets + buf) + slot[:, None] * HD + c[None, :], mask[:, None]
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _absmax(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, CODE_MAX: tl.constexpr, BLOCK: tl.constexpr,
                 ENCODE: tl.constexpr):
@@ -262,7 +291,7 @@ if triton is not None:
     def _fp16(payload, at):
         return (payload + at).to(tl.pointer_type(tl.float16), bitcast=True)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tokens", "full"])
     def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, HD: tl.constexpr,
                 BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI keys, program (token group, column block, layer): per column, one min and scale for
@@ -294,7 +323,7 @@ if triton is not None:
             else:
                 tl.store(tile, tl.load(resid, mask=mask), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI values, program (row block, layer): one min and scale per row = (token, run of GROUP
