@@ -177,7 +177,13 @@ def evictions_between(before: dict, after: dict) -> dict:
         diff = [a - b for a, b in zip(h1[key], h0[key])]
         for q in (50, 99):
             out[f"{name}_p{q}_ms"] = hist_percentile(h1["buckets_ms"], diff, q)
-    return out
+    steps = {}
+    for kind, counts in h1.get("steps", {}).items():  # what the evictions' time is made of
+        diff = [a - b for a, b in zip(counts, h0.get("steps", {}).get(kind, [0] * len(counts)))]
+        if sum(diff):
+            steps[kind] = {"n": sum(diff), **{f"p{q}_ms": hist_percentile(h1["buckets_ms"], diff, q)
+                                               for q in (50, 99, 100)}}
+    return out | {"evict_steps": steps}
 
 
 def measure(url: str, policy: str, n: int, first: int, tokens: int, args: argparse.Namespace) -> dict:

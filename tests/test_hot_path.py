@@ -126,6 +126,9 @@ def test_background_plan_is_applied_and_a_policy_switch_discards_it(tmp_path):
     cache.evict(EvictParams(num_tokens=40))
     assert cache.stats.plan["steps"] > before
     assert cache.stats.stores  # lru-offload's plan stored contexts in host memory
+    steps = cache.status()["stats"]["evict_hist"]["steps"]  # each applied step's time, by kind
+    assert sum(sum(steps[k]) for k in ("store", "restore", "drop")) == cache.stats.plan["steps"]
+    assert sum(steps["store"]) == sum(cache.stats.stores.values()) and not sum(steps["fallback_drop"])
     for d in docs:  # every context still served exactly
         r = serve(cache, d + [1])
         k, v = expected_kv(d + [1])
@@ -145,6 +148,8 @@ def test_budget_spent_falls_back_to_lru_drops_among_the_plans_candidates(tmp_pat
     cache.evict(EvictParams(num_tokens=40))
     assert cache.stats.plan["budget_stops"] == 1 and cache.stats.plan["steps"] == 0
     assert cache.stats.plan["fallback_drops"] >= 1 and not cache.stats.stores
+    steps = cache.status()["stats"]["evict_hist"]["steps"]
+    assert sum(steps["fallback_drop"]) >= cache.stats.plan["fallback_drops"] and not sum(steps["store"])
     assert oldest.id not in cache.table and oldest.id not in cache.nodes  # dropped, least recently used first
     assert free_slots_accounted(cache) and not cache.audit()
 
@@ -211,6 +216,10 @@ def test_gpu_bench_runs_end_to_end_against_a_stand_in_server(tmp_path):
     ev = rows[(60, "evicpress")]
     assert ev["evict_p50_ms"] == 0.5 and ev["evict_p99_ms"] == 1.0 and ev["evict_lock_wait_p99_ms"] == 0.5
     assert ev["evictions"] > 0 and rows[(60, "stock")]["evict_p99_ms"] is None
+    # the window's steps by kind (the stand-in counts a store of <= 0.5 ms and a drop of <= 1 ms a request)
+    store = ev["evict_steps"]["store"]
+    assert 0 < store.pop("n") < ev["evictions"] and store == {"p50_ms": 0.5, "p99_ms": 0.5, "p100_ms": 0.5}
+    assert ev["evict_steps"]["fallback_drop"]["p100_ms"] == 1.0 and "drop" not in ev["evict_steps"]
     assert set(report["itl_p99_evicpress_over_stock"]) == {"30", "60"}
     sent = [json.loads(line) for line in (tmp_path / "rec").read_text().splitlines()]
     fills = [b for b in sent if not b.get("stream")]

@@ -20,6 +20,12 @@ EVICT_BUCKETS_MS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.
                     1000.0, float("inf"))
 
 
+#: What a step of eviction did (:meth:`Stats.step`): a plan's store to a tier, recompression of a
+#: stored context, drop; the LRU fallback's drops among the plan's GPU contexts; and SGLang's own
+#: LRU eviction when all that freed too little (it visits every evictable leaf).
+STEP_KINDS = ("store", "restore", "drop", "fallback_drop", "stock_lru")
+
+
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
     """The histogram bucket of ``value``: the first whose upper bound is at least it."""
     return bisect_left(bounds, value)
@@ -48,6 +54,8 @@ class Stats:
     evict_waits: deque = field(default_factory=lambda: deque(maxlen=4096))
     evict_hist: list = field(default_factory=lambda: [0] * len(EVICT_BUCKETS_MS))
     evict_wait_hist: list = field(default_factory=lambda: [0] * len(EVICT_BUCKETS_MS))
+    #: per step kind, the histogram of each step's time: what an eviction's time is made of
+    step_hist: dict = field(default_factory=lambda: {k: [0] * len(EVICT_BUCKETS_MS) for k in STEP_KINDS})
     #: applying plans: steps carried out, stale steps skipped, stops at the time budget,
     #: evictions that found no current plan, contexts dropped by the LRU fallback
     plan: dict = field(default_factory=lambda: dict.fromkeys(
@@ -72,6 +80,10 @@ class Stats:
         self.evict_waits.append(waited)
         self.evict_hist[_bucket(EVICT_BUCKETS_MS, seconds * 1e3)] += 1
         self.evict_wait_hist[_bucket(EVICT_BUCKETS_MS, waited * 1e3)] += 1
+
+    def step(self, kind: str, seconds: float) -> None:
+        """One step of an eviction (``kind`` one of :data:`STEP_KINDS`) took ``seconds``."""
+        self.step_hist[kind][_bucket(EVICT_BUCKETS_MS, seconds * 1e3)] += 1
 
     def forget_evictions(self) -> None:
         """Start the recent-evictions windows afresh (``/flush_cache``: a new run); the
@@ -117,7 +129,8 @@ class Stats:
             "found_by_content": self.found_by_content, "published": self.published, "shared_hits": self.shared_hits,
             "evict_seconds": self.evict_seconds, "evict_ms": self.evict_ms(), "evict_wait_ms": self.evict_ms(waits=True),
             "evict_hist": {"buckets_ms": [str(b) for b in EVICT_BUCKETS_MS], "counts": list(self.evict_hist),
-                           "wait_counts": list(self.evict_wait_hist)},
+                           "wait_counts": list(self.evict_wait_hist),
+                           "steps": {k: list(h) for k, h in self.step_hist.items()}},
             "plan": dict(self.plan),
             "encode_seconds": self.encode_seconds,
             "load_latency": {"buckets": [str(b) for b in LOAD_BUCKETS], "counts": list(self.load_hist),
