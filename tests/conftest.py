@@ -26,6 +26,27 @@ def smollm2_kv(smollm2_dir) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture
+def scores_only(monkeypatch) -> None:
+    """Token selectors that choose by their scores alone: no whole short contexts, no recent
+    window (tests of what a selector's score keeps; the two rules have tests of their own)."""
+    from evicpress_sglang.codecs.drop import ScoredSelector, TokenSelector
+
+    monkeypatch.setattr(TokenSelector, "MIN_TOKENS", 0)
+    monkeypatch.setattr(ScoredSelector, "RECENT", 0)
+
+
+@pytest.fixture
+def short_contexts_drop(monkeypatch) -> None:
+    """Dropping codecs that drop from contexts of 8 tokens on, with a 4-token recent window: the
+    seeded stress scheduler's contexts are 3-90 tokens (radix nodes of a few tokens each), which
+    the production minimum (64) would store whole, leaving the dropped-KV paths unexercised."""
+    from evicpress_sglang.codecs.drop import ScoredSelector, TokenSelector
+
+    monkeypatch.setattr(TokenSelector, "MIN_TOKENS", 8)
+    monkeypatch.setattr(ScoredSelector, "RECENT", 4)
+
+
+@pytest.fixture
 def stalled_disk_writes(monkeypatch) -> threading.Event:
     """Every file opened for writing waits until the returned event is set (the test sets it)."""
     gate = threading.Event()

@@ -136,13 +136,14 @@ def arrive(cache, req, timeout_s: float = 30.0) -> None:
         time.sleep(0.001)
 
 
-def pool_with_kv(tokens: int = 40):
-    """A real SGLang pool on the CPU filled with random KV, and ``tokens`` scattered slots of it."""
-    pool = make_params(128).token_to_kv_pool_allocator.get_kvcache()
+def pool_with_kv(tokens: int = 100):
+    """A real SGLang pool on the CPU filled with random KV, and ``tokens`` scattered slots of it
+    (by default more than a dropping codec's ``MIN_TOKENS``, so that it drops some)."""
+    pool = make_params(256).token_to_kv_pool_allocator.get_kvcache()
     g = torch.Generator().manual_seed(1)
     for buf in (*pool.k_buffer, *pool.v_buffer):
         buf.copy_(torch.randn(buf.shape, generator=g))
-    return pool, torch.randperm(128, generator=g)[:tokens]
+    return pool, torch.randperm(256, generator=g)[:tokens]
 
 
 def assert_pool_entry_points_agree(name: str) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from evicpress_sglang.codecs import CodecError, KVShape, drops_tokens, get_codec
-from evicpress_sglang.codecs.drop import StreamingSelector
+from evicpress_sglang.codecs.drop import SELECTORS, ContextKV, KeyDiffSelector, StreamingSelector, TokenSelector
 from evicpress_sglang.policy import CostModel, prior_quality
 
 
@@ -31,7 +31,7 @@ def test_sizes_are_exact_and_kept_count_follows_the_ratio(name, tokens):
     enc = codec.encode(k, v)
     ratio = float(name.split("+")[0].split(":")[1])
     kept = codec.output_shape(KVShape.of(k)).tokens
-    assert kept == max(1, tokens - int(ratio * tokens))
+    assert kept == (tokens if tokens < TokenSelector.MIN_TOKENS else max(1, tokens - int(ratio * tokens)))
     if codec.fixed_rate:
         assert enc.nbytes == codec.nbytes(KVShape.of(k))
     else:  # zstd on top: inflates to exactly the inner codec's size
@@ -62,14 +62,14 @@ def test_quantized_inner_stays_within_its_error_on_the_kept_tokens():
     assert err < 0.05 * k.float().abs().max().item()
 
 
-def test_knorm_keeps_the_smallest_keys():
+def test_knorm_keeps_the_smallest_keys(scores_only):
     k, v = _kv(50)
     k[:, :10] *= 10  # ten loud tokens in every layer and head
     pos = get_codec("knorm:0.2").positions(get_codec("knorm:0.2").encode(k, v))
     assert set(range(10)).isdisjoint(pos.tolist())
 
 
-def test_keydiff_keeps_the_distinctive_keys():
+def test_keydiff_keeps_the_distinctive_keys(scores_only):
     k, v = _kv(60)
     common = torch.randn(k.shape[-1])
     k = (common.expand_as(k.float()) + 0.05 * k.float()).to(torch.bfloat16)  # nearly identical keys...
@@ -81,14 +81,45 @@ def test_keydiff_keeps_the_distinctive_keys():
 
 
 def test_streaming_keeps_sinks_and_the_recent_window():
-    k, v = _kv(40)
+    k, v = _kv(100)
     pos = get_codec("streaming:0.5").positions(get_codec("streaming:0.5").encode(k, v)).tolist()
     sinks = StreamingSelector.SINKS
-    assert pos == list(range(sinks)) + list(range(40 - (20 - sinks), 40))
+    assert pos == list(range(sinks)) + list(range(100 - (50 - sinks), 100))
+
+
+@pytest.mark.parametrize("name", ["knorm", "keydiff", "streaming"])
+def test_contexts_shorter_than_min_tokens_keep_every_token(name):
+    """A short context (a question tail, a chat turn) is stored whole under a dropping codec:
+    its size is the kept-all size, known before encoding; from MIN_TOKENS on the ratio applies."""
+    short = TokenSelector.MIN_TOKENS - 1
+    codec = get_codec(f"{name}:0.5+int8")
+    k, v = _kv(short)
+    enc = codec.encode(k, v)
+    assert codec.positions(enc).tolist() == list(range(short))
+    assert enc.nbytes == codec.nbytes(KVShape.of(k)) == get_codec("keep+int8").nbytes(KVShape.of(k))
+    k, v = _kv(TokenSelector.MIN_TOKENS)
+    assert codec.positions(codec.encode(k, v)).numel() == TokenSelector.MIN_TOKENS // 2
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.95])
+def test_scored_selectors_always_keep_the_recent_window(ratio):
+    """The last RECENT tokens are kept even when their scores are the worst (here: keys equal
+    to the context's mean direction, which keydiff ranks last), at most half of those kept."""
+    tokens = 200
+    k, v = _kv(tokens)
+    common = torch.randn(k.shape[-1])
+    k = k.float()
+    k[:, -KeyDiffSelector.RECENT - 1:] = common  # the least distinctive keys of the context
+    sel = SELECTORS["keydiff"](ratio)
+    kept = sel.select(ContextKV(k, lambda: v, torch.arange(tokens))).tolist()
+    keep = sel.kept(tokens)
+    recent = min(KeyDiffSelector.RECENT, keep // 2)
+    assert len(kept) == keep and kept[-recent:] == list(range(tokens - recent, tokens))
+    assert tokens - recent - 1 not in kept  # as bad a score, just before the window: dropped
 
 
 def test_redropping_composes_positions():
-    k, v = _kv(100)
+    k, v = _kv(200)
     first = get_codec("keydiff:0.5")
     enc = first.encode(k, v)
     pos1 = first.positions(enc)
@@ -96,7 +127,7 @@ def test_redropping_composes_positions():
     second = get_codec("streaming:0.5+int8")
     enc2 = second.encode(k1, v1, positions=pos1)
     pos2 = second.positions(enc2)
-    assert pos2.numel() == 25 and set(pos2.tolist()) <= set(pos1.tolist())
+    assert pos2.numel() == 50 and set(pos2.tolist()) <= set(pos1.tolist())
     assert torch.equal(pos2[: StreamingSelector.SINKS], pos1[: StreamingSelector.SINKS])
     with pytest.raises(CodecError, match="positions"):
         second.encode(k1, v1, positions=pos1[:-1])

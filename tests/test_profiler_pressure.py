@@ -288,6 +288,7 @@ class ProfiledStress(Stress):
 
 
 @pytest.mark.parametrize("seed,recompute", [(1, False), (2, False), (3, True), (4, True)])
+@pytest.mark.usefixtures("short_contexts_drop")
 def test_profile_jobs_in_the_stress_scheduler_are_measured(tmp_path, monkeypatch, seed, recompute):
     """``recompute``: room in host memory, and half the jobs made just after an eviction that
     moved contexts off the GPU, so they prefill their reference while requests, faults, policy

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evicpress_sglang.codecs import CodecError, KVShape, get_codec, queries
+from evicpress_sglang.codecs.drop import TokenSelector
 from evicpress_sglang.codecs.queries import QueryModel, rope
 from evicpress_sglang.policy import prior_quality
 from harness import DIM, HEADS, LAYERS, assert_pool_entry_points_agree
@@ -42,7 +43,7 @@ def _kept(name, k, v, positions=None):
     return codec.positions(codec.encode(k.to(torch.bfloat16), v.to(torch.bfloat16), positions=positions)).tolist()
 
 
-def test_expected_keeps_what_the_mean_query_attends_to_and_drops_the_rest(qmodel):
+def test_expected_keeps_what_the_mean_query_attends_to_and_drops_the_rest(qmodel, scores_only):
     u = torch.nn.functional.normalize(torch.randn(DIM), dim=0)
     qmodel(_model(mean=8 * u))
     k, v = _kv()
@@ -53,7 +54,7 @@ def test_expected_keeps_what_the_mean_query_attends_to_and_drops_the_rest(qmodel
     assert len(kept) == 6 and set(loud) <= set(kept) and not set(opposed) & set(kept)
 
 
-def test_expected_weighs_tokens_by_value_norm(qmodel):
+def test_expected_weighs_tokens_by_value_norm(qmodel, scores_only):
     qmodel(_model())  # zero mean: the attention term is nearly flat, values decide
     k, v = _kv()
     v[:, [3, 9]] *= 50
@@ -61,7 +62,7 @@ def test_expected_weighs_tokens_by_value_norm(qmodel):
     assert len(kept) == 3 and {3, 9} <= set(kept)
 
 
-def test_expected_rotates_the_query_to_the_positions_after_the_context(qmodel):
+def test_expected_rotates_the_query_to_the_positions_after_the_context(qmodel, scores_only):
     """A pre-RoPE query along u, tokens whose pre-RoPE key is u stored after RoPE: the kept set
     must follow the rotated query, and another context length moves the future positions."""
     freq = 0.5  # one full turn every ~12.6 positions: the future window's mean rotation matters
@@ -85,7 +86,7 @@ def test_expected_rotates_the_query_to_the_positions_after_the_context(qmodel):
     assert 11 in kept and 12 not in kept
 
 
-def test_kvzip_keeps_the_tokens_its_predicted_queries_find(qmodel):
+def test_kvzip_keeps_the_tokens_its_predicted_queries_find(qmodel, scores_only):
     u = torch.nn.functional.normalize(torch.randn(DIM), dim=0)
     qmodel(_model(bias=8 * u))  # every predicted query is 8u, whatever the key
     k, v = _kv()
@@ -120,13 +121,13 @@ def test_sizes_positions_and_redropping(qmodel, name, tokens):
         assert codec.unpack_host(codec.encode(k, v)).nbytes == raw.nbytes
     kept = codec.output_shape(KVShape.of(k)).tokens
     ratio = float(name.split("+")[0].split(":")[1])
-    assert kept == max(1, tokens - math.floor(ratio * tokens))
+    assert kept == (tokens if tokens < TokenSelector.MIN_TOKENS else max(1, tokens - math.floor(ratio * tokens)))
     pos = codec.device_codec.positions(raw)
     assert pos.numel() == kept and torch.all(pos[1:] > pos[:-1]) and torch.all((pos - 5) % 3 == 0)
 
 
 def test_the_selectors_fail_clearly_without_a_fitting_query_model(qmodel):
-    k, v = _kv()
+    k, v = _kv(100)
     with pytest.raises(CodecError, match="query_model"):
         get_codec("expected:0.5").encode(k, v)
     qmodel(_model(layers=LAYERS + 1))
@@ -158,8 +159,9 @@ def test_selectors_take_softmax_along_the_last_dimension_only(qmodel, monkeypatc
     kernels that refuse any other dimension (seen on the H200: every 'expected' store failed).
     The selectors must choose the same tokens under that restriction."""
     qmodel(_model(mean=torch.randn(DIM)))
-    k, v = _kv()
+    k, v = _kv(100)
     free = _kept(name, k, v)
+    assert len(free) < 100  # the selector ran
 
     def last_dim_only(original):
         def op(x, dim=None, *args, **kwargs):
@@ -197,3 +199,28 @@ def test_a_context_below_others_is_scored_at_its_place_in_the_sequence(qmodel, n
     codec = get_codec(name)
     enc = codec.encode(k, v, start=start)
     assert torch.equal(codec.positions(enc), as_tail)  # stored positions stay relative to the node
+
+
+def test_mean_rotation_is_the_mean_of_rope_over_the_positions():
+    """The closed form the expected selector rotates its query model with equals rotating
+    every unit vector to every position and averaging (what it did before)."""
+    d = DIM
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    positions = torch.arange(3000, 3256)
+    eye = torch.eye(d)[:, None, None, :].expand(d, positions.numel(), 1, d)
+    slow = rope(eye, positions, inv_freq).mean(1)[:, 0]
+    assert torch.allclose(queries.mean_rotation(positions, inv_freq), slow, atol=1e-6)
+    x = torch.randn(5, d)
+    assert torch.allclose(x @ queries.mean_rotation(positions, inv_freq),
+                          rope(x[None].expand(positions.numel(), 5, d), positions, inv_freq).mean(0), atol=1e-5)
+
+
+def test_the_query_model_is_copied_to_the_device_once_per_model(qmodel):
+    qmodel(_model())
+    first = queries.active_on(torch.device("cpu"), LAYERS, HEADS, DIM)
+    assert queries.active_on(torch.device("cpu"), LAYERS, HEADS, DIM) is first
+    qmodel(_model(mean=torch.ones(DIM)))  # another model: copied afresh
+    again = queries.active_on(torch.device("cpu"), LAYERS, HEADS, DIM)
+    assert again is not first and torch.equal(again.mean, torch.ones(LAYERS, HEADS, DIM))
+    with pytest.raises(CodecError, match="query model describes"):
+        queries.active_on(torch.device("cpu"), LAYERS + 1, HEADS, DIM)

@@ -9,6 +9,8 @@ import pytest
 
 from stress import Stress
 
+pytestmark = pytest.mark.usefixtures("short_contexts_drop")
+
 STEPS = int(os.environ.get("EVICPRESS_STRESS_STEPS", "2500"))
 SEEDS = [int(os.environ["EVICPRESS_STRESS_SEED"])] if "EVICPRESS_STRESS_SEED" in os.environ else [1, 2]
 TOKEN_BYTES = 2 * 4 * 2 * 64 * 2

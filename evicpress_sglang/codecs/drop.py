@@ -57,6 +57,12 @@ class TokenSelector(ABC):
     """Which tokens of a context to keep, from its KV alone."""
 
     name: str
+    #: Contexts shorter than this keep every token. What dropping them saves is small, and a short
+    #: context is typically the tail of a longer one (a question or a chat turn in a radix node of
+    #: its own, below a shared document), which a request continuing it reads most closely: in
+    #: issue 24's GPU run, requests served from a dropped question-tail node lost most of the
+    #: answer agreement that was lost.
+    MIN_TOKENS = 64
 
     def __init__(self, ratio: float) -> None:
         if not 0.0 <= ratio < 1.0:
@@ -64,9 +70,11 @@ class TokenSelector(ABC):
         self.ratio = ratio
 
     def kept(self, tokens: int) -> int:
-        """How many of ``tokens`` survive: at least one, fixed by the count alone so that
-        sizes are known before encoding."""
-        return max(1, tokens - math.floor(self.ratio * tokens)) if tokens else 0
+        """How many of ``tokens`` survive: every one below :attr:`MIN_TOKENS`, else at least
+        one; fixed by the count alone so that sizes are known before encoding."""
+        if tokens < max(self.MIN_TOKENS, 1):
+            return tokens
+        return max(1, tokens - math.floor(self.ratio * tokens))
 
     def select(self, kv: ContextKV) -> torch.Tensor:
         """Ascending indices (int64, on the keys' device) of the tokens to keep."""
@@ -81,6 +89,26 @@ class TokenSelector(ABC):
         """``keep`` token indices of the context, any order."""
 
 
+class ScoredSelector(TokenSelector):
+    """Keeps the best-scored tokens, and always the context's last :attr:`RECENT` ones (at most
+    half of those kept): the recent window that SnapKV, H2O and StreamingLLM keep too, because
+    the end of a context (the question after a document, the last turn) is what the next tokens
+    attend to most, and a score from the keys alone cannot tell it from the rest."""
+
+    RECENT = 32
+
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        score = self.score(kv)
+        recent = min(self.RECENT, keep // 2)
+        if recent:
+            score[-recent:] = torch.inf
+        return torch.topk(score, keep).indices
+
+    @abstractmethod
+    def score(self, kv: ContextKV) -> torch.Tensor:
+        """float32 [tokens], on the keys' device (a fresh tensor): higher is kept first."""
+
+
 def _standardised(score: torch.Tensor) -> torch.Tensor:
     """[layers, tokens, heads] scores -> one per token, each (layer, head) weighted alike."""
     score = score.float()
@@ -89,28 +117,28 @@ def _standardised(score: torch.Tensor) -> torch.Tensor:
     return ((score - mean) / std).mean(dim=(0, 2))
 
 
-class KNormSelector(TokenSelector):
+class KNormSelector(ScoredSelector):
     """Keep the tokens with the *smallest* key L2 norm (Devoto et al. 2024, kvpress
     ``KnormPress``): low-norm keys draw the most attention."""
 
     name = "knorm"
 
-    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+    def score(self, kv: ContextKV) -> torch.Tensor:
         norm = kv.k.float().norm(dim=-1)  # [layers, tokens, heads]
-        return torch.topk(-_standardised(norm), keep).indices
+        return -_standardised(norm)
 
 
-class KeyDiffSelector(TokenSelector):
+class KeyDiffSelector(ScoredSelector):
     """Keep the tokens whose keys differ most from the context's mean key direction
     (KeyDiff, kvpress ``KeyDiffPress``): distinctive keys carry the information."""
 
     name = "keydiff"
 
-    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+    def score(self, kv: ContextKV) -> torch.Tensor:
         unit = torch.nn.functional.normalize(kv.k.float(), dim=-1)
         anchor = torch.nn.functional.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
         similarity = (unit * anchor).sum(dim=-1)  # [layers, tokens, heads]
-        return torch.topk(-_standardised(similarity), keep).indices
+        return -_standardised(similarity)
 
 
 class StreamingSelector(TokenSelector):
@@ -128,7 +156,7 @@ class StreamingSelector(TokenSelector):
         return torch.cat([head, tail])
 
 
-class ExpectedAttentionSelector(TokenSelector):
+class ExpectedAttentionSelector(ScoredSelector):
     """Expected Attention (Devoto et al. 2025): a future query is Gaussian, N(mu, S); a token's
     expected attention logit is ``mu.k / sqrt(d) + k^T S k / (2d)``, softmaxed over the
     context and weighted by the token's value norm (what it adds to the output).
@@ -141,12 +169,11 @@ class ExpectedAttentionSelector(TokenSelector):
     name = "expected"
     FUTURE = 256
 
-    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+    def score(self, kv: ContextKV) -> torch.Tensor:
         layers, _, heads, d = kv.k.shape
-        qm = queries.active().on(kv.k.device, layers, heads, d)
+        qm = queries.active_on(kv.k.device, layers, heads, d)
         future = kv.rope_positions()[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
-        eye = torch.eye(d, device=kv.k.device)[:, None, None, :].expand(d, self.FUTURE, 1, d)
-        turn = queries.rope(eye, future, qm.inv_freq).mean(1)[:, 0]  # row j: mean rotation of unit vector j
+        turn = queries.mean_rotation(future, qm.inv_freq)  # row j: mean rotation of unit vector j
         mean = qm.mean @ turn  # [L, H, d]
         cov = turn.T @ qm.cov @ turn
         k = kv.k.float()
@@ -156,10 +183,10 @@ class ExpectedAttentionSelector(TokenSelector):
         # mode replaces log_softmax with a batch-invariant one that only supports that dimension
         expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
         score = expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log()
-        return torch.topk(_standardised(score), keep).indices
+        return _standardised(score)
 
 
-class ReconstructionSelector(TokenSelector):
+class ReconstructionSelector(ScoredSelector):
     """In the spirit of KVzip (Kim et al. 2025): keep the tokens the model needs to *repeat*
     the context, each scored by the most attention any repeating query pays it.
 
@@ -171,9 +198,9 @@ class ReconstructionSelector(TokenSelector):
     name = "kvzip"
     QUERIES = 256
 
-    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+    def score(self, kv: ContextKV) -> torch.Tensor:
         layers, tokens, heads, d = kv.k.shape
-        qm = queries.active().on(kv.k.device, layers, heads, d)
+        qm = queries.active_on(kv.k.device, layers, heads, d)
         k = kv.k.float()
         picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=k.device).round().long()
         seq = kv.rope_positions()
@@ -182,7 +209,7 @@ class ReconstructionSelector(TokenSelector):
         q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map) + qm.key_bias[:, None]
         q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
         attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
-        return torch.topk(_standardised(attn.amax(dim=2).transpose(1, 2).log()), keep).indices
+        return _standardised(attn.amax(dim=2).transpose(1, 2).log())
 
 
 class KeepAllSelector(TokenSelector):

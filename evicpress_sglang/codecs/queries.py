@@ -59,18 +59,36 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> to
     """``x`` [..., tokens, heads, d] rotated to ``positions`` [tokens] (negative: un-rotated)."""
     angle = positions.to(inv_freq)[:, None] * inv_freq  # [tokens, d/2]
     cos, sin = (torch.cat([f, f], dim=-1)[:, None, :] for f in (angle.cos(), angle.sin()))
+    return x * cos + _rotated_half(x) * sin
+
+
+def _rotated_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated_half * sin
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def mean_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[d, d]: the mean over ``positions`` of the RoPE rotation, as a matrix ``T`` with
+    ``x @ T`` = the mean of :func:`rope` of ``x`` over them. RoPE is linear in its cos and
+    sin, so that is one rotation-shaped matrix of the mean cos and sin per frequency, made in
+    O(d^2) instead of rotating every unit vector to every position."""
+    angle = positions.to(inv_freq)[:, None] * inv_freq  # [positions, d/2]
+    cos, sin = (torch.cat([f, f]) for f in (angle.cos().mean(0), angle.sin().mean(0)))
+    eye = torch.eye(cos.numel(), device=cos.device, dtype=cos.dtype)
+    return eye * cos + _rotated_half(eye) * sin
 
 
 _active: QueryModel | None = None
+#: the active model on each device it was asked for (a selection must not copy it each time:
+#: 16 MiB of covariance alone for an 8B model)
+_on_device: dict[tuple, QueryModel] = {}
 
 
 def use(model: QueryModel | str | Path | None) -> None:
     """Make ``model`` (or the file it names) the one the selectors read; None: no model."""
     global _active
     _active = QueryModel.load(model) if isinstance(model, (str, Path)) else model
+    _on_device.clear()
 
 
 def active() -> QueryModel:
@@ -78,6 +96,15 @@ def active() -> QueryModel:
         raise CodecError("the 'expected' and 'kvzip' selectors need a query model: set 'query_model' to the file "
                          "'evicpress-sglang query-model' writes")
     return _active
+
+
+def active_on(device: torch.device, layers: int, heads: int, head_dim: int) -> QueryModel:
+    """:func:`active`'s model in float32 on ``device`` (:meth:`QueryModel.on`), copied there once."""
+    model = active()
+    key = (str(device), layers, heads, head_dim)
+    if key not in _on_device:
+        _on_device[key] = model.on(device, layers, heads, head_dim)
+    return _on_device[key]
 
 
 def measure(model_dir: str | Path, texts: list[str], max_tokens: int = 2048, ridge: float = 1e-2) -> QueryModel:
