@@ -10,6 +10,7 @@ import multiprocessing
 import sys
 
 from .backend.guard import hook
+from .profiler.client import RID_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,48 @@ def _on_arrival(result, scheduler, req, *args, **kwargs):
 
 @hook(lambda scheduler: [])
 def _hold_back(scheduler) -> list:
-    """The waiting requests whose remote reads still run: taken out of the queue for one
-    round of prefill scheduling (the scheduler decodes meanwhile)."""
+    """The waiting requests taken out of the queue for one round of prefill scheduling (the
+    scheduler decodes meanwhile): those whose remote reads still run, and the quality
+    profiler's while a user request waits, so that the profiler works in the gaps of user
+    traffic instead of ahead of it (issue 21: user TTFT with the profiler on). The choice
+    depends on the queue alone, which every TP rank holds alike."""
     cache = _evicpress_cache(scheduler)
-    if cache is None or cache.shared is None or not scheduler.waiting_queue:
+    if cache is None or not scheduler.waiting_queue:
         return []
-    held = cache.held_for_prefetch([r.rid for r in scheduler.waiting_queue])
+    rids = [r.rid for r in scheduler.waiting_queue]
+    held = cache.held_for_prefetch(rids) if cache.shared is not None else set()
+    held = held | _PROFILER_YIELDS.held(rids, held)
     if not held:
         return []
     out = [r for r in scheduler.waiting_queue if r.rid in held]
     scheduler.waiting_queue = [r for r in scheduler.waiting_queue if r.rid not in held]
     return out
+
+
+class ProfilerYields:
+    """Which of the quality profiler's waiting requests sit a prefill round out because a user
+    request waits. Each at most ``max_rounds`` rounds: a profile job pins its context and
+    copies until its requests finish, and a user request that only fits once they are released
+    must not wait for a job that waits for it (the scheduler evicts nothing for a request it
+    cannot admit). Rounds, not seconds, so that every TP rank, which runs the same rounds,
+    decides alike."""
+
+    def __init__(self, max_rounds: int = 200) -> None:
+        self.max_rounds = max_rounds
+        self.rounds: dict[str, int] = {}  # profiler rid -> rounds held so far
+
+    def held(self, rids: list, held_already: set) -> set:
+        profiler = [rid for rid in rids if isinstance(rid, str) and rid.startswith(RID_PREFIX)]
+        self.rounds = {rid: self.rounds.get(rid, 0) for rid in profiler}  # forget requests gone from the queue
+        if not profiler or not any(rid not in self.rounds and rid not in held_already for rid in rids):
+            return set()  # no user request waits that could go instead
+        out = {rid for rid in profiler if self.rounds[rid] < self.max_rounds}
+        for rid in out:
+            self.rounds[rid] += 1
+        return out
+
+
+_PROFILER_YIELDS = ProfilerYields()
 
 
 def _gate_prefill(original, scheduler, *args, **kwargs):

@@ -101,6 +101,52 @@ def test_the_gate_keeps_held_requests_out_of_one_round_and_puts_them_back_first(
     assert [r.rid for r in s.waiting_queue] == ["b", "d", "c", "e"]
 
 
+def test_the_profilers_requests_wait_while_a_user_request_waits(monkeypatch):
+    """The quality profiler's requests sit a round out while a user request waits (and is not
+    itself held), with or without a shared store; alone in the queue they go."""
+    from evicpress_sglang.profiler.client import RID_PREFIX
+
+    monkeypatch.setattr(plugin, "_evicpress_cache", lambda s: s.tree_cache)
+    p1, p2 = RID_PREFIX + "1", RID_PREFIX + "2"
+    seen = []
+
+    def original(sched):
+        seen.append([r.rid for r in sched.waiting_queue])
+        return "batch"
+
+    s = _Scheduler(SimpleNamespace(shared=None), [p1, "u", p2])
+    assert _gate(s, original) == "batch" and seen[-1] == ["u"]
+    assert [r.rid for r in s.waiting_queue] == [p1, p2, "u"]  # back in front, for when users are served
+    s = _Scheduler(SimpleNamespace(shared=None), [p1, p2])
+    _gate(s, original)
+    assert seen[-1] == [p1, p2]  # no user waits: the profiler's turn
+    # the only user request waits for its remote reads: nobody is served ahead of the profiler
+    s = _Scheduler(SimpleNamespace(shared=object(), held_for_prefetch=lambda rids: {"u"}), [p1, "u"])
+    _gate(s, original)
+    assert seen[-1] == [p1]
+
+
+def test_a_profiler_request_yields_a_bounded_number_of_rounds(monkeypatch):
+    """A user request that cannot be admitted (it waits for the memory a profile job pins)
+    must not hold that job's requests back for ever: after max_rounds they go."""
+    from evicpress_sglang.profiler.client import RID_PREFIX
+
+    monkeypatch.setattr(plugin, "_evicpress_cache", lambda s: s.tree_cache)
+    monkeypatch.setattr(plugin, "_PROFILER_YIELDS", plugin.ProfilerYields(max_rounds=3))
+    seen = []
+
+    def never_admits_the_user(sched):
+        seen.append([r.rid for r in sched.waiting_queue])
+        sched.waiting_queue = [r for r in sched.waiting_queue if r.rid == "u"]  # the profiler's ran
+        return None
+
+    s = _Scheduler(SimpleNamespace(shared=None), [RID_PREFIX + "a", "u"])
+    for _ in range(5):
+        _gate(s, never_admits_the_user)
+    assert seen == [["u"], ["u"], ["u"], [RID_PREFIX + "a", "u"], ["u"]]
+    assert plugin._PROFILER_YIELDS.rounds == {}  # forgotten once it left the queue
+
+
 def test_a_failing_gate_is_stock_behaviour_and_an_error_in_prefill_keeps_the_queue(monkeypatch):
     def broken(rids):
         raise RuntimeError("bug in our code")
