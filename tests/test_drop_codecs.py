@@ -181,3 +181,20 @@ def test_evicpress_places_a_context_with_a_dropping_codec_when_its_quality_allow
     label = {table.keys[r]: table.configs[a].label for r, a in zip(rows, assign)}
     assert label["c0"] == "host:keydiff:0.6+int8"
     assert label["c1"] != "host:keydiff:0.6+int8"
+
+
+def test_a_context_too_short_to_drop_from_has_its_quantizers_quality_under_a_dropping_codec():
+    """Stored whole, a short context's dropping configurations are as good as their quantizer:
+    its measured column where configured (int8 here), else the quantizer's prior (int4)."""
+    from evicpress_sglang.policy import ContextTable, build_configs
+    from evicpress_sglang.policy.contexts import prior_quality
+
+    table = ContextTable(build_configs(["bf16", "int8", "keydiff:0.5+int8", "expected:0.3+int4"], ["knorm:0.4"]),
+                         KVShape(2, 0, 2, 64, torch.bfloat16), CostModel())
+    short = table.insert("short", TokenSelector.MIN_TOKENS - 1, 0.0)
+    long = table.insert("long", TokenSelector.MIN_TOKENS, 0.0)
+    table.set_quality("short", "int8", 0.9)
+    q = dict(zip(table.quality_codec, table.config_quality(np.array([short, long])).T))
+    assert q["keydiff:0.5+int8"].tolist() == [0.9, prior_quality("keydiff:0.5+int8")]
+    assert q["expected:0.3+int4"].tolist() == [prior_quality("int4"), prior_quality("expected:0.3+int4")]
+    assert q["knorm:0.4"].tolist() == [1.0, prior_quality("knorm:0.4")]

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from ..codecs import KVShape, get_codec, subset_codec
+from ..codecs.drop import TokenSelector, parse_selector
 from .configs import Config, Tier
 from .cost import CostModel
 
@@ -24,9 +25,8 @@ from .cost import CostModel
 PRIOR_QUALITY = {"bf16": 1.0, "fp8": 0.97, "int8": 0.98, "int4": 0.93, "int2": 0.75, "zstd": 1.0}
 #: Quality lost per unit of drop ratio, before profiling: half the ratio for the
 #: key-scored selectors, more for a fixed window that ignores content. The query-aware
-#: selectors get the key-scored prior: their GPU measurement
-#: (bench/results/2026-12-01-query-aware-selectors) predates a fix of the positions they
-#: score at, and is to be redone before it sets their prior.
+#: selectors get the key-scored prior: measured on the GPU they lose a little more than
+#: keydiff (bench/results/2026-12-02-selectors), well within this conservative prior.
 PRIOR_DROP_LOSS = {"knorm": 0.5, "keydiff": 0.5, "streaming": 0.7, "expected": 0.5, "kvzip": 0.5}
 #: Once the profiler has measured a codec on some contexts, unprofiled contexts assume the
 #: mean of those measurements, shrunk towards the conservative prior as if the prior were
@@ -113,6 +113,15 @@ class ContextTable:
         self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
         self._prior_row = np.array([prior_quality(c) for c in self.quality_codec])
         self._learnt: dict[str, tuple[float, int]] = {}  # codec -> (sum, count) of measured qualities
+        #: the token-dropping configurations, and what a context too short to drop from
+        #: (``TokenSelector.MIN_TOKENS``) gets in each instead: its inner quantizer's quality,
+        #: from that quantizer's own column where one is configured, else its prior
+        self._dropping = np.array([q is not None and parse_selector(q.split("+")[0]) is not None
+                                   for q in self.quality_codec])
+        inner = [subset_codec(q).partition("+")[2] if d else None for q, d in zip(self.quality_codec, self._dropping)]
+        self._inner_col = np.array([self.quality_codec.index(n) if n is not None and n in self.quality_codec else -1
+                                    for n in inner])
+        self._inner_prior = np.array([prior_quality(n) for n in inner])
 
     # -- rows -------------------------------------------------------------------
 
@@ -299,9 +308,15 @@ class ContextTable:
 
         Re-encoding KV that is already lossy cannot make it better, so lossy options are
         capped by the present quality; the GPU option *is* the present KV; dropping and
-        recomputing restores exact KV.
+        recomputing restores exact KV. A token-dropping codec keeps every token of a context
+        shorter than ``TokenSelector.MIN_TOKENS``: there it has its quantizer's quality.
         """
         q = _columns(self._quality, rows)
+        if self._dropping.any():
+            short = np.flatnonzero(self._tokens[rows] < TokenSelector.MIN_TOKENS)
+            for j in np.flatnonzero(self._dropping) if short.size else ():  # stored whole: no token is dropped
+                k = self._inner_col[j]
+                q[j, short] = self._quality[rows[short], k] if k >= 0 else self._inner_prior[j]
         np.minimum(q, self._present_quality[rows], out=q)
         q[self.tier_of == Tier.DROP] = 1.0
         return q.T
