@@ -224,3 +224,49 @@ def test_the_query_model_is_copied_to_the_device_once_per_model(qmodel):
     assert again is not first and torch.equal(again.mean, torch.ones(LAYERS, HEADS, DIM))
     with pytest.raises(CodecError, match="query model describes"):
         queries.active_on(torch.device("cpu"), LAYERS + 1, HEADS, DIM)
+
+
+def _expected_reference(kv, future=256):
+    """The Expected Attention score as written in the paper's terms (mu.k/sqrt(d) + k S k / 2d in
+    float32, softmax over tokens, plus log |v|): what the selector's one projection must equal."""
+    from evicpress_sglang.codecs.drop import _standardised
+
+    layers, _, heads, d = kv.k.shape
+    qm = queries.active_on(kv.k.device, layers, heads, d)
+    turn = queries.mean_rotation(kv.rope_positions()[-1] + 1 + torch.arange(future), qm.inv_freq)
+    mean, cov, k = qm.mean @ turn, turn.T @ qm.cov @ turn, kv.k.float()
+    logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
+    logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
+    expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
+    return _standardised(expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log())
+
+
+def test_expected_scores_with_one_projection_what_the_formula_gives(qmodel):
+    """float32 KV: the same scores (to rounding); bf16 KV (the pool's): the projection runs in
+    bf16 and keeps almost exactly the tokens the float32 formula keeps."""
+    from evicpress_sglang.codecs.drop import ContextKV, SELECTORS
+
+    a = torch.randn(LAYERS, HEADS, DIM, DIM) / DIM ** 0.5
+    qmodel(QueryModel(mean=torch.randn(LAYERS, HEADS, DIM), cov=a @ a.transpose(-1, -2),
+                      key_map=torch.zeros(LAYERS, HEADS, DIM, DIM), key_bias=torch.zeros(LAYERS, HEADS, DIM),
+                      inv_freq=1.0 / 10000 ** (torch.arange(0, DIM, 2).float() / DIM)))
+    sel = SELECTORS["expected"](0.5)
+    k, v = _kv(1000, seed=3)
+    k = k * 10
+    kv = ContextKV(k, lambda: v, torch.arange(1000), 300)
+    assert torch.allclose(sel.score(kv), _expected_reference(kv), atol=1e-5)
+    kv16 = ContextKV(k.to(torch.bfloat16), lambda: v.to(torch.bfloat16), torch.arange(1000), 300)
+    keep = sel.kept(1000)
+    ours = set(torch.topk(sel.score(kv16), keep).indices.tolist())
+    formula = set(torch.topk(_expected_reference(kv16), keep).indices.tolist())
+    assert len(ours & formula) >= 0.99 * keep
+
+
+def test_the_covariance_root_squares_back_to_the_covariance(qmodel):
+    a = torch.randn(LAYERS, HEADS, DIM, DIM - 8)  # rank-deficient: eigenvalues of 0 (and -eps) clipped
+    cov = a @ a.transpose(-1, -2)
+    qmodel(QueryModel(mean=torch.zeros(LAYERS, HEADS, DIM), cov=cov, key_map=torch.zeros(LAYERS, HEADS, DIM, DIM),
+                      key_bias=torch.zeros(LAYERS, HEADS, DIM), inv_freq=torch.ones(DIM // 2)))
+    root = queries.cov_root_on(torch.device("cpu"), LAYERS, HEADS, DIM)
+    assert torch.allclose(root @ root.transpose(-1, -2), cov, atol=1e-3 * float(cov.abs().max()))
+    assert queries.cov_root_on(torch.device("cpu"), LAYERS, HEADS, DIM) is root  # once per model

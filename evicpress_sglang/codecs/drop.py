@@ -164,7 +164,13 @@ class ExpectedAttentionSelector(ScoredSelector):
     ``mu`` and ``S`` come from the model's :class:`~.queries.QueryModel`, rotated by the mean
     RoPE rotation over the ``FUTURE`` positions after the context's last token: that is where
     the queries of requests continuing it sit, and stored keys already carry their own
-    rotations. Costs O(tokens * d^2) per layer and head, no pairwise attention."""
+    rotations. Costs O(tokens * d^2) per layer and head, no pairwise attention.
+
+    Both terms come from one projection of the keys, in their own dtype (bf16 in the pool):
+    ``k @ [mu / sqrt(d) | R / sqrt(2d)]`` with ``S = R R^T`` (:func:`.queries.cov_root_on`), the
+    logit its first column plus the squared norm of the rest; no float32 copy of K or V is made.
+    The KV of a context is read about three times instead of a dozen (issue 24: the selector's
+    cost against a prefill)."""
 
     name = "expected"
     FUTURE = 256
@@ -175,15 +181,15 @@ class ExpectedAttentionSelector(ScoredSelector):
         future = kv.rope_positions()[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
         turn = queries.mean_rotation(future, qm.inv_freq)  # row j: mean rotation of unit vector j
         mean = qm.mean @ turn  # [L, H, d]
-        cov = turn.T @ qm.cov @ turn
-        k = kv.k.float()
-        logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
-        logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
+        root = turn.T @ queries.cov_root_on(kv.k.device, layers, heads, d)  # turn^T S turn = root root^T
+        project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.k.dtype)
+        y = torch.einsum("lthd,lhde->lthe", kv.k, project)  # [L, T, H, 1 + d]
+        logit = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
         # softmax over the context's tokens, taken along the last dimension: SGLang's deterministic
         # mode replaces log_softmax with a batch-invariant one that only supports that dimension
         expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
-        score = expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log()
-        return _standardised(score)
+        value = torch.linalg.vector_norm(kv.values(), dim=-1, dtype=torch.float32)
+        return _standardised(expected + value.clamp_min(1e-6).log())
 
 
 class ReconstructionSelector(ScoredSelector):

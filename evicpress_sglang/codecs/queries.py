@@ -81,7 +81,7 @@ def mean_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tens
 _active: QueryModel | None = None
 #: the active model on each device it was asked for (a selection must not copy it each time:
 #: 16 MiB of covariance alone for an 8B model)
-_on_device: dict[tuple, QueryModel] = {}
+_on_device: dict[tuple, QueryModel | torch.Tensor] = {}
 
 
 def use(model: QueryModel | str | Path | None) -> None:
@@ -104,6 +104,21 @@ def active_on(device: torch.device, layers: int, heads: int, head_dim: int) -> Q
     key = (str(device), layers, heads, head_dim)
     if key not in _on_device:
         _on_device[key] = model.on(device, layers, heads, head_dim)
+    return _on_device[key]
+
+
+def cov_root_on(device: torch.device, layers: int, heads: int, head_dim: int) -> torch.Tensor:
+    """[L, H, d, d] float32 on ``device``: a square root ``R`` of the active model's query
+    covariance per layer and head (``cov = R @ R.T``; its eigenvectors scaled by the square roots
+    of its eigenvalues, negative rounding errors clipped), so that a quadratic form ``k.S.k`` is
+    the squared norm of one projection ``k @ R``. Computed on the CPU once per model and device."""
+    key = ("root", str(device), layers, heads, head_dim)
+    if key not in _on_device:
+        model = active()
+        active_on(torch.device("cpu"), layers, heads, head_dim)  # the shape check, with its message
+        values, vectors = torch.linalg.eigh(model.cov.to(torch.float64))
+        root = vectors * values.clamp_min(0).sqrt()[..., None, :]
+        _on_device[key] = root.to(device, torch.float32)
     return _on_device[key]
 
 
