@@ -114,7 +114,8 @@ def _hold_back(scheduler) -> list:
 
 class ProfilerYields:
     """Which of the quality profiler's waiting requests sit a prefill round out because a user
-    request waits. Each at most ``max_rounds`` rounds: a profile job pins its context and
+    request waits. Each at most ``max_rounds`` rounds per stay in the queue (a retracted request
+    starts again; a job's next requests have rounds of their own): a profile job pins its context and
     copies until its requests finish, and a user request that only fits once they are released
     must not wait for a job that waits for it (the scheduler evicts nothing for a request it
     cannot admit). Rounds, not seconds, so that every TP rank, which runs the same rounds,

@@ -140,3 +140,22 @@ def test_the_cache_compiles_its_stored_codecs_kernels_at_start_and_starts_if_tha
     with caplog.at_level(logging.WARNING):
         cache = EvicPressRadixCache(make_params(64), settings)
     assert not cache.disable and any("compile at first use" in r.message for r in caplog.records)
+
+
+def test_warm_up_gives_up_a_failing_kernel_and_still_compiles_the_others(monkeypatch, caplog):
+    pool, _ = pool_with_kv()
+    monkeypatch.setattr(kv_io, "_failed", set())
+    monkeypatch.setattr(kv_io.kernels, "supports", lambda quantizer, k_buffer: True)
+    ran = []
+
+    def encode(k, v, idx, quantizer, payload):
+        if quantizer.name == "int8":
+            raise RuntimeError("no int8 kernel on this GPU")
+        ran.append(quantizer.name)
+
+    monkeypatch.setattr(kv_io.kernels, "encode", encode)
+    monkeypatch.setattr(kv_io.kernels, "decode", lambda *a: None)
+    with caplog.at_level(logging.WARNING, logger=kv_io.__name__):
+        assert kv_io.warm_up(pool, ["bf16", "int8", "keydiff:0.5+int4"]) == ["bf16", "int4"]
+    assert ran == ["bf16", "int4"] and kv_io._failed == {"int8"}
+    assert sum("kernel path of int8 failed" in r.message for r in caplog.records) == 1

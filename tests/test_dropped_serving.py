@@ -263,3 +263,25 @@ def test_a_node_below_another_is_dropped_knowing_where_it_starts(tmp_path, monke
     # the per-document tails (70 + 1 tokens after the 30 shared ones) start at 30; a node at the root at 0
     assert (71, 30) in seen
     assert all(start == 0 for tokens, start in seen if tokens != 71)
+
+
+def test_a_short_context_stored_under_a_dropping_codec_keeps_its_quantizers_quality(tmp_path):
+    """Under MIN_TOKENS a dropping codec stores every token: the stored context's present quality
+    is its quantizer's (bf16 here: exact), not the dropping codec's prior, and it serves exactly."""
+    from evicpress_sglang.codecs.drop import TokenSelector
+    from evicpress_sglang.policy.contexts import prior_quality
+
+    cache = _cache(tmp_path, pool=128)
+    short = TokenSelector.MIN_TOKENS - 4
+    docs = _docs(6, length=short)
+    for doc in docs:
+        serve(cache, doc)
+    stored = [n for n in cache.nodes.values() if getattr(n, "evp", None) is not None and n.evicted]
+    assert stored and cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
+    t = cache.table
+    for node in stored:
+        r = t.row_of[node.id]
+        assert t.present_quality[r] == 1.0 > prior_quality("keydiff:0.5")
+    r = serve(cache, docs[0] + [3])
+    k, v = expected_kv(docs[0] + [3])
+    assert r.reused == short and torch.equal(r.k, k) and torch.equal(r.v, v)

@@ -186,8 +186,9 @@ def test_a_context_below_others_is_scored_at_its_place_in_the_sequence(qmodel, n
     selectors/answer_agreement_study.md)."""
     from evicpress_sglang.codecs.drop import ContextKV, SELECTORS
 
-    qmodel(_model(mean=4 * torch.randn(DIM), key_map=2 * torch.randn(LAYERS, HEADS, DIM, DIM) / math.sqrt(DIM),
-                  freq=0.3))
+    g = torch.Generator().manual_seed(15)  # a model under which the start visibly matters (6 tokens for expected)
+    qmodel(_model(mean=4 * torch.randn(DIM, generator=g),
+                  key_map=2 * torch.randn(LAYERS, HEADS, DIM, DIM, generator=g) / math.sqrt(DIM), freq=0.3))
     k, v = _kv(80)
     sel = SELECTORS[name.split(":")[0]](0.5)
     rel = torch.arange(80)
@@ -270,3 +271,20 @@ def test_the_covariance_root_squares_back_to_the_covariance(qmodel):
     root = queries.cov_root_on(torch.device("cpu"), LAYERS, HEADS, DIM)
     assert torch.allclose(root @ root.transpose(-1, -2), cov, atol=1e-3 * float(cov.abs().max()))
     assert queries.cov_root_on(torch.device("cpu"), LAYERS, HEADS, DIM) is root  # once per model
+
+
+def test_the_cache_refuses_a_query_model_of_another_geometry_and_prepares_its_root_at_start(tmp_path, qmodel):
+    """The covariance root is made at start, not in the first eviction; a model of another
+    geometry than the KV cache is a clear error at start, not a failed store per eviction."""
+    from evicpress_sglang.backend.cache import EvicPressRadixCache
+    from evicpress_sglang.settings import Settings, SettingsError
+    from harness import make_params
+
+    def settings(model: QueryModel) -> Settings:
+        model.save(tmp_path / "q.pt")
+        return Settings(host_codecs=["bf16", "expected:0.5"], disk_codecs=[], query_model=str(tmp_path / "q.pt"))
+
+    EvicPressRadixCache(make_params(64), settings(_model()))
+    assert ("root", "cpu", LAYERS, HEADS, DIM) in queries._on_device
+    with pytest.raises(SettingsError, match="query model describes"):
+        EvicPressRadixCache(make_params(64), settings(_model(layers=LAYERS + 1)))

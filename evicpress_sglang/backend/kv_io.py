@@ -148,7 +148,8 @@ def warm_up(pool, codecs: list[str]) -> list[str]:
     and their payloads, in both directions: otherwise the first store and the first load-back of
     each run Triton's compiler on the scheduler thread (about a second each on an H200 with an
     empty Triton cache). Reads and writes only slot 0, which SGLang keeps for the dummy writes of
-    padded tokens. Returns the quantizers compiled."""
+    padded tokens. A kernel that fails is given up (the next path down serves its codec) and the
+    rest are still compiled. Returns the quantizers compiled."""
     idx = torch.zeros(WARM_TOKENS, dtype=torch.int64, device=pool.k_buffer[0].device)
     shape = pool_layout(pool).with_tokens(WARM_TOKENS)
     done: list[str] = []
@@ -158,8 +159,12 @@ def warm_up(pool, codecs: list[str]) -> list[str]:
         if quantizer.name in done or _path(quantizer, pool) != "kernel":
             continue
         payload = torch.empty(quantizer.nbytes(shape), dtype=torch.uint8, device=idx.device)
-        kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
-        kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+        try:
+            kernels.encode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+            kernels.decode(pool.k_buffer, pool.v_buffer, idx, quantizer, payload)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: given up now, the others still warm
+            _give_up(quantizer, "kernel", e)
+            continue
         done.append(quantizer.name)
     return done
 

@@ -289,7 +289,8 @@ class StoreOnEvict(TreeBookkeeping):
 
     def _after_store(self, node: TreeNode, config: int) -> None:
         r = self.table.row_of[node.id]
-        self.table.set_present_quality(r, min(self.table.present_quality[r], self.table.quality[r, config]))
+        # config_quality, not the raw column: a context too short to drop from keeps its quantizer's quality
+        self.table.set_present_quality(r, float(self.table.config_quality(np.array([r]))[0, config]))
         self.table.set_assign(r, config)
         self._update_leaf_status(node)
         self._update_leaf_status(node.parent)

@@ -142,7 +142,8 @@ def simulate(
                 moved, to = _apply_plan(table, ready, cap, path)
             evictions += moved.size
             # Re-encoding caps quality at the codec's; dropping means recomputing exact KV later.
-            table.set_present_quality(moved, np.minimum(table.present_quality[moved], table.quality[moved, to]))
+            encoded = table.config_quality(moved)[np.arange(moved.size), to]  # capped by the present quality
+            table.set_present_quality(moved, np.minimum(table.present_quality[moved], encoded))
             table.set_assign(moved, to)
             if check:
                 _check(table, cap, path)
