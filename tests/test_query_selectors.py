@@ -288,3 +288,19 @@ def test_the_cache_refuses_a_query_model_of_another_geometry_and_prepares_its_ro
     assert ("root", "cpu", LAYERS, HEADS, DIM) in queries._on_device
     with pytest.raises(SettingsError, match="query model describes"):
         EvicPressRadixCache(make_params(64), settings(_model(layers=LAYERS + 1)))
+
+
+def test_each_tp_rank_reads_the_query_model_of_its_own_kv_heads():
+    """A query model measured over all KV heads, on a rank holding a shard of them: rank r of
+    2 gets heads [2r, 2r + 2) of 4; with 2 KV heads over 4 ranks each rank's one head is
+    replicated (ranks 0-1 head 0, ranks 2-3 head 1), as SGLang shards KV heads."""
+    model = _model(heads=4, mean=torch.zeros(DIM))
+    model = QueryModel(mean=torch.arange(4.0)[None, :, None].expand(LAYERS, 4, DIM).clone(), cov=model.cov,
+                       key_map=model.key_map, key_bias=model.key_bias, inv_freq=model.inv_freq)
+    for rank in (0, 1):
+        part = queries.for_rank(model, 2, rank, 2)
+        assert part.mean[0, :, 0].tolist() == [2.0 * rank, 2.0 * rank + 1] and part.cov.shape[1] == 2
+    two = QueryModel(**{f: getattr(model, f)[:, :2] if f != "inv_freq" else model.inv_freq
+                        for f in ("mean", "cov", "key_map", "key_bias", "inv_freq")})
+    assert [queries.for_rank(two, 1, r, 4).mean[0, 0, 0].item() for r in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert queries.for_rank(model, 4, 0, 1) is model and queries.for_rank(model, 3, 0, 2) is model

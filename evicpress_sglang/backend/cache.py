@@ -163,7 +163,7 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         if any(drops_tokens(get_codec(c)) for c in settings.stored_codecs) and (self.page_size != 1 or self.is_eagle):
             raise SettingsError("evicpress: token-dropping codecs need --page-size 1 and no EAGLE speculative decoding")
         dropped.SHIFT = settings.shift_positions
-        _load_query_model(settings, self.layout, self.device)
+        _load_query_model(settings, self.layout, self.device, self.sync.rank, self.sync.size)
         tp = self.sync.rank, self.sync.size  # each rank's blobs hold its shard of the KV heads
         self.shared = make_remote_tier(settings.remote, *tp) if settings.remote else None
         if self.shared is not None:  # the tier after disk, priced by rank 0's probe of it
@@ -447,10 +447,11 @@ def _refuse_unsynced_parallelism(params: CacheInitParams) -> None:
         raise SettingsError("evicpress: attention context parallelism is not supported; use --tp / --dp-size")
 
 
-def _load_query_model(settings: Settings, layout, device) -> None:
-    """Load the query model the query-aware selectors read; refuse to start without it, or with
-    one of another geometry than this rank's KV cache. Its covariance root is computed here, at
-    start, not in the first eviction that needs it (:func:`.queries.cov_root_on`)."""
+def _load_query_model(settings: Settings, layout, device, rank: int, size: int) -> None:
+    """Load the query model the query-aware selectors read, the KV heads of this TP rank only
+    (:func:`.queries.for_rank`); refuse to start without it, or with one of another geometry than
+    this rank's KV cache. Its covariance root is computed here, at start, not in the first
+    eviction that needs it (:func:`.queries.cov_root_on`)."""
     needed = [c for c in settings.stored_codecs if c.split("+")[0].partition(":")[0] in QUERY_AWARE]
     if needed and not settings.query_model:
         raise SettingsError(f"evicpress: {', '.join(needed)} need 'query_model' (evicpress-sglang query-model)")
@@ -459,6 +460,7 @@ def _load_query_model(settings: Settings, layout, device) -> None:
             queries.use(settings.query_model)
         except (OSError, RuntimeError, TypeError) as e:
             raise SettingsError(f"query_model: cannot load {settings.query_model!r}: {e}") from None
+        queries.use(queries.for_rank(queries.active(), layout.heads, rank, size))
         if needed:
             try:
                 queries.cov_root_on(device, layout.layers, layout.heads, layout.head_dim)

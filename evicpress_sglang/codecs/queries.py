@@ -55,6 +55,25 @@ class QueryModel:
         return QueryModel(**{f.name: getattr(self, f.name).to(device, torch.float32) for f in fields(self)})
 
 
+def for_rank(model: QueryModel, heads: int, rank: int, size: int) -> QueryModel:
+    """The part of ``model`` (measured over all the model's KV heads) that tensor-parallel rank
+    ``rank`` of ``size`` serves with ``heads`` KV heads: SGLang gives rank r the heads
+    [r * heads, (r + 1) * heads) when the KV heads divide among the ranks, and replicates head
+    ``r * total // size`` when there are fewer KV heads than ranks. Any other shape is returned
+    as it is (and refused by :meth:`QueryModel.on` with its geometry)."""
+    total = model.mean.shape[1]
+    if total == heads:
+        return model
+    if total == heads * size:
+        idx = torch.arange(rank * heads, (rank + 1) * heads)
+    elif heads == 1 and size % total == 0:
+        idx = torch.tensor([rank * total // size])
+    else:
+        return model
+    return QueryModel(mean=model.mean[:, idx], cov=model.cov[:, idx], key_map=model.key_map[:, idx],
+                      key_bias=model.key_bias[:, idx], inv_freq=model.inv_freq)
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """``x`` [..., tokens, heads, d] rotated to ``positions`` [tokens] (negative: un-rotated)."""
     angle = positions.to(inv_freq)[:, None] * inv_freq  # [tokens, d/2]
