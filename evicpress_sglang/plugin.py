@@ -140,8 +140,9 @@ _PROFILER_YIELDS = ProfilerYields()
 
 
 def _gate_prefill(original, scheduler, *args, **kwargs):
-    """Around ``Scheduler.get_new_batch_prefill``: requests still waiting for the store sit
-    this round out, then go back to the head of the queue."""
+    """Around ``Scheduler.get_new_batch_prefill``: the requests :func:`_hold_back` picks (still
+    waiting for the store, or the profiler's while a user waits) sit this round out, then go
+    back to the head of the queue."""
     held = _hold_back(scheduler)
     try:
         return original(scheduler, *args, **kwargs)

@@ -84,11 +84,10 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
     context (a radix node) starts in its sequence, for the selectors that read RoPE phases
     (:attr:`~evicpress_sglang.codecs.drop.ContextKV.start`)."""
     codec = codec.device_codec
-    drop = codec if isinstance(codec, DropCodec) else None
+    drop, quantizer = _parts(codec)
     if positions is not None and drop is None:
         raise ValueError(f"{codec.name} does not store positions; a token subset needs a keep+<quantizer> codec")
     idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
-    quantizer = drop.inner if drop else codec
     path = _path(quantizer, pool)
     if path is not None:
         shape = pool_layout(pool).with_tokens(idx.numel())
@@ -124,8 +123,7 @@ def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) 
     idx = slots.to(pool.k_buffer[0].device, torch.int64).contiguous()
     if idx.numel() != out.tokens:
         raise ValueError(f"{idx.numel()} slots for {out.tokens} decoded tokens")
-    drop = codec if isinstance(codec, DropCodec) else None
-    quantizer = drop.inner if drop else codec
+    drop, quantizer = _parts(codec)
     enc = enc.to(idx.device)
     path = _path(quantizer, pool)
     if path is not None:
@@ -137,6 +135,11 @@ def decode_into_pool(pool, slots: torch.Tensor, codec: KVCodec, enc: EncodedKV) 
     k, v, positions = decode(codec, enc, idx.device)
     scatter(pool, idx, k, v)
     return positions
+
+
+def _parts(codec: KVCodec) -> tuple[DropCodec | None, KVCodec]:
+    """(the token-dropping stage or None, the quantizer that moves the payload) of a device codec."""
+    return (codec, codec.inner) if isinstance(codec, DropCodec) else (None, codec)
 
 
 #: Tokens of the warm-up (any count: the kernels are not specialized on it).
@@ -154,8 +157,7 @@ def warm_up(pool, codecs: list[str]) -> list[str]:
     shape = pool_layout(pool).with_tokens(WARM_TOKENS)
     done: list[str] = []
     for name in codecs:
-        codec = get_codec(name).device_codec
-        quantizer = codec.inner if isinstance(codec, DropCodec) else codec
+        quantizer = _parts(get_codec(name).device_codec)[1]
         if quantizer.name in done or _path(quantizer, pool) != "kernel":
             continue
         payload = torch.empty(quantizer.nbytes(shape), dtype=torch.uint8, device=idx.device)

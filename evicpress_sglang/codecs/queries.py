@@ -47,11 +47,15 @@ class QueryModel:
     def load(cls, path: str | Path) -> "QueryModel":
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
-    def on(self, device: torch.device, layers: int, heads: int, head_dim: int) -> "QueryModel":
-        """This model in float32 on ``device``; a :class:`CodecError` if it is another model's."""
+    def check(self, layers: int, heads: int, head_dim: int) -> None:
+        """A :class:`CodecError` if this model is of another geometry than the KV cache."""
         if tuple(self.mean.shape) != (layers, heads, head_dim):
             raise CodecError(f"the query model describes {tuple(self.mean.shape)} (layers, KV heads, head_dim), "
                              f"the KV cache {(layers, heads, head_dim)}")
+
+    def on(self, device: torch.device, layers: int, heads: int, head_dim: int) -> "QueryModel":
+        """This model in float32 on ``device``; a :class:`CodecError` if it is another model's."""
+        self.check(layers, heads, head_dim)
         return QueryModel(**{f.name: getattr(self, f.name).to(device, torch.float32) for f in fields(self)})
 
 
@@ -134,7 +138,7 @@ def cov_root_on(device: torch.device, layers: int, heads: int, head_dim: int) ->
     key = ("root", str(device), layers, heads, head_dim)
     if key not in _on_device:
         model = active()
-        active_on(torch.device("cpu"), layers, heads, head_dim)  # the shape check, with its message
+        model.check(layers, heads, head_dim)
         values, vectors = torch.linalg.eigh(model.cov.to(torch.float64))
         root = vectors * values.clamp_min(0).sqrt()[..., None, :]
         _on_device[key] = root.to(device, torch.float32)

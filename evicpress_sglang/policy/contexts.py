@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from ..codecs import KVShape, get_codec, subset_codec
-from ..codecs.drop import TokenSelector, parse_selector
+from ..codecs import KVShape, drops_tokens, get_codec, subset_codec
+from ..codecs.drop import TokenSelector
 from .configs import Config, Tier
 from .cost import CostModel
 
@@ -110,15 +110,15 @@ class ContextTable:
         self.profiled = np.zeros(cap, dtype=bool)
         self._in_use = np.zeros(cap, dtype=bool)
         #: per configuration, the codec that decides its quality (a lossless +zstd stage does not)
-        self.quality_codec = [None if c.codec is None else get_codec(c.codec).device_codec.name for c in configs]
+        device = [None if c.codec is None else get_codec(c.codec).device_codec for c in configs]
+        self.quality_codec = [None if d is None else d.name for d in device]
         self._prior_row = np.array([prior_quality(c) for c in self.quality_codec])
         self._learnt: dict[str, tuple[float, int]] = {}  # codec -> (sum, count) of measured qualities
         #: the token-dropping configurations, and what a context too short to drop from
         #: (``TokenSelector.MIN_TOKENS``) gets in each instead: its inner quantizer's quality,
         #: from that quantizer's own column where one is configured, else its prior
-        self._dropping = np.array([q is not None and parse_selector(q.split("+")[0]) is not None
-                                   for q in self.quality_codec])
-        inner = [subset_codec(q).partition("+")[2] if d else None for q, d in zip(self.quality_codec, self._dropping)]
+        self._dropping = np.array([d is not None and drops_tokens(d) for d in device])
+        inner = [d.inner.name if dropping else None for d, dropping in zip(device, self._dropping)]
         self._inner_col = np.array([self.quality_codec.index(n) if n is not None and n in self.quality_codec else -1
                                     for n in inner])
         self._inner_prior = np.array([prior_quality(n) for n in inner])
