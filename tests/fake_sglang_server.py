@@ -74,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/evicpress/status" and EVICPRESS:
             self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
                              "contexts": len(SEEN), "planner": {"background": True, "plans": 1, "failed": False},
-                             "stats": {"hit_tokens": {"host": 7}, "hits": {"host:int4": 1},
+                             "stats": {"hit_tokens": {"host": 7 * GENERATED[0]}, "hits": {"host:int4": 1},
                                        "evict_ms": {"n": 3, "p50": 0.2, "p99": 0.9, "max": 1.1},
                                        "evict_hist": {"buckets_ms": ["0.5", "1.0", "inf"],
                                                       "counts": [GENERATED[0], GENERATED[0] // 10, 0],

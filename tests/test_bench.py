@@ -122,7 +122,7 @@ def test_bench_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     assert set(by) == {"reference", "stock", "evicpress@alpha=0.5"}
     assert by["stock"]["quality"] == 1.0 and by["stock"]["identical_answers"] == 1.0
     assert by["evicpress@alpha=0.5"]["identical_answers"] < 1.0  # its answers differ: scored as such
-    assert by["evicpress@alpha=0.5"]["tiers"]["host"] == 7
+    assert by["evicpress@alpha=0.5"]["tiers"]["host"] == 7 * 13  # the stand-in counts 7 a request, warm-up included
     assert all(s["fact_accuracy"] == 1.0 for s in by.values() if s["fact_accuracy"] is not None)
     assert doc["contexts"] <= 3 and doc["requests"] == 12
     assert {p.name for p in out.glob("*.png")} == {"ttft.png", "ttft_vs_quality.png", "hit_rate_per_tier.png"}
@@ -271,20 +271,37 @@ def test_sweep_table_compares_rates_within_the_baselines_target():
 
 def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
     port = free_port()
-    monkeypatch.setattr(runner, "server_for", lambda spec, args, model: ([sys.executable, FAKE, str(port)], {}))
+    starts = []
+
+    def server_for(spec, args, model):
+        starts.append(spec)
+        return [sys.executable, FAKE, str(port)], {}
+
+    monkeypatch.setattr(runner, "server_for", server_for)
     monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
     monkeypatch.setattr(report, "plots", lambda *a: [])
     out = tmp_path / "sweep"
     argv = ["--out", str(out), "--policies", "stock,lru", "--requests", "6", "--docs", "2", "--rates", "40,20",
             "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
     assert runner.main(argv) == 0
+    assert starts == ["stock", "lru"]  # one server per policy for all rates
     for rate in ("20", "40"):
         doc = json.loads((out / f"rate-{rate}" / "bench.json").read_text())
         assert doc["rate"] == float(rate) and {s["policy"] for s in doc["summaries"]} == {"stock", "lru"}
+        run = json.loads((out / f"rate-{rate}" / "workload.json").read_text())["requests_run"]
+        context = {r["id"]: r["context"] for r in run}
+        for policy in ("stock", "lru"):  # the cache was flushed between rates: each starts cold
+            results = json.loads((out / f"rate-{rate}" / f"{policy}.json").read_text())["results"]
+            first = {context[r["id"]]: r for r in reversed(results)}
+            assert all(r["cached_tokens"] == 0 for r in first.values())
+            assert any(r["cached_tokens"] > 0 for r in results)  # and within a rate, reuse hits
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["rates"] == [20.0, 40.0] and set(sweep["policies"]) == {"stock", "lru"}
     stock_20 = json.loads((out / "rate-20" / "bench.json").read_text())["summaries"][0]["ttft_s"]["mean"]
     assert sweep["ttft_target_s"] == stock_20  # default target: stock at the lowest rate
     assert "req/s within" in (out / "sweep.md").read_text()
+    starts.clear()  # resumed: nothing left to run, no server started, the same report
+    assert runner.main(argv + ["--resume"]) == 0 and starts == []
+    assert json.loads((out / "sweep.json").read_text())["ttft_target_s"] == stock_20
     with pytest.raises(SystemExit):
         runner.main(["--out", str(out), "--rates", "0,1"])

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.resume and saved.exists()):
             try:
                 with StatusSampler(f"http://127.0.0.1:{args.port}", args.sample_s) as samples:
-                    runner.run_policy(spec, bench, model, reqs, args.out)
+                    runner.run_policy(spec, bench, model, [(reqs, args.out)],
+                                      args.out / "logs" / f"{runner.slug(spec)}.log")
             except ServerError as e:
                 print(f"[{spec}] {e}", file=sys.stderr)
                 return 1

@@ -52,7 +52,7 @@ from .replay import replay
 from .server import Server, ServerError
 from .workload import WORKLOADS, BenchRequest, build
 
-SGLANG_FLAGS_DEFAULT = "--attention-backend triton --sampling-backend pytorch --grammar-backend none --disable-cuda-graph"
+SGLANG_FLAGS_DEFAULT = "--attention-backend triton --sampling-backend pytorch --grammar-backend none"
 
 
 def kv_bytes_per_token(model_dir: Path) -> int:
@@ -119,19 +119,28 @@ def server_for(spec: str, args: argparse.Namespace, model: Path) -> tuple[list[s
     return serve_command(base + pool, env)
 
 
-def run_policy(spec: str, args: argparse.Namespace, model: Path, reqs: list[BenchRequest], out: Path) -> dict:
+def run_policy(spec: str, args: argparse.Namespace, model: Path, runs: list[tuple[list[BenchRequest], Path]],
+               log: Path) -> None:
+    """``spec`` on one server: each (workload, out dir) of ``runs`` replayed in turn, the cache
+    flushed between them (a rate sweep starts one server per policy, not one per rate: with
+    CUDA graphs a server start costs more than a run), each saved as it finishes."""
     cmd, env = server_for(spec, args, model)
-    log = out / "logs" / f"{slug(spec)}.log"
     print(f"[{spec}] starting: {' '.join(cmd)}", file=sys.stderr)
     # An empty disk tier before and after: the cache re-attaches blobs it finds at start-up,
     # and a run cut off earlier must not hand its blobs to this one.
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
     server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
     with server as url:
-        results, wall = _replay_warm(url, reqs, args)
-        status = _status(url)
+        for i, (reqs, out) in enumerate(runs):
+            try:
+                if i:
+                    _flush(url)
+            except requests.RequestException as e:
+                raise ServerError(f"the server stopped answering: {e}\n{server.log_tail()}") from None
+            before = _status(url)
+            results, wall = _replay_warm(url, reqs, args)
+            _save(out, spec, cmd, env, server, results, wall, stats_during(_status(url), before))
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
-    return _save(out, spec, cmd, env, server, results, wall, status)
 
 
 def _replay_warm(url: str, reqs: list[BenchRequest], args: argparse.Namespace) -> tuple[list[dict], float]:
@@ -397,55 +406,89 @@ def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str,
     """Every policy on the workload at ``args.rate``, into ``out``; then the report.
     ``reqs``: the workload if already built (a trace, read and checked once); else built here."""
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "workload.json"
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
-        reqs = reqs if reqs is not None else workload_of(args)
-        meta = {"command": command, "workload": args.workload, "model": str(model),
-                "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
-                "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
-                "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
-                "rate": _trace_rate(reqs) if trace.is_trace(args.workload) else args.rate,
-                "contexts": len({r.context for r in reqs}),
-                "context_tokens_est": sum(r.tokens_est() for r in {r.context: r for r in reqs}.values()),
-                "python": platform.python_version(), "sglang": _version("sglang"), "gpu": _gpu()}
-        runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth, "max_new_tokens": r.max_new_tokens}
-                for r in reqs]
-        if not (args.resume and saved.exists()):
-            saved.write_text(json.dumps(meta | {"requests_run": runs}))
-        if args.one_server:
+        reqs = _prepare(args, out, command, model, reqs)
+        if rc := _run_policies(args, specs, model, [(reqs, out)], out / "logs"):
+            return rc
+    _report(args, specs, out)
+    return 0
+
+
+def _prepare(args: argparse.Namespace, out: Path, command: str, model: Path,
+             reqs: list[BenchRequest] | None = None) -> list[BenchRequest]:
+    """The workload at ``args.rate`` (``reqs`` if already built), recorded in ``out/workload.json``
+    (kept under ``--resume``: the report scores what was run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    reqs = reqs if reqs is not None else workload_of(args)
+    meta = {"command": command, "workload": args.workload, "model": str(model),
+            "model_label": "8B-class config, dummy weights" if args.dummy else f"{model.name} (real weights)",
+            "kv_bytes_per_token": kv_bytes_per_token(model), "pool_tokens": args.pool_tokens,
+            "host_ratio": args.host_ratio, "disk_bytes": args.disk_bytes, "requests": len(reqs),
+            "rate": _trace_rate(reqs) if trace.is_trace(args.workload) else args.rate,
+            "contexts": len({r.context for r in reqs}),
+            "context_tokens_est": sum(r.tokens_est() for r in {r.context: r for r in reqs}.values()),
+            "python": platform.python_version(), "sglang": _version("sglang"), "gpu": _gpu()}
+    runs = [{"id": r.id, "t": r.t, "context": r.context, "truth": r.truth, "max_new_tokens": r.max_new_tokens}
+            for r in reqs]
+    saved = out / "workload.json"
+    if not (args.resume and saved.exists()):
+        saved.write_text(json.dumps(meta | {"requests_run": runs}))
+    return reqs
+
+
+def _run_policies(args: argparse.Namespace, specs: list[str], model: Path,
+                  runs: list[tuple[list[BenchRequest], Path]], logs: Path) -> int:
+    """Every policy on every (workload, out dir) of ``runs``: one server per policy (or, with
+    ``--one-server``, one per run), runs already saved skipped under ``--resume``. 1 on a
+    server that failed (one line), else 0."""
+    if args.one_server:
+        for reqs, out in runs:
             try:
                 run_one_server(specs, args, model, reqs, out)
             except ServerError as e:
                 print(f"[one server] {e}", file=sys.stderr)
                 return 1
-        else:
-            for spec in specs:
-                if args.resume and (out / f"{slug(spec)}.json").exists():
-                    print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
-                    continue
-                try:
-                    run_policy(spec, args, model, reqs, out)
-                except ServerError as e:
-                    print(f"[{spec}] {e}", file=sys.stderr)
-                    return 1
-    # Reported from the workload as it was run (the text differs between Python versions).
-    meta = json.loads(saved.read_text())
-    reqs = [BenchRequest(**r, prompt="") for r in meta.pop("requests_run")]
-    write_report(out, specs, reqs, args, meta)
+        return 0
+    for spec in specs:
+        todo = [(reqs, out) for reqs, out in runs if not (args.resume and (out / f"{slug(spec)}.json").exists())]
+        if not todo:
+            print(f"[{spec}] already run, skipped (--resume)", file=sys.stderr)
+            continue
+        try:
+            run_policy(spec, args, model, todo, logs / f"{slug(spec)}.log")
+        except ServerError as e:
+            print(f"[{spec}] {e}", file=sys.stderr)
+            return 1
     return 0
 
 
+def _report(args: argparse.Namespace, specs: list[str], out: Path) -> None:
+    """The report of ``out``, from the workload as it was run (the text differs between Python
+    versions, so the requests are read back from ``workload.json``, not rebuilt)."""
+    meta = json.loads((out / "workload.json").read_text())
+    reqs = [BenchRequest(**r, prompt="") for r in meta.pop("requests_run")]
+    write_report(out, specs, reqs, args, meta)
+
+
 def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) -> int:
-    """The workload at every rate of ``--rates`` (``out/rate-R/``, each a full bench), then
-    requests/s at equal TTFT: the highest rate each policy sustains within one TTFT target
-    (default: the baseline's TTFT at the lowest rate)."""
-    by_rate = {}
-    for rate in args.rates:
-        args.rate = rate
-        if rc := _run(args, specs, out / f"rate-{rate:g}", command):
+    """The workload at every rate of ``--rates`` (``out/rate-R/``, each a full bench, all rates
+    of a policy on one server), then requests/s at equal TTFT: the highest rate each policy
+    sustains within one TTFT target (default: the baseline's TTFT at the lowest rate)."""
+    outs = {rate: out / f"rate-{rate:g}" for rate in args.rates}
+    if not args.report_only:
+        model, args.dummy = resolve_model(args.model)
+        runs = []
+        for rate, rate_out in outs.items():
+            args.rate = rate
+            runs.append((_prepare(args, rate_out, command, model), rate_out))
+        if rc := _run_policies(args, specs, model, runs, out / "logs"):
             return rc
-        by_rate[rate] = json.loads((out / f"rate-{rate:g}" / "bench.json").read_text())["summaries"]
+    by_rate = {}
+    for rate, rate_out in outs.items():
+        args.rate = rate
+        _report(args, specs, rate_out)
+        by_rate[rate] = json.loads((rate_out / "bench.json").read_text())["summaries"]
     target = args.ttft_target_ms / 1000 if args.ttft_target_ms else None
     if target is None:
         base = [s for s in by_rate[min(args.rates)] if s["policy"] == "stock" and not s["errors"]]
