@@ -1,0 +1,435 @@
+"""CPU proxy for issue 24's selector-quality bench: answer agreement after token dropping.
+
+What it measures: for each docqa document, the shared document prefix (the tokens of
+``text + "\\n\\nQuestion:"``, what SGLang's radix tree stores once for every question on that
+document) is prefilled once with Hugging Face transformers on the CPU (float32, SmolLM2-135M
+real weights). Its post-RoPE keys and values become a :class:`ContextKV` of shape
+[layers, tokens, kv_heads, head_dim]; a selector (ours from ``drop.py`` or a variant defined
+here) picks the token indices to keep, one choice shared by all layers and heads as in
+SGLang's pool; the cache is cut to those entries in every layer; the question suffix is
+prefilled with positions that continue the ORIGINAL prefix length (kept keys keep their
+rotations), attending to every kept entry, and 16 tokens are decoded greedily. The answer is
+scored against the full-KV answer (same procedure, nothing dropped): mean token F1
+(``profiler.scores.token_f1``), share of identical answers, and fact accuracy (the planted
+5-digit code is a substring of the answer).
+
+How it differs from the GPU bench (``bench/run.py`` on SGLang): no server, no radix tree, no
+eviction timing or memory pressure: every document prefix is dropped, exactly once, with the
+full question suffix kept (the GPU run drops only the nodes evicted under pressure, and
+~45% of prompt tokens were reused there); documents are short (3-6k characters) so a 2-core
+CPU can run it; float32 HF attention instead of SGLang's bf16 deterministic kernels; duplicate
+prompts are served once; fewer requests. Absolute F1 is therefore not comparable with the GPU
+numbers; rankings and deltas between selectors are what it is for.
+
+Variant selectors (``v:<base>,key=value,...``, see :class:`VariantSelector`) are defined here
+so that drop.py stays untouched while selector designs are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from evicpress_sglang.bench.workload import docqa
+from evicpress_sglang.codecs import drop, queries
+from evicpress_sglang.codecs.drop import ContextKV, ScoredSelector, TokenSelector, parse_selector
+from evicpress_sglang.model import prepare_model
+from evicpress_sglang.profiler.scores import token_f1
+
+QUESTION_MARK = "\n\nQuestion:"
+
+
+# ----------------------------------------------------------------------------------------------
+# variant selectors
+
+
+def raw_scores(base: str, kv: ContextKV) -> torch.Tensor:
+    """[layers, tokens, heads] per-(layer, head) scores of selector ``base`` (higher = keep),
+    before drop.py's standardised aggregation: the selector's own ``score`` is run with
+    ``drop._standardised`` swapped for the identity (so the scoring code is drop.py's own)."""
+    selector = drop.SELECTORS[base](0.5)
+    saved = drop._standardised
+    drop._standardised = lambda s: s.float()
+    try:
+        return selector.score(kv)
+    finally:
+        drop._standardised = saved
+
+
+def aggregate(score: torch.Tensor, how: str, skip_layers: int) -> torch.Tensor:
+    """[layers, tokens, heads] -> [tokens]. ``std``: z-score per (layer, head), mean (drop.py's
+    rule); ``maxhead``: z-score, max over heads, mean over layers; ``rank``: rank / tokens per
+    (layer, head), mean; ``rankmax``: ranks, max over heads, mean over layers."""
+    score = score[skip_layers:].float()
+    if how.startswith("rank"):
+        z = score.argsort(dim=1).argsort(dim=1).float() / max(score.shape[1] - 1, 1)
+    else:
+        z = (score - score.mean(dim=1, keepdim=True)) / score.std(dim=1, keepdim=True).clamp_min(1e-6)
+    if how in ("maxhead", "rankmax"):
+        return z.amax(dim=2).mean(dim=0)
+    if how in ("std", "rank"):
+        return z.mean(dim=(0, 2))
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def pool1d(score: torch.Tensor, kind: str, kernel: int) -> torch.Tensor:
+    """Stride-1 1-D ``max`` or ``avg`` pooling of a [tokens] score (SnapKV-style), same length."""
+    x = score[None, None]
+    pad = kernel // 2
+    if kind == "max":
+        return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=pad)[0, 0, : score.numel()]
+    if kind == "avg":
+        x = torch.nn.functional.pad(x, (pad, pad), mode="replicate")
+        return torch.nn.functional.avg_pool1d(x, kernel, stride=1)[0, 0, : score.numel()]
+    raise ValueError(f"unknown pooling {kind!r}")
+
+
+def chunked(score: torch.Tensor, kind: str, size: int) -> torch.Tensor:
+    """Each token scored by its chunk's (``size`` tokens) mean or max score, plus a tiny share
+    of its own score so that a partly kept chunk keeps its best tokens."""
+    tokens = score.numel()
+    pad = (-tokens) % size
+    x = torch.nn.functional.pad(score, (0, pad), value=float("nan")).view(-1, size)
+    chunk = torch.nanmean(x, dim=1) if kind == "mean" else x.nan_to_num(-math.inf).amax(dim=1)
+    per_token = chunk.repeat_interleave(size)[:tokens]
+    spread = (score.max() - score.min()).clamp_min(1e-6)
+    return per_token + 1e-3 * (score - score.min()) / spread
+
+
+@dataclass
+class VariantSpec:
+    """One variant. ``pool``: ``max7`` / ``avg5`` (after aggregation) or ``pre-max7`` (per layer
+    and head, before it, as SnapKV does); ``sinks``: first tokens always kept; ``agg`` and
+    ``skip``: see :func:`aggregate`; ``chunk``: ``mean16`` / ``max8``; ``recent``: the kept last
+    tokens (drop.py's RECENT, 32); ``mix``: ``base2:weight`` blends a second selector's
+    aggregated score."""
+
+    base: str = "keydiff"
+    pool: str = ""
+    sinks: int = 0
+    agg: str = "std"
+    skip: int = 0
+    chunk: str = ""
+    recent: int = 32
+    mix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "VariantSpec":
+        base, *opts = text.split(",")
+        spec = cls(base=base)
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            current = getattr(spec, key)
+            setattr(spec, key, type(current)(value))
+        return spec
+
+
+def _kind_size(text: str) -> tuple[str, int]:
+    kind = text.rstrip("0123456789")
+    return kind, int(text[len(kind):])
+
+
+class VariantSelector(ScoredSelector):
+    """A scored selector built from a :class:`VariantSpec` (see there)."""
+
+    def __init__(self, ratio: float, spec: VariantSpec, name: str) -> None:
+        self.name = name
+        super().__init__(ratio)
+        self.spec = spec
+
+    def score(self, kv: ContextKV) -> torch.Tensor:
+        spec = self.spec
+        raw = raw_scores(spec.base, kv)
+        pre = spec.pool.startswith("pre-")
+        if pre:
+            kind, size = _kind_size(spec.pool[4:])
+            # pool each (layer, head) series along tokens, after standardising it
+            z = (raw - raw.mean(1, keepdim=True)) / raw.std(1, keepdim=True).clamp_min(1e-6)
+            flat = z.permute(0, 2, 1).reshape(-1, 1, raw.shape[1])
+            pad = size // 2
+            if kind == "max":
+                flat = torch.nn.functional.max_pool1d(flat, size, stride=1, padding=pad)
+            else:
+                flat = torch.nn.functional.avg_pool1d(
+                    torch.nn.functional.pad(flat, (pad, pad), mode="replicate"), size, stride=1)
+            raw = flat[..., : raw.shape[1]].reshape(raw.shape[0], raw.shape[2], -1).permute(0, 2, 1)
+        score = aggregate(raw, spec.agg, spec.skip)
+        if spec.mix:
+            other, _, weight = spec.mix.partition(":")
+            score = score + float(weight) * aggregate(raw_scores(other, kv), spec.agg, spec.skip)
+        if spec.pool and not pre:
+            score = pool1d(score, *_kind_size(spec.pool))
+        if spec.chunk:
+            score = chunked(score, *_kind_size(spec.chunk))
+        return score.contiguous()
+
+    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
+        score = self.score(kv)
+        recent = min(self.spec.recent, keep // 2)
+        if recent:
+            score[-recent:] = torch.inf
+        sinks = min(self.spec.sinks, keep - recent)
+        if sinks:
+            score[:sinks] = torch.inf
+        return torch.topk(score, keep).indices
+
+
+def make_selector(text: str, ratio: float) -> TokenSelector:
+    """``keydiff`` (drop.py's) or ``v:keydiff,pool=max7,sinks=4`` (a :class:`VariantSelector`)."""
+    if text.startswith("v:"):
+        return VariantSelector(ratio, VariantSpec.parse(text[2:]), text)
+    selector = parse_selector(f"{text}:{ratio}")
+    if selector is None:
+        raise SystemExit(f"unknown selector {text!r}")
+    return selector
+
+
+# ----------------------------------------------------------------------------------------------
+# the model side
+
+
+@dataclass
+class Doc:
+    name: str
+    prefix: list[int]
+    questions: list[tuple[str, list[int], str | None]] = field(default_factory=list)  # (prompt, suffix ids, truth)
+    code_tokens: list[int] = field(default_factory=list)  # prefix indices of the planted code's tokens
+    fact_tokens: list[int] = field(default_factory=list)  # ... of the whole planted sentence
+    k: torch.Tensor | None = None  # [layers, tokens, heads, d]
+    v: torch.Tensor | None = None
+
+
+class Runner:
+    def __init__(self, max_new: int, attn: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = prepare_model()
+        self.tok = AutoTokenizer.from_pretrained(self.model_dir)
+        self.lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
+                                                       attn_implementation=attn).eval()
+        self.max_new = max_new
+        self.eos = self.tok.eos_token_id
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [layers, tokens, kv_heads, d] of ``ids`` (post-RoPE keys, as in the pool)."""
+        out = self.lm(torch.tensor([ids]), use_cache=True)
+        cache = out.past_key_values
+        ks = [layer.keys[0].transpose(0, 1) for layer in cache.layers]
+        vs = [layer.values[0].transpose(0, 1) for layer in cache.layers]
+        return torch.stack(ks).contiguous(), torch.stack(vs).contiguous()
+
+    @torch.inference_mode()
+    def answer(self, k: torch.Tensor, v: torch.Tensor, start: int, suffix: list[int]) -> list[int]:
+        """Greedy answer after the suffix, with cache entries ``k``/``v`` [L, kept, H, d] standing
+        for a context of ``start`` tokens (the suffix's positions start there)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(k.shape[0]):
+            cache.update(k[layer].transpose(0, 1)[None], v[layer].transpose(0, 1)[None], layer)
+        kept = k.shape[1]
+        ids, pos, out = suffix, start, []
+        for _ in range(self.max_new + 1):
+            q = len(ids)
+            total = kept + q
+            mask = torch.zeros(1, 1, q, total)
+            mask[0, 0, :, kept:] = torch.triu(torch.full((q, q), -math.inf), diagonal=1)
+            logits = self.lm(torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                             position_ids=torch.arange(pos, pos + q)[None], attention_mask=mask,
+                             logits_to_keep=1).logits
+            kept, pos = total, pos + q
+            nxt = int(logits[0, -1].argmax())
+            if nxt == self.eos or len(out) == self.max_new:
+                break
+            out.append(nxt)
+            ids = [nxt]
+        return out
+
+    @torch.inference_mode()
+    def one_shot(self, ids: list[int]) -> list[int]:
+        """Greedy answer to a whole prompt prefilled in one pass (no prefix split)."""
+        out = []
+        past = None
+        cur = ids
+        for _ in range(self.max_new + 1):
+            res = self.lm(torch.tensor([cur]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            if nxt == self.eos or len(out) == self.max_new:
+                break
+            out.append(nxt)
+            cur = [nxt]
+        return out
+
+    def text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def build_docs(runner: Runner, args: argparse.Namespace) -> list[Doc]:
+    reqs = docqa(n_requests=args.requests, docs=args.docs, rate=1, min_chars=args.min_chars,
+                 max_chars=args.max_chars, seed=args.seed)
+    by_doc: dict[str, list] = defaultdict(list)
+    for r in reqs:
+        if r.prompt not in [x.prompt for x in by_doc[r.context]] and len(by_doc[r.context]) < args.per_doc:
+            by_doc[r.context].append(r)
+    docs = []
+    for name, rs in sorted(by_doc.items(), key=lambda kv: int(kv[0][3:])):
+        text = rs[0].prompt[: rs[0].prompt.index(QUESTION_MARK)]
+        prefix = runner.tok(text + QUESTION_MARK)["input_ids"]
+        doc = Doc(name, prefix)
+        fact = re.search(r"The access code for document \d+ is (\d+)\.", text)
+        if fact:
+            spans = runner.tok(text + QUESTION_MARK, return_offsets_mapping=True)["offset_mapping"]
+            doc.fact_tokens = [i for i, (a, b) in enumerate(spans) if a < fact.end() and b > fact.start()]
+            doc.code_tokens = [i for i, (a, b) in enumerate(spans) if a < fact.end(1) and b > fact.start(1)]
+        for r in rs:
+            full = runner.tok(r.prompt)["input_ids"]
+            if full[: len(prefix)] != prefix:  # SGLang would store a shorter shared node: not mirrored
+                n = next(i for i, (a, b) in enumerate(zip(full, prefix)) if a != b)
+                raise SystemExit(f"{name}: prefix is not a token prefix of the prompt (differs at {n})")
+            doc.questions.append((r.prompt, full[len(prefix):], r.truth))
+        docs.append(doc)
+    return docs
+
+
+def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, refs: dict) -> dict:
+    """Scores of one selector (None: keep-all through the pruned path) against ``refs``."""
+    f1s, same, facts, n_fact, kept_share = [], 0, 0, 0, []
+    code_kept: list[float] = []
+    sentence_kept: list[float] = []
+    t_sel = 0.0
+    t0 = time.perf_counter()
+    answers = []
+    for doc in docs:
+        tokens = doc.k.shape[1]
+        t1 = time.perf_counter()
+        if selector is None:
+            idx = torch.arange(tokens)
+        else:
+            kv = ContextKV(doc.k, lambda d=doc: d.v, torch.arange(tokens), 0)
+            idx = selector.select(kv)
+        t_sel += time.perf_counter() - t1
+        kept_share.append(idx.numel() / tokens)
+        kept_set = set(idx.tolist())
+        if doc.code_tokens:
+            code_kept.append(sum(i in kept_set for i in doc.code_tokens) / len(doc.code_tokens))
+            sentence_kept.append(sum(i in kept_set for i in doc.fact_tokens) / len(doc.fact_tokens))
+        k, v = doc.k[:, idx], doc.v[:, idx]
+        for qi, (prompt, suffix, truth) in enumerate(doc.questions):
+            ans = runner.text(runner.answer(k, v, tokens, suffix))
+            ref = refs[(doc.name, qi)]
+            f1s.append(token_f1(ans, ref))
+            same += int(ans == ref)
+            if truth is not None:
+                n_fact += 1
+                facts += int(truth in ans)
+            answers.append({"doc": doc.name, "q": qi, "answer": ans})
+    n = len(f1s)
+    return {"f1": sum(f1s) / n, "identical": same / n, "fact_acc": facts / max(n_fact, 1), "n": n,
+            "n_fact": n_fact, "kept_share": sum(kept_share) / len(kept_share), "select_s": t_sel,
+            "code_tokens_kept": sum(code_kept) / max(len(code_kept), 1),
+            "fact_sentence_kept": sum(sentence_kept) / max(len(sentence_kept), 1),
+            "wall_s": time.perf_counter() - t0, "answers": answers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=14)
+    p.add_argument("--requests", type=int, default=60, help="docqa requests generated (deduplicated, capped per doc)")
+    p.add_argument("--per-doc", type=int, default=4, help="at most this many distinct questions per document")
+    p.add_argument("--min-chars", type=int, default=3000)
+    p.add_argument("--max-chars", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratios", default="0.5", help="comma-separated drop ratios")
+    p.add_argument("--selectors", default="keydiff,knorm,streaming",
+                   help="semicolon-separated: drop.py names or v:<base>,key=value,... variants; "
+                        "a trailing @RATIO runs that one at RATIO only")
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--query-model", default="/tmp/evicpress_cpu_qm.pt",
+                   help="query model for expected/kvzip (measured here on CPU if the file is missing)")
+    p.add_argument("--sanity", action="store_true", help="also check keep-all and one-shot answers against the reference")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    selectors = [s for s in args.selectors.split(";") if s]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if any(s.split(",")[0].removeprefix("v:") in drop.QUERY_AWARE or "mix=expected" in s or "mix=kvzip" in s
+           for s in selectors):
+        path = Path(args.query_model)
+        if not path.exists():
+            from evicpress_sglang.sample_text import documents
+
+            t = time.perf_counter()
+            queries.measure(prepare_model(), [text for _, text in documents()][:4]).save(path)
+            print(f"query model measured in {time.perf_counter() - t:.1f}s -> {path}", flush=True)
+        queries.use(path)
+
+    runner = Runner(args.max_new, args.attn)
+    docs = build_docs(runner, args)
+    t = time.perf_counter()
+    for doc in docs:
+        doc.k, doc.v = runner.prefill(doc.prefix)
+    prefill_s = time.perf_counter() - t
+    n_q = sum(len(d.questions) for d in docs)
+    print(f"{len(docs)} docs, {n_q} questions, prefix tokens {min(len(d.prefix) for d in docs)}-"
+          f"{max(len(d.prefix) for d in docs)}; prefill {prefill_s:.1f}s", flush=True)
+
+    t = time.perf_counter()
+    refs, ref_rows = {}, []
+    for doc in docs:
+        for qi, (prompt, suffix, truth) in enumerate(doc.questions):
+            refs[(doc.name, qi)] = runner.text(runner.answer(doc.k, doc.v, len(doc.prefix), suffix))
+            ref_rows.append({"doc": doc.name, "q": qi, "prompt_tail": prompt[-120:], "truth": truth,
+                             "prefix_tokens": len(doc.prefix), "suffix_tokens": len(suffix),
+                             "answer": refs[(doc.name, qi)]})
+    ref_s = time.perf_counter() - t
+    facts = [r for r in ref_rows if r["truth"] is not None]
+    result: dict = {"args": vars(args), "docs": len(docs), "questions": n_q, "prefill_s": prefill_s,
+                    "reference_s": ref_s, "reference": ref_rows,
+                    "reference_fact_acc": sum(r["truth"] in r["answer"] for r in facts) / max(len(facts), 1),
+                    "runs": []}
+    print(f"reference answers in {ref_s:.1f}s; full-KV fact accuracy {result['reference_fact_acc']:.2f}", flush=True)
+
+    if args.sanity:
+        keep_all = evaluate(runner, docs, None, refs)
+        t = time.perf_counter()
+        # one question per document: a whole-prompt prefill costs as much as the document's
+        one = [runner.text(runner.one_shot(doc.prefix + doc.questions[0][1])) == refs[(doc.name, 0)]
+               for doc in docs]
+        result["sanity"] = {"keep_all_identical": keep_all["identical"], "keep_all_f1": keep_all["f1"],
+                            "one_shot_identical": sum(one) / len(one), "one_shot_n": len(one), "one_shot_s": time.perf_counter() - t}
+        print(f"sanity: {result['sanity']}", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # ``name@0.3`` runs a selector at that ratio only, instead of every ``--ratios`` one
+    plan = [(s.partition("@")[0], float(s.partition("@")[2])) if "@" in s else (s, r)
+            for r in ratios for s in selectors if "@" not in s or r == ratios[0]]
+    plan.sort(key=lambda sr: sr[1], reverse=True)
+    for s, ratio in plan:
+        row = evaluate(runner, docs, make_selector(s, ratio), refs)
+        row.update(selector=s, ratio=ratio)
+        result["runs"].append(row)
+        print(f"{s:60s} {ratio:.2f}  F1 {row['f1']:.3f}  identical {row['identical']:.2f}  "
+              f"fact {row['fact_acc']:.2f}  code kept {row['code_tokens_kept']:.2f}  sentence kept "
+              f"{row['fact_sentence_kept']:.2f}  kept {row['kept_share']:.3f}  {row['wall_s']:.1f}s "
+              f"(select {row['select_s']:.2f}s)", flush=True)
+        out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
