@@ -4,7 +4,7 @@ The torch codecs gather a context into a ``[layers, tokens, heads, head_dim]`` t
 quantize it op by op; on the way back they decode into a fresh tensor that is then scattered
 into the pool. That is several passes over bf16-sized memory, and it made decoding slower than
 the PCIe copy it follows (issue 20). Here one kernel per quantizer family (absmax: fp8 and
-int8; KIVI: int4 and int2, keys and values in one launch), compiled once per direction, reads the KV rows at a
+int8; KIVI: one for keys, one for values), compiled once per direction, reads the KV rows at a
 context's slots and writes the payload, or writes the decoded values straight into the pool's
 rows: each byte is read once and written once. On an H200 (8B-class geometry, 8k tokens and
 more) that is 2.0-2.6 TB/s of bf16 KV decoded and 0.6-1.8 TB/s encoded, against 0.1-0.2 for
@@ -153,12 +153,13 @@ def _launch(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Ten
     assert isinstance(codec, KiviCodec)
     k_cols, v_rows = KIVI_TILES["encode" if encoding else "decode"]
     cols = min(k_cols, H * D & -(H * D))  # a power of two that divides H * D
+    _kivi_k[(triton.cdiv(n, GROUP), H * D // cols, L)](
+        pool, offsets, slots, payload, at["k_codes"], at["k_min"], at["k_scale"], at["k_resid"], n, n // GROUP * GROUP,
+        HD=H * D, BITS=codec.bits, COLS=cols, ENCODE=encoding, num_warps=KIVI_WARPS)
     rows = n * H * D // GROUP
-    programs = max(triton.cdiv(n, GROUP) * (H * D // cols), triton.cdiv(rows, v_rows))
-    _kivi[(programs, L, 2)](
-        pool, offsets, slots, payload, at["k_codes"], at["k_min"], at["k_scale"], at["k_resid"], at["v_codes"],
-        at["v_min"], at["v_scale"], n, n // GROUP * GROUP, rows, LAYERS=L, HD=H * D, BITS=codec.bits, COLS=cols,
-        BLOCK=v_rows, ENCODE=encoding, num_warps=KIVI_WARPS)
+    _kivi_v[(triton.cdiv(rows, v_rows), L)](
+        pool, offsets, slots, payload, at["v_codes"], at["v_min"], at["v_scale"], rows, LAYERS=L, HD=H * D,
+        BITS=codec.bits, BLOCK=v_rows, ENCODE=encoding, num_warps=KIVI_WARPS)
 
 if triton is not None:
     _GROUP = tl.constexpr(GROUP)
@@ -276,9 +277,9 @@ if triton is not None:
         return tl.reshape(codes, [p.shape[0], p.shape[1] * (8 // BITS)]).to(tl.float32)
 
     @triton.jit
-    def _k_codes(payload, codes_at, layer, full, t, block, HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
-        """The packed K codes of tokens ``t`` and column block ``block`` (COLS columns): [tokens, bytes]."""
-        b = block * (COLS * BITS // 8) + tl.arange(0, COLS * BITS // 8)
+    def _k_codes(payload, codes_at, layer, full, t, HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
+        """The packed K codes of tokens ``t`` and this program's COLS columns: [tokens, bytes]."""
+        b = tl.program_id(1).to(tl.int64) * (COLS * BITS // 8) + tl.arange(0, COLS * BITS // 8)
         return payload + codes_at + (layer * full + t)[:, None] * (HD * BITS // 8) + b[None, :]
 
     @triton.jit
@@ -290,37 +291,19 @@ if triton is not None:
     def _fp16(payload, at):
         return (payload + at).to(tl.pointer_type(tl.float16), bitcast=True)
 
-    @triton.jit(do_not_specialize=["tokens", "full", "rows"])
-    def _kivi(pool, offsets, slots, payload, k_codes_at, k_min_at, k_scale_at, k_resid_at, v_codes_at, v_min_at,
-              v_scale_at, tokens, full, rows, LAYERS: tl.constexpr, HD: tl.constexpr, BITS: tl.constexpr,
-              COLS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
-        """KIVI, program (block, layer, K or V): keys and values in one launch, since two launches
-        cost twice the host-side launch time, a large share of a small context's decode (a
-        1k-token 8B-class context is 134 MB of KV: ~70 us at the 2 TB/s measured from 8k tokens
-        on, where 1k tokens measured 0.79 TB/s with two launches). The grid's first axis is the
-        larger of the two halves' block counts; a program past its half's last block does nothing."""
-        p = tl.program_id(0).to(tl.int64)
-        layer = tl.program_id(1).to(tl.int64)
-        if tl.program_id(2) == 0:
-            if p // (HD // COLS) * _GROUP < tokens:
-                _kivi_k(pool, offsets, slots, payload, k_codes_at, k_min_at, k_scale_at, k_resid_at, tokens, full,
-                        p // (HD // COLS), p % (HD // COLS), layer, HD, BITS, COLS, ENCODE)
-        else:
-            if p * BLOCK < rows:
-                _kivi_v(pool, offsets, slots, payload, v_codes_at, v_min_at, v_scale_at, rows, p, layer, LAYERS, HD,
-                        BITS, BLOCK, ENCODE)
-
-    @triton.jit
-    def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, g, block, layer,
-                HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
-        """KIVI keys of token group ``g``, column block ``block``: per column, one min and scale for
+    @triton.jit(do_not_specialize=["tokens", "full"])
+    def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, HD: tl.constexpr,
+                BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
+        """KIVI keys, program (token group, column block, layer): per column, one min and scale for
         the group's GROUP tokens. The group past the last full one is the residual, copied as is.
         Decoding: code * scale + min, rounded once to the pool dtype."""
+        g = tl.program_id(0).to(tl.int64)
+        layer = tl.program_id(2).to(tl.int64)
         t = g * _GROUP + tl.arange(0, _GROUP)
-        c = block * COLS + tl.arange(0, COLS)
+        c = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
         tile, mask = _group_tile(pool, offsets, slots, layer, t, tokens, c, HD)
         if g * _GROUP < full:
-            codes = _k_codes(payload, codes_at, layer, full, t, block, HD, BITS, COLS)
+            codes = _k_codes(payload, codes_at, layer, full, t, HD, BITS, COLS)
             mins = _fp16(payload, min_at) + (layer * (full // _GROUP) + g) * HD + c
             scales = _fp16(payload, scale_at) + (layer * (full // _GROUP) + g) * HD + c
             if ENCODE:
@@ -340,12 +323,13 @@ if triton is not None:
             else:
                 tl.store(tile, tl.load(resid, mask=mask), mask=mask)
 
-    @triton.jit
-    def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, block, layer, LAYERS: tl.constexpr,
+    @triton.jit(do_not_specialize=["rows"])
+    def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
-        """KIVI values of row block ``block``: one min and scale per row = (token, run of GROUP
+        """KIVI values, program (row block, layer): one min and scale per row = (token, run of GROUP
         channels). Decoding as for keys."""
-        r = block * BLOCK + tl.arange(0, BLOCK)
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        layer = tl.program_id(1).to(tl.int64)
         tile, mask = _row_tile(pool, offsets, slots, LAYERS + layer, r, rows, HD, _GROUP)
         row = layer * rows + r
         codes = _v_codes(payload, codes_at, row, BITS)
