@@ -159,3 +159,21 @@ def test_warm_up_gives_up_a_failing_kernel_and_still_compiles_the_others(monkeyp
         assert kv_io.warm_up(pool, ["bf16", "int8", "keydiff:0.5+int4"]) == ["bf16", "int4"]
     assert ran == ["bf16", "int4"] and kv_io._failed == {"int8"}
     assert sum("kernel path of int8 failed" in r.message for r in caplog.records) == 1
+
+
+def test_kernels_are_compiled_once_for_every_count_and_slot_list():
+    """What varies between calls must not pick another compiled variant, or the first call that
+    differs from kv_io.warm_up's compiles on the scheduler thread. SGLang's allocator hands out
+    slot lists that are views of its free list, 8 bytes apart, so half are not 16-byte aligned
+    (Triton specializes pointers on that by default): every kernel ignores the alignment of
+    ``slots`` and the value of its counts."""
+    from harness import make_params
+    from evicpress_sglang.codecs import kernels
+
+    alloc = make_params(256).token_to_kv_pool_allocator
+    alloc.alloc(1)
+    assert alloc.alloc(4).data_ptr() % 16 != 0  # the case the kernels must not specialize on
+    for kernel, counts in ((kernels._copy, {"rows"}), (kernels._absmax, {"rows"}),
+                           (kernels._kivi_k, {"tokens", "full"}), (kernels._kivi_v, {"rows"})):
+        assert "slots" in kernel.do_not_specialize_on_alignment, kernel.fn.__name__
+        assert counts <= set(kernel.do_not_specialize), kernel.fn.__name__

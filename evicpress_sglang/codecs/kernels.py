@@ -165,9 +165,12 @@ if triton is not None:
     _GROUP = tl.constexpr(GROUP)
 
     # Counts (rows, tokens) are not specialized on (Triton compiles a variant for 1 and for
-    # multiples of 16 by default): one compiled kernel per geometry serves every context length,
-    # so that kv_io.warm_up can compile them all at start-up.
-    @triton.jit(do_not_specialize=["rows"])
+    # multiples of 16 by default), nor is the alignment of ``slots``: SGLang's allocator hands out
+    # views of its free list that start 8 bytes apart, so about half are not 16-byte aligned and
+    # each kind would have compiled its own variant, the second one at the first store or
+    # load-back that got one, on the scheduler thread. One compiled kernel per geometry serves
+    # every context length and slot list, so that kv_io.warm_up can compile them all at start-up.
+    @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
     def _copy(pool, offsets, slots, payload, k_at, kv_bytes, rows, LAYERS: tl.constexpr, HD: tl.constexpr,
               D: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
         """IdentityCodec, program (row block, K/V layer); a row is (layer, token, head). The K and V
@@ -206,7 +209,7 @@ if triton is not None:
         slot = tl.load(slots + t, mask=mask, other=0)
         return pool + tl.load(offsets + buf) + slot[:, None] * HD + c[None, :], mask[:, None]
 
-    @triton.jit(do_not_specialize=["rows"])
+    @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
     def _absmax(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, CODE_MAX: tl.constexpr, BLOCK: tl.constexpr,
                 ENCODE: tl.constexpr):
@@ -291,7 +294,7 @@ if triton is not None:
     def _fp16(payload, at):
         return (payload + at).to(tl.pointer_type(tl.float16), bitcast=True)
 
-    @triton.jit(do_not_specialize=["tokens", "full"])
+    @triton.jit(do_not_specialize=["tokens", "full"], do_not_specialize_on_alignment=["slots"])
     def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, HD: tl.constexpr,
                 BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI keys, program (token group, column block, layer): per column, one min and scale for
@@ -323,7 +326,7 @@ if triton is not None:
             else:
                 tl.store(tile, tl.load(resid, mask=mask), mask=mask)
 
-    @triton.jit(do_not_specialize=["rows"])
+    @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
     def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI values, program (row block, layer): one min and scale per row = (token, run of GROUP
