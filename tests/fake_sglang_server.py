@@ -12,6 +12,7 @@ appended to FILE as one JSON line when it arrives, so a test can check what was 
 in which order.
 
 Usage: python tests/fake_sglang_server.py PORT [--evicpress] [--answer-salt S] [--record FILE]
+       [--exit-after N] [--degrade-after N]
 (or with SGLang's own ``--port PORT``; other SGLang arguments are ignored)
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -29,6 +31,10 @@ LOCK = threading.Lock()
 EVICPRESS = "--evicpress" in sys.argv
 SALT = sys.argv[sys.argv.index("--answer-salt") + 1] if "--answer-salt" in sys.argv else ""
 RECORD = sys.argv[sys.argv.index("--record") + 1] if "--record" in sys.argv else None
+#: Faults: the process exits on the generate request after this many; with --evicpress, status
+#: reports the backend degraded to stock behaviour once this many were answered.
+EXIT_AFTER = int(sys.argv[sys.argv.index("--exit-after") + 1]) if "--exit-after" in sys.argv else None
+DEGRADE_AFTER = int(sys.argv[sys.argv.index("--degrade-after") + 1]) if "--degrade-after" in sys.argv else None
 POLICY = ["evicpress"]
 GENERATED = [0]  # requests answered: the status's store counter, so that deltas can be checked
 #: A profiler that measured one of the two contexts reused twice or more (status's shape).
@@ -72,7 +78,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._json(200, {})
         elif self.path == "/evicpress/status" and EVICPRESS:
-            self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": None},
+            self._json(200, {"policy": POLICY[0], "health": {"internal_errors": 0, "degraded": (
+                                 "a test fault" if DEGRADE_AFTER is not None and GENERATED[0] >= DEGRADE_AFTER else None)},
                              "contexts": len(SEEN), "planner": {"background": True, "plans": 1, "failed": False},
                              "stats": {"hit_tokens": {"host": 7 * GENERATED[0]}, "hits": {"host:int4": 1},
                                        "evict_ms": {"n": 3, "p50": 0.2, "p99": 0.9, "max": 1.1},
@@ -110,6 +117,8 @@ class Handler(BaseHTTPRequestHandler):
             hit = prompt in SEEN
             SEEN.add(prompt)
             GENERATED[0] += 1
+            if EXIT_AFTER is not None and GENERATED[0] > EXIT_AFTER:
+                os._exit(3)
             if RECORD:
                 with open(RECORD, "a") as f:
                     f.write(json.dumps(body) + "\n")

@@ -305,3 +305,26 @@ def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
     assert json.loads((out / "sweep.json").read_text())["ttft_target_s"] == stock_20
     with pytest.raises(SystemExit):
         runner.main(["--out", str(out), "--rates", "0,1"])
+
+
+@pytest.mark.parametrize("fault", ["--exit-after", "--degrade-after"])
+def test_a_sweep_stops_a_policy_whose_server_fails_and_keeps_what_ran(tmp_path, monkeypatch, fault):
+    """A server that exits, or an evicpress backend that degrades to stock behaviour (a flush
+    would re-apply it), during the second rate: that rate is not saved (a resume runs it
+    again), the sweep fails with one line, and the first rate is still reported."""
+    port = free_port()
+    # 6 requests a rate + 1 warm-up each: the fault comes during the second rate
+    monkeypatch.setattr(runner, "server_for", lambda spec, args, model: (
+        [sys.executable, FAKE, str(port), "--evicpress", fault, "9"], {}))
+    monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
+    monkeypatch.setattr(report, "plots", lambda *a: [])
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--policies", "lru", "--requests", "6", "--docs", "2", "--rates", "40,20",
+            "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
+    assert runner.main(argv) == 1
+    assert (out / "rate-20" / "lru.json").exists() and not (out / "rate-40" / "lru.json").exists()
+    assert json.loads((out / "rate-20" / "bench.json").read_text())["summaries"][0]["errors"] == 0
+    assert not (out / "sweep.json").exists()
+    log = (out / "logs" / "lru.log").read_text()
+    assert runner.main(argv + ["--resume"]) == 1  # the failed rate runs again (and fails again here)
+    assert (out / "logs" / "lru.log").read_text().startswith(log)  # the first session's log is kept

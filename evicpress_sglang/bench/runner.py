@@ -123,7 +123,12 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, runs: list[tupl
                log: Path) -> None:
     """``spec`` on one server: each (workload, out dir) of ``runs`` replayed in turn, the cache
     flushed between them (a rate sweep starts one server per policy, not one per rate: with
-    CUDA graphs a server start costs more than a run), each saved as it finishes."""
+    CUDA graphs a server start costs more than a run), each saved as it finishes. What the
+    server learnt about itself (evicpress's measured prefill speed) carries over from one run
+    to the next, as in production; a resumed sweep starts it afresh. A run is not saved, and
+    the policy stops, when its server exited during it or the evicpress backend degraded to
+    stock behaviour (a flush would re-apply that, and later runs would be stock SGLang under
+    this policy's name): under ``--resume`` it runs again."""
     cmd, env = server_for(spec, args, model)
     print(f"[{spec}] starting: {' '.join(cmd)}", file=sys.stderr)
     # An empty disk tier before and after: the cache re-attaches blobs it finds at start-up,
@@ -139,7 +144,15 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, runs: list[tupl
                 raise ServerError(f"the server stopped answering: {e}\n{server.log_tail()}") from None
             before = _status(url)
             results, wall = _replay_warm(url, reqs, args)
-            _save(out, spec, cmd, env, server, results, wall, stats_during(_status(url), before))
+            after = _status(url)
+            if server.proc.poll() is not None:
+                raise ServerError(f"the server exited (code {server.proc.returncode}) during the run saved in "
+                                  f"{out}\n{server.log_tail()}")
+            degraded = ((after or {}).get("health") or {}).get("degraded")
+            if degraded:
+                raise ServerError(f"the evicpress backend degraded to stock behaviour during the run for {out}: "
+                                  f"{degraded}")
+            _save(out, spec, cmd, env, server, results, wall, stats_during(after, before))
     shutil.rmtree(disk_dir_of(spec, args), ignore_errors=True)
 
 
@@ -483,6 +496,9 @@ def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) 
             args.rate = rate
             runs.append((_prepare(args, rate_out, command, model), rate_out))
         if rc := _run_policies(args, specs, model, runs, out / "logs"):
+            for rate, rate_out in outs.items():  # what did run is still reported
+                args.rate = rate
+                _report(args, specs, rate_out)
             return rc
     by_rate = {}
     for rate, rate_out in outs.items():

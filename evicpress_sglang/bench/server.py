@@ -38,7 +38,9 @@ class Server:
         if _port_taken(self.port):  # else /health would be answered by whatever holds the port
             raise ServerError(f"port {self.port} is already in use (a server left from an earlier run?)")
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w") as logf:
+        with open(self.log, "a") as logf:  # appended: a resumed bench keeps the log of the run it resumes
+            logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.cmd)}\n")
+            logf.flush()
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         try:
