@@ -269,20 +269,25 @@ def test_sweep_table_compares_rates_within_the_baselines_target():
     assert curves["stock"]["bound"] == "<" and "x |" not in _.splitlines()[-1]
 
 
-def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
-    port = free_port()
-    starts = []
+def _stand_in_sweep(tmp_path: Path, monkeypatch, policies: str, *server_args: str) -> tuple[Path, list[str], list]:
+    """A sweep at 40 and 20 req/s (6 requests on 2 documents each) against stand-in servers
+    started with ``server_args``: (out dir, bench argv, the policies started, in order)."""
+    port, starts = free_port(), []
 
     def server_for(spec, args, model):
         starts.append(spec)
-        return [sys.executable, FAKE, str(port)], {}
+        return [sys.executable, FAKE, str(port), *server_args], {}
 
     monkeypatch.setattr(runner, "server_for", server_for)
     monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
     monkeypatch.setattr(report, "plots", lambda *a: [])
     out = tmp_path / "sweep"
-    argv = ["--out", str(out), "--policies", "stock,lru", "--requests", "6", "--docs", "2", "--rates", "40,20",
-            "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
+    return out, ["--out", str(out), "--policies", policies, "--requests", "6", "--docs", "2", "--rates", "40,20",
+                 "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"], starts
+
+
+def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
+    out, argv, starts = _stand_in_sweep(tmp_path, monkeypatch, "stock,lru")
     assert runner.main(argv) == 0
     assert starts == ["stock", "lru"]  # one server per policy for all rates
     for rate in ("20", "40"):
@@ -312,15 +317,8 @@ def test_a_sweep_stops_a_policy_whose_server_fails_and_keeps_what_ran(tmp_path, 
     """A server that exits, or an evicpress backend that degrades to stock behaviour (a flush
     would re-apply it), during the second rate: that rate is not saved (a resume runs it
     again), the sweep fails with one line, and the first rate is still reported."""
-    port = free_port()
     # 6 requests a rate + 1 warm-up each: the fault comes during the second rate
-    monkeypatch.setattr(runner, "server_for", lambda spec, args, model: (
-        [sys.executable, FAKE, str(port), "--evicpress", fault, "9"], {}))
-    monkeypatch.setattr(runner, "resolve_model", lambda name: (_tiny_model(tmp_path), False))
-    monkeypatch.setattr(report, "plots", lambda *a: [])
-    out = tmp_path / "sweep"
-    argv = ["--out", str(out), "--policies", "lru", "--requests", "6", "--docs", "2", "--rates", "40,20",
-            "--min-chars", "500", "--max-chars", "800", "--port", str(port), "--quiet"]
+    out, argv, _ = _stand_in_sweep(tmp_path, monkeypatch, "lru", "--evicpress", fault, "9")
     assert runner.main(argv) == 1
     assert (out / "rate-20" / "lru.json").exists() and not (out / "rate-40" / "lru.json").exists()
     assert json.loads((out / "rate-20" / "bench.json").read_text())["summaries"][0]["errors"] == 0
