@@ -316,11 +316,16 @@ def test_rate_sweep_runs_the_bench_at_every_rate(tmp_path, monkeypatch):
 def test_a_sweep_stops_a_policy_whose_server_fails_and_keeps_what_ran(tmp_path, monkeypatch, fault):
     """A server that exits, or an evicpress backend that degrades to stock behaviour (a flush
     would re-apply it), during the second rate: that rate is not saved (a resume runs it
-    again), the sweep fails with one line, and the first rate is still reported."""
+    again; an earlier sweep's record of it is gone, not reported as this one's), the sweep
+    fails with one line, and the first rate is still reported."""
     # 6 requests a rate + 1 warm-up each: the fault comes during the second rate
     out, argv, _ = _stand_in_sweep(tmp_path, monkeypatch, "lru", "--evicpress", fault, "9")
+    (out / "rate-40").mkdir(parents=True)  # an earlier sweep's record and a file of the user's
+    (out / "rate-40" / "lru.json").write_text(json.dumps({"policy": "lru", "results": []}))
+    (out / "rate-40" / "notes.json").write_text("{}")
     assert runner.main(argv) == 1
     assert (out / "rate-20" / "lru.json").exists() and not (out / "rate-40" / "lru.json").exists()
+    assert (out / "rate-40" / "notes.json").exists()
     assert json.loads((out / "rate-20" / "bench.json").read_text())["summaries"][0]["errors"] == 0
     assert not (out / "sweep.json").exists()
     log = (out / "logs" / "lru.log").read_text()

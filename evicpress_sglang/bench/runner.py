@@ -421,17 +421,19 @@ def _run(args: argparse.Namespace, specs: list[str], out: Path, command: str,
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
-        reqs = _prepare(args, out, command, model, reqs)
+        reqs = _prepare(args, specs, out, command, model, reqs)
         if rc := _run_policies(args, specs, model, [(reqs, out)], out / "logs"):
             return rc
     _report(args, specs, out)
     return 0
 
 
-def _prepare(args: argparse.Namespace, out: Path, command: str, model: Path,
+def _prepare(args: argparse.Namespace, specs: list[str], out: Path, command: str, model: Path,
              reqs: list[BenchRequest] | None = None) -> list[BenchRequest]:
     """The workload at ``args.rate`` (``reqs`` if already built), recorded in ``out/workload.json``
-    (kept under ``--resume``: the report scores what was run)."""
+    (kept under ``--resume``: the report scores what was run). A new workload removes the
+    records ``specs`` left in ``out`` from an earlier one, so that a run that stops part way
+    never reports them as its own."""
     out.mkdir(parents=True, exist_ok=True)
     reqs = reqs if reqs is not None else workload_of(args)
     meta = {"command": command, "workload": args.workload, "model": str(model),
@@ -447,6 +449,8 @@ def _prepare(args: argparse.Namespace, out: Path, command: str, model: Path,
     saved = out / "workload.json"
     if not (args.resume and saved.exists()):
         saved.write_text(json.dumps(meta | {"requests_run": runs}))
+        for spec in specs:  # this run's policies' earlier records would be scored against the new workload
+            (out / f"{slug(spec)}.json").unlink(missing_ok=True)
     return reqs
 
 
@@ -494,7 +498,7 @@ def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) 
         runs = []
         for rate, rate_out in outs.items():
             args.rate = rate
-            runs.append((_prepare(args, rate_out, command, model), rate_out))
+            runs.append((_prepare(args, specs, rate_out, command, model), rate_out))
         if rc := _run_policies(args, specs, model, runs, out / "logs"):
             for rate, rate_out in outs.items():  # what did run is still reported
                 args.rate = rate
