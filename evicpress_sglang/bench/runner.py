@@ -137,11 +137,11 @@ def run_policy(spec: str, args: argparse.Namespace, model: Path, runs: list[tupl
     server = Server(cmd, env, log, args.port, timeout=args.server_timeout)
     with server as url:
         for i, (reqs, out) in enumerate(runs):
-            try:
-                if i:
+            if i:
+                try:
                     _flush(url)
-            except requests.RequestException as e:
-                raise ServerError(f"the server stopped answering: {e}\n{server.log_tail()}") from None
+                except requests.RequestException as e:
+                    raise ServerError(f"the server stopped answering: {e}\n{server.log_tail()}") from None
             before = _status(url)
             results, wall = _replay_warm(url, reqs, args)
             after = _status(url)
@@ -493,22 +493,21 @@ def _sweep(args: argparse.Namespace, specs: list[str], out: Path, command: str) 
     of a policy on one server), then requests/s at equal TTFT: the highest rate each policy
     sustains within one TTFT target (default: the baseline's TTFT at the lowest rate)."""
     outs = {rate: out / f"rate-{rate:g}" for rate in args.rates}
+    rc = 0
     if not args.report_only:
         model, args.dummy = resolve_model(args.model)
         runs = []
         for rate, rate_out in outs.items():
             args.rate = rate
             runs.append((_prepare(args, specs, rate_out, command, model), rate_out))
-        if rc := _run_policies(args, specs, model, runs, out / "logs"):
-            for rate, rate_out in outs.items():  # what did run is still reported
-                args.rate = rate
-                _report(args, specs, rate_out)
-            return rc
+        rc = _run_policies(args, specs, model, runs, out / "logs")
     by_rate = {}
-    for rate, rate_out in outs.items():
+    for rate, rate_out in outs.items():  # what did run is reported even when a server failed
         args.rate = rate
         _report(args, specs, rate_out)
         by_rate[rate] = json.loads((rate_out / "bench.json").read_text())["summaries"]
+    if rc:
+        return rc
     target = args.ttft_target_ms / 1000 if args.ttft_target_ms else None
     if target is None:
         base = [s for s in by_rate[min(args.rates)] if s["policy"] == "stock" and not s["errors"]]

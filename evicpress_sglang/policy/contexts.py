@@ -312,9 +312,9 @@ class ContextTable:
         shorter than ``TokenSelector.MIN_TOKENS``: there it has its quantizer's quality.
         """
         q = _columns(self._quality, rows)
-        if self._dropping.any():
-            short = np.flatnonzero(self._tokens[rows] < TokenSelector.MIN_TOKENS)
-            for j in np.flatnonzero(self._dropping) if short.size else ():  # stored whole: no token is dropped
+        short = np.flatnonzero(self._tokens[rows] < TokenSelector.MIN_TOKENS) if self._dropping.any() else ()
+        if len(short):  # stored whole under a dropping codec: no token is dropped
+            for j in np.flatnonzero(self._dropping):
                 k = self._inner_col[j]
                 q[j, short] = self._quality[rows[short], k] if k >= 0 else self._inner_prior[j]
         np.minimum(q, self._present_quality[rows], out=q)
