@@ -21,7 +21,8 @@ def _node_of(cache, tokens):
 
 
 def test_a_dropped_context_gets_its_profile_and_queries_back_when_recomputed():
-    cache = EvicPressRadixCache(make_params(512), Settings(policy="lru", host_bytes=0, held_out_queries=2))
+    cache = EvicPressRadixCache(make_params(512), Settings(policy="lru", host_bytes=0, held_out_queries=2,
+                                                           profile_min_tokens=8))
     for tail in ([1, 2, 3], [4, 5, 6], [9, 9, 9]):  # DOC splits off as a context asked twice after
         serve(cache, DOC + tail)
     doc = _node_of(cache, DOC)

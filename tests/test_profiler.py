@@ -41,7 +41,8 @@ def test_reservoir_limits_length_and_forgets():
 
 
 def test_the_cache_keeps_what_requests_asked_after_a_reused_prefix(tmp_path):
-    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=2, status_top=5))
+    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=2, status_top=5,
+                                                           profile_min_tokens=8))
     doc = list(range(500, 600))
     serve(cache, doc + [1, 2, 3])  # nothing reused yet: no query recorded
     assert len(cache.queries) == 0
@@ -56,8 +57,11 @@ def test_the_cache_keeps_what_requests_asked_after_a_reused_prefix(tmp_path):
     assert len(cache.queries) == 0
 
 
-def test_questions_that_split_below_a_document_are_held_out_queries_of_the_document_too():
-    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=8))
+def test_questions_that_split_below_a_document_are_held_out_queries_of_the_document():
+    """The few words questions share make a node below the document that the profiler never
+    measures (fewer than profile_min_tokens): it holds no queries, the document holds them all."""
+    cache = EvicPressRadixCache(make_params(512), Settings(host_bytes=1 << 20, held_out_queries=8,
+                                                           profile_min_tokens=8))
     doc, what = list(range(500, 600)), [71, 72]  # "Question: What" shared by two of the questions
     for q in ([1], what + [3], what + [4], [5, 6]):
         serve(cache, doc + q)
@@ -65,7 +69,39 @@ def test_questions_that_split_below_a_document_are_held_out_queries_of_the_docum
     below = node.children[what[0]]
     assert len(node.key) == 100 and len(below.key) == 2  # the shared words made a node below the document
     assert sorted(q.tolist() for q in cache.queries.queries(node.id)) == [[5, 6], what + [3], what + [4]]
-    assert [q.tolist() for q in cache.queries.queries(below.id)] == [[4]]
+    assert cache.queries.queries(below.id) == [] and cache.queries.seen(below.id) == 0
+    placements = {p["node"]: p["held_out_queries"] for p in cache.status()["placements"]}
+    assert placements[node.id] == 3 and placements.get(below.id, 0) == 0
+
+
+def test_a_split_gives_the_head_the_queries_asked_after_the_whole_node():
+    """A node that holds queries and is split (a later prompt shares only its start) passes them
+    to the new head behind the tail's tokens; a tail too short to be profiled keeps none, a long
+    one keeps its own. Without this the document starts again from no queries at every split."""
+    cache = EvicPressRadixCache(make_params(1024), Settings(host_bytes=1 << 20, held_out_queries=8,
+                                                           profile_min_tokens=16))
+    doc, head_words = list(range(500, 600)), [71, 72, 73]  # "Question: What is" in the first questions
+    serve(cache, doc + head_words + [1])
+    serve(cache, doc + head_words + [2])  # splits at doc + head_words: that node holds [2]
+    serve(cache, doc + head_words + [3])
+    node = cache._find_exact(RadixKey(array("q", doc + head_words)))
+    assert sorted(q.tolist() for q in cache.queries.queries(node.id)) == [[2], [3]]
+    serve(cache, doc + [9, 9])  # "Question: How": splits off the 3 words, which are too short to hold queries
+    top = cache._find_exact(RadixKey(array("q", doc)))
+    assert node.parent is top and len(node.key) == 3 and cache.queries.queries(node.id) == []
+    assert sorted(q.tolist() for q in cache.queries.queries(top.id)) == [[9, 9], head_words + [2], head_words + [3]]
+
+    long_tail = list(range(2000, 2040))  # a tail long enough to be a context of its own keeps its queries
+    serve(cache, doc + long_tail + [1])
+    serve(cache, doc + long_tail + [4])
+    serve(cache, doc + long_tail + [5])
+    tail = cache._find_exact(RadixKey(array("q", doc + long_tail)))
+    serve(cache, doc + long_tail[:20] + [6])  # splits the tail: its second half (20 tokens) still holds queries
+    mid = cache._find_exact(RadixKey(array("q", doc + long_tail[:20])))
+    assert tail.parent is mid and len(tail.key) == 20
+    assert sorted(q.tolist() for q in cache.queries.queries(tail.id)) == [[4], [5]]
+    assert sorted(q.tolist() for q in cache.queries.queries(mid.id)) == [[6], long_tail[20:] + [4], long_tail[20:] + [5]]
+    assert cache.audit() == [] and cache.health.internal_errors == 0
 
 
 def test_a_context_above_is_offered_the_query_only_when_it_fits_a_held_out_query():

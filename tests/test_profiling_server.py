@@ -202,11 +202,14 @@ def test_contexts_never_profiled_come_before_popular_ones_profiled_again(server)
     (job,) = cache.profiling.jobs.values()
     assert job.node == _find(cache, other + [7, 8, 9]).id
     cache.profiling.report(job.id, {}, 0)
-    ask(cache, DOC + [7, 8, 9, 4], [40])  # a node of 1 token of its own below DOC, reused: passed over
-    short = _find(cache, DOC + [7, 8, 9, 4])
-    assert len(short.key) == 1 and cache.queries.queries(short.id)
+    ask(cache, DOC + [7, 8, 9, 4], [40])  # a node of 1 token of its own below DOC, reused: DOC's question
+    short, doc = _find(cache, DOC + [7, 8, 9, 4]), _find(cache, DOC + [7, 8, 9])
+    assert len(short.key) == 1 and cache.queries.queries(short.id) == []
+    assert [4, 7, 8, 9, 40] in [q.tolist() for q in cache.queries.queries(doc.id)]
+    ask(cache, other, [50])  # a new query: `other` is due to be profiled again...
+    cache.settings.profile_min_tokens = len(other) + 4  # ...but is now too short, though it holds queries
     cache.profiling.prepare(5)
-    assert short.id not in {j.node for j in cache.profiling.jobs.values()}
+    assert {j.node for j in cache.profiling.jobs.values()} == {doc.id}
 
 
 def test_short_contexts_are_not_refusals_with_self_written_questions_either(server):

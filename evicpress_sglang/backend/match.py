@@ -136,7 +136,9 @@ class PrefixMatch(TreeBookkeeping):
         is a held-out query of that context, for the deepest one and the ones above it
         (questions that share their first words split the tree below a document, and the
         document is still what they were asked about), as long as the whole of it fits a
-        held-out query: above that it would be the head of another document, not a question."""
+        held-out query: above that it would be the head of another document, not a question.
+        Only contexts the profiler could measure hold queries (:meth:`_holds_queries`): the
+        few words such a split leaves below a document pass theirs up."""
         if req is None or req.rid in self._counted_rids or parse_namespace(req.extra_key) is not None:
             return
         self._counted_rids[req.rid] = None
@@ -145,7 +147,8 @@ class PrefixMatch(TreeBookkeeping):
         node, start, level = reused, self._logical_len(reused), 0
         asked = len(req.origin_input_ids)
         while node is not self.root_node and level < HELD_OUT_LEVELS:
-            if node is reused or asked - start <= self.queries.max_tokens:  # above: only if the question fits
+            fits = node is reused or asked - start <= self.queries.max_tokens  # above: only if the question fits
+            if fits and self._holds_queries(node):
                 self.queries.offer(node.id, req.origin_input_ids[start:])
             start -= len(node.key)
             node, level = node.parent, level + 1

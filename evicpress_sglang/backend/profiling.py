@@ -23,7 +23,7 @@ import itertools
 from array import array
 
 import numpy as np
-from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from .content_keys import token_hash
 from .profile_copies import ProfileCopies
@@ -102,6 +102,8 @@ class ProfileStaging(ProfileCopies):
             return existing
         if node_id not in self.cache.table:
             self.refusal = {"node": node_id, "reason": "no such context in the cache"}
+        elif (short := self._too_short(self.cache.nodes.get(node_id))) is not None:  # it holds no queries either
+            self.refusal = {"node": node_id, "reason": short}
         elif not self.cache.queries.queries(node_id) and not self.cache.settings.profile_self_questions:
             self.refusal = {"node": node_id, "reason": "no held-out queries yet (the context has not been reused; "
                                                        "profile_self_questions lets the model write some)"}
@@ -114,15 +116,23 @@ class ProfileStaging(ProfileCopies):
         self.last_refusal = self.refusal
         return None
 
+    def _too_short(self, node: TreeNode | None) -> str | None:
+        """Why ``node`` is not worth a job for its size, if it is not: what its placement moves
+        is its own tokens, and a few words split below a document are not worth measuring."""
+        least = self.cache.settings.profile_min_tokens
+        if node is not None and len(node.key) < least:
+            return f"{len(node.key)} tokens of its own, fewer than profile_min_tokens ({least})"
+        return None
+
     def _make(self, key: int, now: float) -> Job | str:
         """A new job for context ``key``: pinned on the GPU when its KV is exact there, to be
         recomputed otherwise; or why there can be none."""
         node = self.cache.nodes.get(key)
         if node is None:
             return "the context is no longer in the cache"
-        least = self.cache.settings.profile_min_tokens
-        if len(node.key) < least:  # what its placement moves: a few words split below a document are not worth a job
-            return f"{len(node.key)} tokens of its own, fewer than profile_min_tokens ({least})"
+        short = self._too_short(node)
+        if short is not None:
+            return short
         if node.key.extra_key:  # its namespace: a cache salt, or a LoRA adapter's id (SGLang appends it)
             return ("it lives in a cache namespace (a LoRA adapter or cache salt): the profiler's requests run "
                     "on the base model and would measure something else")

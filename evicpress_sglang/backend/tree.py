@@ -88,10 +88,30 @@ class TreeBookkeeping(RadixCache):
             self.nodes[new_node.id] = new_node
             if len(self.memory):  # the prefix may be a context that was dropped before
                 self._recall(new_node)
+            self._split_queries(new_node, child)
             if kept is not None:
                 self.table.set_stored_tokens(new_node.id, len(new_node.value))
                 self.table.set_stored_tokens(child.id, len(child.value))
         return new_node
+
+    def _holds_queries(self, node: TreeNode) -> bool:
+        """Whether ``node`` keeps held-out queries: only a context the profiler makes jobs for,
+        one with ``profile_min_tokens`` of its own. The rest are mostly a question's first words
+        split below a document; what is asked after them is the document's."""
+        return len(node.key) >= self.settings.profile_min_tokens
+
+    def _split_queries(self, head: TreeNode, tail: TreeNode) -> None:
+        """``tail``'s queries after a split at the start of its key: each was asked after the
+        whole of it, so it is also one of ``head``'s, behind ``tail``'s tokens (as long as that
+        still fits a held-out query, as in :meth:`_count_hit`); ``tail`` keeps its own only if it
+        still holds queries."""
+        if self._holds_queries(head):
+            words = tail.key.token_ids
+            for query in self.queries.queries(tail.id):
+                if len(words) + len(query) <= self.queries.max_tokens:
+                    self.queries.offer(head.id, [*words, *query])
+        if not self._holds_queries(tail):
+            self.queries.forget(tail.id)
 
     def _splittable(self, node: TreeNode, split_len: int) -> bool:
         """A dropped node splits only where both sides keep at least one slot."""
