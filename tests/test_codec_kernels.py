@@ -3,8 +3,8 @@ that use them.
 
 The kernel cases run on CPU under Triton's interpreter in one subprocess (``kernel_checks.py``
 says why and what each case checks); each case is reported here as its own test. The rest
-runs in this process: the torch paths of the entry points and what happens when a kernel
-fails or a blob does not fit.
+runs in this process: the torch paths of the entry points, what happens when a kernel fails
+or a blob does not fit, and the launches' arguments and the Python that builds them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from evicpress_sglang.backend import kv_io
-from evicpress_sglang.codecs import CodecError, get_codec
+from evicpress_sglang.codecs import CodecError, KVShape, drops_tokens, get_codec, kernels
+from evicpress_sglang.codecs.kivi import Int4Codec
 
 import kernel_checks
 from harness import assert_pool_entry_points_agree, pool_with_kv
@@ -177,3 +179,92 @@ def test_kernels_are_compiled_once_for_every_count_and_slot_list():
                            (kernels._kivi_k, {"tokens", "full"}), (kernels._kivi_v, {"rows"})):
         assert "slots" in kernel.do_not_specialize_on_alignment, kernel.fn.__name__
         assert counts <= set(kernel.do_not_specialize), kernel.fn.__name__
+
+
+#: An 8B-class geometry (32 layers x 8 KV heads x 128, bf16) at 2**24 tokens. Its payloads pass
+#: 2**31 bytes from about 32k tokens (bf16) or 55k (int4).
+LONG = KVShape(32, 2**24, 8, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8", "int8", "int4", "int2", "keep+int4"])
+def test_no_launch_argument_changes_type_with_the_context_length(name):
+    """Triton compiles a plain int argument as i32 or as i64 by its value, and a pointer as 16-byte
+    aligned or not, each a kernel of its own: a long context must not compile, on the scheduler
+    thread, a kernel that kv_io.warm_up's short one did not. So up to 2**24 tokens of an 8B model,
+    every int argument of every launch is a count that fits i32 (and is not specialized on), and
+    the payload is reached through views of it, each 16-byte aligned in an aligned payload (a
+    keep+ codec's too, after its positions), so that their alignment specialization (kept: it
+    makes the payload's accesses 16 bytes wide) is always the same. The grid fits CUDA's limits.
+    Meta tensors: nothing is allocated."""
+    codec = get_codec(name)
+    quantizer = codec.device_codec.inner if drops_tokens(codec) else codec
+    kept = codec.output_shape(LONG)
+    payload = torch.empty(codec.nbytes(LONG), dtype=torch.uint8, device="meta")
+    inner = payload[codec.nbytes(LONG) - quantizer.nbytes(kept):]
+    pool = torch.empty(1, LONG.heads, LONG.head_dim, dtype=LONG.dtype, device="meta")
+    slots = torch.empty(kept.tokens, dtype=torch.int64, device="meta")
+    offsets = torch.empty(2 * LONG.layers, dtype=torch.int64, device="meta")
+    for encoding in (True, False):
+        for launch in kernels.launches(encoding, quantizer, kept, pool, offsets, slots, inner):
+            kernel = launch.kernel
+            params = [p.name for p in kernel.params if not p.is_constexpr]
+            assert len(launch.args) == len(params), kernel.fn.__name__
+            views = 0
+            for param, arg in zip(params, launch.args):
+                where = f"{kernel.fn.__name__}({param})"
+                if isinstance(arg, torch.Tensor):
+                    if arg._base is payload:
+                        views += 1
+                        assert arg.storage_offset() % 16 == 0, (where, arg.storage_offset())
+                        assert param not in kernel.do_not_specialize_on_alignment, where
+                else:
+                    assert type(arg) is int and -2**31 <= arg < 2**31, (where, arg)
+                    assert param in kernel.do_not_specialize, where
+            assert views >= 2, kernel.fn.__name__  # the payload is reached through its segments
+            assert launch.grid[0] < 2**31 and max(launch.grid[1:]) < 2**16, (kernel.fn.__name__, launch.grid)
+
+
+def test_a_store_and_its_load_back_lay_out_the_payload_once(monkeypatch):
+    """The Python that runs before the launches, on the scheduler thread at every store and
+    load-back, builds a payload's layout once per shape, not once per size check and argument."""
+    pool, slots = pool_with_kv()
+    codec = Int4Codec()  # not the registry's: nothing of it is memoised yet
+    segments = codec.segments
+    built = []
+    monkeypatch.setattr(codec, "segments", lambda shape: built.append(shape) or segments(shape))
+    monkeypatch.setattr(kv_io, "_failed", set())
+    monkeypatch.setattr(kv_io.kernels, "supports", lambda quantizer, k_buffer: True)
+    launched = []
+    monkeypatch.setattr(kv_io.kernels, "_launch", launched.append)
+    enc = kv_io.encode_from_pool(pool, slots, codec)
+    kv_io.decode_into_pool(pool, slots, codec, enc)
+    assert [launch.kernel for launch in launched] == [kernels._kivi_k, kernels._kivi_v] * 2
+    assert len(built) == 1
+
+
+def test_buffer_offsets_are_those_of_the_buffers_passed_when_a_list_changes():
+    """buffer_offsets is cached per pool, and a hit reads only the first buffer's address; it
+    still never answers with the offsets of buffers that a list no longer holds."""
+    k = [torch.zeros(4, 2, 8) for _ in range(2)]
+    v = [torch.zeros(4, 2, 8) for _ in range(2)]
+
+    def expected() -> list[int]:
+        return [(b.data_ptr() - k[0].data_ptr()) // 4 for b in (*k, *v)]
+
+    first = kernels.buffer_offsets(k, v)
+    assert first.tolist() == expected() and kernels.buffer_offsets(k, v) is first
+    k[1] = torch.zeros(4, 2, 8)  # the same list now holds another tensor
+    assert kernels.buffer_offsets(k, v).tolist() == expected()
+    k[0] = torch.zeros(4, 2, 8)  # and another first one, the base of every offset
+    assert kernels.buffer_offsets(k, v).tolist() == expected()
+    assert kernels.buffer_offsets(list(k), list(v)).tolist() == expected()  # other lists, same tensors
+
+
+def test_buffer_offsets_keep_no_pool_alive():
+    """The cache refers to a pool's buffers weakly: a pool that is dropped frees its memory."""
+    k = [torch.zeros(4, 2, 8) for _ in range(2)]
+    v = [torch.zeros(4, 2, 8) for _ in range(2)]
+    kernels.buffer_offsets(k, v)
+    gone = weakref.ref(k[1])
+    del k, v
+    assert gone() is None

@@ -13,9 +13,13 @@ what the placement policy needs to plan before encoding anything.
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
 
 import torch
 
@@ -173,7 +177,13 @@ class SegmentCodec(KVCodec):
         """Reconstruct K and V from the segments into the output tensors."""
 
     def nbytes(self, shape: KVShape) -> int:
-        return sum(_aligned(s.nbytes) for s in self.segments(shape))
+        return self.layout(shape).nbytes
+
+    def layout(self, shape: KVShape) -> Layout:
+        """Where the segments of this shape's payload sit. Memoised per (codec, shape): a store
+        or load-back on SGLang's scheduler thread asks for it several times (sizes, checks,
+        kernel arguments), and building it each time was most of their Python cost."""
+        return _layout(self, shape)
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> EncodedKV:
         shape = KVShape.of(k)
@@ -192,13 +202,9 @@ class SegmentCodec(KVCodec):
         payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=k.device)
         return EncodedKV(self.name, shape, payload)
 
-    def offsets(self, shape: KVShape) -> dict[str, tuple[int, Segment]]:
-        """Byte offset of every segment in the payload (the fused kernels address them directly)."""
-        out, offset = {}, 0
-        for seg in self.segments(shape):
-            out[seg.name] = (offset, seg)
-            offset += _aligned(seg.nbytes)
-        return out
+    def offsets(self, shape: KVShape) -> Mapping[str, tuple[int, Segment]]:
+        """Byte offset of every segment in the payload, by name, in payload order."""
+        return self.layout(shape).offsets
 
     def views(self, payload: torch.Tensor, shape: KVShape) -> dict[str, torch.Tensor]:
         """Every segment of ``payload`` as a typed view of its shape (no copy)."""
@@ -208,15 +214,39 @@ class SegmentCodec(KVCodec):
     def zero_padding(self, payload: torch.Tensor, shape: KVShape) -> None:
         """Zero the gaps after the segments, as :meth:`encode` does, for writers that fill the
         segments of a fresh payload in place (the fused kernels)."""
-        segments = list(self.offsets(shape).values())
-        starts = [at for at, _ in segments[1:]] + [payload.numel()]
-        for (at, seg), start in zip(segments, starts):
-            if start > at + seg.nbytes:
-                payload[at + seg.nbytes : start].zero_()
+        for start, end in self.layout(shape).padding:
+            payload[start:end].zero_()
 
     def decode(self, enc: EncodedKV, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         check_decodable(self, enc, out_k, out_v)
         self.decode_segments(self.views(enc.payload.to(out_k.device), enc.shape), enc.shape, out_k, out_v)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The segments of one codec's payload for one shape, in payload order."""
+
+    #: Each segment's byte offset, by name.
+    offsets: Mapping[str, tuple[int, Segment]]
+    #: The bytes each one takes with its padding: ``payload.split_with_sizes(sizes)`` cuts a
+    #: payload into its segments in one call (the fused kernels get each one as a pointer).
+    sizes: tuple[int, ...]
+    #: (start, end) of every run of padding bytes.
+    padding: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+
+@lru_cache(maxsize=256)  # a few codecs x recent context lengths; the codecs held are the registry's
+def _layout(codec: SegmentCodec, shape: KVShape) -> Layout:
+    segments = codec.segments(shape)
+    sizes = tuple(_aligned(seg.nbytes) for seg in segments)
+    starts = tuple(itertools.accumulate(sizes, initial=0))
+    return Layout(offsets=MappingProxyType({seg.name: (at, seg) for seg, at in zip(segments, starts)}), sizes=sizes,
+                  padding=tuple((at + seg.nbytes, at + size) for seg, at, size in zip(segments, starts, sizes)
+                                if size > seg.nbytes))
 
 
 def check_blob(codec: KVCodec, enc: EncodedKV) -> None:

@@ -33,9 +33,20 @@ every layer: the kernels get the first K buffer and the element offset of every 
 it (int64, cached per pool), which needs no pointer casts and also runs in Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), where the tests check the kernels against the torch
 codecs.
+
+**Payload access.** Each segment of the payload is a pointer argument of its own (a uint8 view
+of the payload where the segment starts, bitcast in the kernel), not a byte offset from the
+payload's start: Triton types a Python int argument by its value, i32 or i64, each its own
+compiled kernel, and offsets pass 2**31 in long contexts. What the kernels get as ints are row
+and token counts, which stay in i32 (:func:`launches`); every address is computed in int64.
 """
 
 from __future__ import annotations
+
+import itertools
+import operator
+import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -84,24 +95,43 @@ def _pow2(n: int) -> bool:
 
 def buffer_offsets(k_buffer: list[torch.Tensor], v_buffer: list[torch.Tensor]) -> torch.Tensor:
     """Element offsets of every K buffer, then every V buffer, from ``k_buffer[0]`` (int64, on
-    its device). Cached by address, so a pool costs one small host-to-device copy, once."""
+    its device). Cached per pair of buffer lists: a pool costs one small host-to-device copy,
+    once. This runs at every store and load-back, on SGLang's scheduler thread, so a hit reads
+    only the first buffer's address (SGLang never moves a pool's buffers) and checks that the
+    lists still hold the very tensors the offsets were computed from. The cache refers to them
+    weakly, so it keeps no pool's memory alive; a live reference cannot be mistaken for a new
+    tensor at a freed one's address."""
+    hit = _OFFSETS.get((id(k_buffer), id(v_buffer)))
+    if hit is not None and hit.base == k_buffer[0].data_ptr() and _same(hit.buffers, k_buffer, v_buffer):
+        return hit.offsets
     buffers = (*k_buffer, *v_buffer)
     base = buffers[0]
-    key = (base.device, base.dtype, tuple(base.shape), tuple(b.data_ptr() for b in buffers))
-    offsets = _OFFSETS.get(key)
-    if offsets is None:
-        if any(b.shape != base.shape or b.dtype != base.dtype or b.device != base.device or not b.is_contiguous()
-               for b in buffers):
-            raise ValueError("every K and V buffer must be a contiguous tensor of one shape, dtype and device")
-        if len(_OFFSETS) >= 8:  # pools are few and long-lived; this only bounds a test's many small ones
-            _OFFSETS.clear()
-        ptrs = key[-1]
-        offsets = _OFFSETS[key] = torch.tensor([(p - ptrs[0]) // base.element_size() for p in ptrs],
-                                               dtype=torch.int64, device=base.device)
+    if any(b.shape != base.shape or b.dtype != base.dtype or b.device != base.device or not b.is_contiguous()
+           for b in buffers):
+        raise ValueError("every K and V buffer must be a contiguous tensor of one shape, dtype and device")
+    if len(_OFFSETS) >= 8:  # pools are few and long-lived; this only bounds a test's many small ones
+        _OFFSETS.clear()
+    offsets = torch.tensor([(b.data_ptr() - base.data_ptr()) // base.element_size() for b in buffers],
+                           dtype=torch.int64, device=base.device)
+    _OFFSETS[id(k_buffer), id(v_buffer)] = _Offsets(tuple(map(weakref.ref, buffers)), base.data_ptr(), offsets)
     return offsets
 
 
-_OFFSETS: dict[tuple, torch.Tensor] = {}
+class _Offsets(NamedTuple):
+    """A :func:`buffer_offsets` entry: the buffers it was computed for, and the first one's address."""
+
+    buffers: tuple[weakref.ref, ...]
+    base: int
+    offsets: torch.Tensor
+
+
+def _same(buffers: tuple[weakref.ref, ...], k_buffer: list[torch.Tensor], v_buffer: list[torch.Tensor]) -> bool:
+    """True when ``buffers`` refer to the tensors of the lists, in order (a dead reference to None)."""
+    return (len(buffers) == len(k_buffer) + len(v_buffer)
+            and all(map(operator.is_, [ref() for ref in buffers], itertools.chain(k_buffer, v_buffer))))
+
+
+_OFFSETS: dict[tuple[int, int], _Offsets] = {}
 
 
 def encode(k_buffer: list[torch.Tensor], v_buffer: list[torch.Tensor], slots: torch.Tensor, codec: SegmentCodec,
@@ -125,41 +155,76 @@ def _run(encoding: bool, k_buffer: list[torch.Tensor], v_buffer: list[torch.Tens
     shape = KVShape(len(k_buffer), slots.numel(), pool.shape[1], pool.shape[2], pool.dtype)
     if slots.dtype != torch.int64 or slots.device != pool.device or not slots.is_contiguous():
         raise ValueError("slots must be a contiguous int64 tensor on the pool's device")
-    if payload.dtype != torch.uint8 or payload.device != pool.device or payload.numel() != codec.nbytes(shape):
-        raise ValueError(f"payload must be {codec.nbytes(shape)} bytes (uint8) on the pool's device")
+    nbytes = codec.nbytes(shape)
+    if payload.dtype != torch.uint8 or payload.device != pool.device or payload.numel() != nbytes:
+        raise ValueError(f"payload must be {nbytes} bytes (uint8) on the pool's device")
     if shape.tokens == 0:
         return
     offsets = buffer_offsets(k_buffer, v_buffer)
     if encoding:
         codec.zero_padding(payload, shape)
-    at = {name: off for name, (off, _) in codec.offsets(shape).items()}
-    _launch(encoding, codec, shape, pool, offsets, slots, payload, at)
+    for launch in launches(encoding, codec, shape, pool, offsets, slots, payload):
+        _launch(launch)
 
 
-def _launch(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Tensor, offsets: torch.Tensor,
-            slots: torch.Tensor, payload: torch.Tensor, at: dict[str, int]) -> None:
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **constants)``."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    args: tuple  # the runtime arguments, in the kernel's order
+    constants: dict  # its constexprs, by name, and launch options (num_warps)
+
+
+def launches(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Tensor, offsets: torch.Tensor,
+             slots: torch.Tensor, payload: torch.Tensor) -> list[Launch]:
+    """The launches that move ``payload`` (``codec``'s, of ``shape``) to or from ``pool``'s rows at
+    ``slots``. Builds them, runs nothing: the arguments of any shape can be checked without
+    tensors of its size (meta tensors), as the tests do.
+
+    Every payload segment is a pointer argument (a view of ``payload`` where it starts), never a
+    byte offset: a Python int argument is compiled as i32 or as i64 by its value, so an offset past
+    2 GiB (a long context: from about 32k tokens of bf16 in an 8B geometry) would compile another
+    kernel, on the scheduler thread, that :func:`kv_io.warm_up`'s short context never compiled.
+    What stays an int is a count of rows or tokens, under 2**31 up to 2**24 tokens of that
+    geometry (int4's V rows, tokens x KV channels / 32, are the largest). The segments are as
+    aligned as the payload: each starts at a multiple of SEGMENT_ALIGN (16) bytes, and so does a
+    token-dropped blob's inner payload, after its padded positions. Payloads are allocated whole
+    (encode_from_pool's, and the tiers' copies to the GPU), so the kernels are compiled for 16-byte
+    aligned segments, once; a payload at an odd address would still work, in a variant of its own."""
     L, n, H, D = shape.tensor_shape
+    layout = codec.layout(shape)
+    seg = dict(zip(layout.offsets, payload.split_with_sizes(layout.sizes)))
+    pool_args = pool, offsets, slots
     if isinstance(codec, IdentityCodec):
-        _copy[(triton.cdiv(n * H, COPY_ROWS), 2 * L)](
-            pool, offsets, slots, payload, at["k"], at["v"] - at["k"], n * H, LAYERS=L, HD=H * D, D=D,
-            BLOCK=COPY_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS)
-        return
+        return [Launch(_copy, (_cdiv(n * H, COPY_ROWS), 2 * L), (*pool_args, seg["k"], seg["v"], n * H),
+                       dict(LAYERS=L, HD=H * D, D=D, BLOCK=COPY_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS))]
     if isinstance(codec, AbsmaxCodec):
-        _absmax[(triton.cdiv(n * H, ABSMAX_ROWS), 2 * L)](
-            pool, offsets, slots, payload, at["k_codes"], at["v_codes"] - at["k_codes"], at["k_scale"],
-            at["v_scale"] - at["k_scale"], n * H, LAYERS=L, HD=H * D, D=D, FP8=isinstance(codec, FP8Codec),
-            CODE_MAX=codec.code_max, BLOCK=ABSMAX_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS)
-        return
+        return [Launch(_absmax, (_cdiv(n * H, ABSMAX_ROWS), 2 * L),
+                       (*pool_args, seg["k_codes"], seg["v_codes"], seg["k_scale"], seg["v_scale"], n * H),
+                       dict(LAYERS=L, HD=H * D, D=D, FP8=isinstance(codec, FP8Codec), CODE_MAX=codec.code_max,
+                            BLOCK=ABSMAX_ROWS, ENCODE=encoding, num_warps=ABSMAX_WARPS))]
     assert isinstance(codec, KiviCodec)
-    k_cols, v_rows = KIVI_TILES["encode" if encoding else "decode"]
+    k_cols, v_block = KIVI_TILES["encode" if encoding else "decode"]
     cols = min(k_cols, H * D & -(H * D))  # a power of two that divides H * D
-    _kivi_k[(triton.cdiv(n, GROUP), H * D // cols, L)](
-        pool, offsets, slots, payload, at["k_codes"], at["k_min"], at["k_scale"], at["k_resid"], n, n // GROUP * GROUP,
-        HD=H * D, BITS=codec.bits, COLS=cols, ENCODE=encoding, num_warps=KIVI_WARPS)
-    rows = n * H * D // GROUP
-    _kivi_v[(triton.cdiv(rows, v_rows), L)](
-        pool, offsets, slots, payload, at["v_codes"], at["v_min"], at["v_scale"], rows, LAYERS=L, HD=H * D,
-        BITS=codec.bits, BLOCK=v_rows, ENCODE=encoding, num_warps=KIVI_WARPS)
+    v_rows = n * H * D // GROUP
+    return [Launch(_kivi_k, (_cdiv(n, GROUP), H * D // cols, L),
+                   (*pool_args, seg["k_codes"], seg["k_min"], seg["k_scale"], seg["k_resid"], n, n // GROUP * GROUP),
+                   dict(HD=H * D, BITS=codec.bits, COLS=cols, ENCODE=encoding, num_warps=KIVI_WARPS)),
+            Launch(_kivi_v, (_cdiv(v_rows, v_block), L),
+                   (*pool_args, seg["v_codes"], seg["v_min"], seg["v_scale"], v_rows),
+                   dict(LAYERS=L, HD=H * D, BITS=codec.bits, BLOCK=v_block, ENCODE=encoding, num_warps=KIVI_WARPS))]
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` without its cost: it is a constexpr function, several microseconds a call
+    from Python, and this runs at every store and load-back."""
+    return -(-a // b)
+
+
+def _launch(launch: Launch) -> None:
+    launch.kernel[launch.grid](*launch.args, **launch.constants)
+
 
 if triton is not None:
     _GROUP = tl.constexpr(GROUP)
@@ -168,23 +233,32 @@ if triton is not None:
     # multiples of 16 by default), nor is the alignment of ``slots``: SGLang's allocator hands out
     # views of its free list that start 8 bytes apart, so about half are not 16-byte aligned and
     # each kind would have compiled its own variant, the second one at the first store or
-    # load-back that got one, on the scheduler thread. One compiled kernel per geometry serves
-    # every context length and slot list, so that kv_io.warm_up can compile them all at start-up.
+    # load-back that got one, on the scheduler thread. The payload's segments are specialized on
+    # alignment, as Triton does by default: they are 16-byte aligned (see :func:`launches`), so
+    # this compiles no second variant, and knowing it lets the compiler make 16-byte accesses to
+    # the payload (without it, int8 encoding ran 4.5x slower on an H200, decoding and the bf16
+    # copy about 1.4x). One compiled kernel per geometry serves every context length, slot list
+    # and payload, so that kv_io.warm_up can compile them all at start-up.
     @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
-    def _copy(pool, offsets, slots, payload, k_at, kv_bytes, rows, LAYERS: tl.constexpr, HD: tl.constexpr,
-              D: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
+    def _copy(pool, offsets, slots, k, v, rows, LAYERS: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
+              BLOCK: tl.constexpr, ENCODE: tl.constexpr):
         """IdentityCodec, program (row block, K/V layer); a row is (layer, token, head). The K and V
-        segments are [layers, tokens, heads, head_dim] in the pool's dtype, ``kv_bytes`` apart."""
+        segments ``k`` and ``v`` are [layers, tokens, heads, head_dim] in the pool's dtype."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         buf = tl.program_id(1).to(tl.int64)
-        kv, layer = buf // LAYERS, buf % LAYERS
+        layer = buf % LAYERS
         tile, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
-        seg = (payload + k_at + kv * kv_bytes).to(tl.pointer_type(pool.dtype.element_ty), bitcast=True)
+        seg = _k_or_v(k, v, buf, LAYERS).to(tl.pointer_type(pool.dtype.element_ty), bitcast=True)
         at = seg + (layer * rows + r)[:, None] * D + tl.arange(0, D)[None, :]
         if ENCODE:
             tl.store(at, tl.load(tile, mask=mask), mask=mask)
         else:
             tl.store(tile, tl.load(at, mask=mask), mask=mask)
+
+    @triton.jit
+    def _k_or_v(k, v, buf, LAYERS: tl.constexpr):
+        """The K segment for buffers (programs) 0 to LAYERS - 1, else the V segment."""
+        return tl.where(buf < LAYERS, k, v)
 
     @triton.jit
     def _rne(x):
@@ -210,22 +284,22 @@ if triton is not None:
         return pool + tl.load(offsets + buf) + slot[:, None] * HD + c[None, :], mask[:, None]
 
     @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
-    def _absmax(pool, offsets, slots, payload, codes_at, kv_codes, scales_at, kv_scales, rows, LAYERS: tl.constexpr,
+    def _absmax(pool, offsets, slots, k_codes, v_codes, k_scales, v_scales, rows, LAYERS: tl.constexpr,
                 HD: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr, CODE_MAX: tl.constexpr, BLOCK: tl.constexpr,
                 ENCODE: tl.constexpr):
         """AbsmaxCodec, program (row block, K/V layer); a row is (layer, token, head), with one bf16
         scale, rounded before the codes are made. Decoding: code * scale, rounded once to the pool dtype."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         buf = tl.program_id(1).to(tl.int64)
-        kv, layer = buf // LAYERS, buf % LAYERS
+        layer = buf % LAYERS
         tile, mask = _row_tile(pool, offsets, slots, buf, r, rows, HD, D)
         row = layer * rows + r
-        at = payload + codes_at + kv * kv_codes + row[:, None] * D + tl.arange(0, D)[None, :]
+        at = _k_or_v(k_codes, v_codes, buf, LAYERS) + row[:, None] * D + tl.arange(0, D)[None, :]
         if FP8:
             codes = at.to(tl.pointer_type(tl.float8e4nv), bitcast=True)
         else:
             codes = at.to(tl.pointer_type(tl.int8), bitcast=True)
-        scales = (payload + scales_at + kv * kv_scales).to(tl.pointer_type(tl.bfloat16), bitcast=True) + row
+        scales = _k_or_v(k_scales, v_scales, buf, LAYERS).to(tl.pointer_type(tl.bfloat16), bitcast=True) + row
         if ENCODE:
             x = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
             scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), CODE_MAX).to(tl.bfloat16)
@@ -280,23 +354,23 @@ if triton is not None:
         return tl.reshape(codes, [p.shape[0], p.shape[1] * (8 // BITS)]).to(tl.float32)
 
     @triton.jit
-    def _k_codes(payload, codes_at, layer, full, t, HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
+    def _k_codes(codes, layer, full, t, HD: tl.constexpr, BITS: tl.constexpr, COLS: tl.constexpr):
         """The packed K codes of tokens ``t`` and this program's COLS columns: [tokens, bytes]."""
         b = tl.program_id(1).to(tl.int64) * (COLS * BITS // 8) + tl.arange(0, COLS * BITS // 8)
-        return payload + codes_at + (layer * full + t)[:, None] * (HD * BITS // 8) + b[None, :]
+        return codes + (layer * full + t)[:, None] * (HD * BITS // 8) + b[None, :]
 
     @triton.jit
-    def _v_codes(payload, codes_at, row, BITS: tl.constexpr):
+    def _v_codes(codes, row, BITS: tl.constexpr):
         """The packed V codes of ``row`` s (a row: one token's run of GROUP channels): [rows, bytes]."""
-        return payload + codes_at + row[:, None] * (_GROUP * BITS // 8) + tl.arange(0, _GROUP * BITS // 8)[None, :]
+        return codes + row[:, None] * (_GROUP * BITS // 8) + tl.arange(0, _GROUP * BITS // 8)[None, :]
 
     @triton.jit
-    def _fp16(payload, at):
-        return (payload + at).to(tl.pointer_type(tl.float16), bitcast=True)
+    def _fp16(segment):
+        return segment.to(tl.pointer_type(tl.float16), bitcast=True)
 
     @triton.jit(do_not_specialize=["tokens", "full"], do_not_specialize_on_alignment=["slots"])
-    def _kivi_k(pool, offsets, slots, payload, codes_at, min_at, scale_at, resid_at, tokens, full, HD: tl.constexpr,
-                BITS: tl.constexpr, COLS: tl.constexpr, ENCODE: tl.constexpr):
+    def _kivi_k(pool, offsets, slots, codes, mins, scales, resid, tokens, full, HD: tl.constexpr, BITS: tl.constexpr,
+                COLS: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI keys, program (token group, column block, layer): per column, one min and scale for
         the group's GROUP tokens. The group past the last full one is the residual, copied as is.
         Decoding: code * scale + min, rounded once to the pool dtype."""
@@ -306,43 +380,43 @@ if triton is not None:
         c = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
         tile, mask = _group_tile(pool, offsets, slots, layer, t, tokens, c, HD)
         if g * _GROUP < full:
-            codes = _k_codes(payload, codes_at, layer, full, t, HD, BITS, COLS)
-            mins = _fp16(payload, min_at) + (layer * (full // _GROUP) + g) * HD + c
-            scales = _fp16(payload, scale_at) + (layer * (full // _GROUP) + g) * HD + c
+            codes_at = _k_codes(codes, layer, full, t, HD, BITS, COLS)
+            group = (layer * (full // _GROUP) + g) * HD + c
+            mins_at, scales_at = _fp16(mins) + group, _fp16(scales) + group
             if ENCODE:
                 q, mn, scale = _quantize(tl.load(tile).to(tl.float32), 0, (1 << BITS) - 1)
-                tl.store(codes, _pack(q, BITS))
-                tl.store(mins, mn)
-                tl.store(scales, scale)
+                tl.store(codes_at, _pack(q, BITS))
+                tl.store(mins_at, mn)
+                tl.store(scales_at, scale)
             else:
-                q = _unpack(tl.load(codes), BITS)
-                x = q * tl.load(scales).to(tl.float32)[None, :] + tl.load(mins).to(tl.float32)[None, :]
+                q = _unpack(tl.load(codes_at), BITS)
+                x = q * tl.load(scales_at).to(tl.float32)[None, :] + tl.load(mins_at).to(tl.float32)[None, :]
                 tl.store(tile, x.to(pool.dtype.element_ty))
         else:
-            resid = (payload + resid_at).to(pool.dtype, bitcast=True)
-            resid += (layer * (tokens - full) + t - full)[:, None] * HD + c[None, :]
+            row = layer * (tokens - full) + t - full
+            resid_at = resid.to(pool.dtype, bitcast=True) + row[:, None] * HD + c[None, :]
             if ENCODE:
-                tl.store(resid, tl.load(tile, mask=mask), mask=mask)
+                tl.store(resid_at, tl.load(tile, mask=mask), mask=mask)
             else:
-                tl.store(tile, tl.load(resid, mask=mask), mask=mask)
+                tl.store(tile, tl.load(resid_at, mask=mask), mask=mask)
 
     @triton.jit(do_not_specialize=["rows"], do_not_specialize_on_alignment=["slots"])
-    def _kivi_v(pool, offsets, slots, payload, codes_at, min_at, scale_at, rows, LAYERS: tl.constexpr,
-                HD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
+    def _kivi_v(pool, offsets, slots, codes, mins, scales, rows, LAYERS: tl.constexpr, HD: tl.constexpr,
+                BITS: tl.constexpr, BLOCK: tl.constexpr, ENCODE: tl.constexpr):
         """KIVI values, program (row block, layer): one min and scale per row = (token, run of GROUP
         channels). Decoding as for keys."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         layer = tl.program_id(1).to(tl.int64)
         tile, mask = _row_tile(pool, offsets, slots, LAYERS + layer, r, rows, HD, _GROUP)
         row = layer * rows + r
-        codes = _v_codes(payload, codes_at, row, BITS)
+        codes_at = _v_codes(codes, row, BITS)
         if ENCODE:
             q, mn, scale = _quantize(tl.load(tile, mask=mask, other=0.0).to(tl.float32), 1, (1 << BITS) - 1)
-            tl.store(codes, _pack(q, BITS), mask=mask)
-            tl.store(_fp16(payload, min_at) + row, mn, mask=r < rows)
-            tl.store(_fp16(payload, scale_at) + row, scale, mask=r < rows)
+            tl.store(codes_at, _pack(q, BITS), mask=mask)
+            tl.store(_fp16(mins) + row, mn, mask=r < rows)
+            tl.store(_fp16(scales) + row, scale, mask=r < rows)
         else:
-            q = _unpack(tl.load(codes, mask=mask, other=0), BITS)
-            scale = tl.load(_fp16(payload, scale_at) + row[:, None], mask=mask).to(tl.float32)
-            mn = tl.load(_fp16(payload, min_at) + row[:, None], mask=mask).to(tl.float32)
+            q = _unpack(tl.load(codes_at, mask=mask, other=0), BITS)
+            scale = tl.load(_fp16(scales) + row[:, None], mask=mask).to(tl.float32)
+            mn = tl.load(_fp16(mins) + row[:, None], mask=mask).to(tl.float32)
             tl.store(tile, (q * scale + mn).to(pool.dtype.element_ty), mask=mask)
