@@ -23,7 +23,7 @@ def test_arguments_become_the_benchs_with_a_pool_of_a_quarter_of_the_documents(t
     b = pp.bench_args(args, pool)
     assert (b.workload, b.requests, b.rate, b.docs, b.pool_tokens) == ("docqa", 120, 2.0, 24, pool)
     assert b.min_chars == b.max_chars == 7000 and b.host_ratio == 1.0 and b.port == 30200
-    assert json.loads(b.settings) == {"profile_reserve": 0.4, "status_top": 100_000}
+    assert json.loads(b.settings) == {"profile_reserve": 0.5, "status_top": 100_000}
     assert b.sglang_args[-2:] == ["--attention-backend", "triton"] and b.sglang_flags == runner.SGLANG_FLAGS_DEFAULT
     name, overrides = runner.parse_policy(pp.RUNS[1])
     assert (name, overrides) == ("evicpress", {"profile_share": 0})
@@ -59,6 +59,17 @@ def test_run_summary_and_the_ttft_comparison():
     assert pp.compare({on: {"ttft_p50_s": 0.11}}) == {"ttft_p50_ratio": None, "ttft_within_5pct": None}
 
 
+def test_the_hit_split_says_whether_hits_or_every_request_got_slower():
+    def req(ttft, cached):
+        return {"ttft_s": ttft, "prompt_tokens": 100, "cached_tokens": cached}
+    split = pp.hit_split([req(0.01, 95), req(0.03, 100), req(0.2, 0), req(0.4, 5), req(0.5, 50), {"error": "x"}])
+    assert split["cached_share_mean"] == pytest.approx((0.95 + 1.0 + 0.0 + 0.05 + 0.5) / 5)
+    assert (split["over_90pct_cached"], split["under_10pct_cached"]) == (2, 2)
+    assert split["ttft_p50_s_over_90pct_cached"] == pytest.approx(0.02)
+    assert split["ttft_p50_s_under_10pct_cached"] == pytest.approx(0.3)
+    assert pp.hit_split([])["cached_share_mean"] is None
+
+
 def test_the_script_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     port = free_port()
     started = []
@@ -84,3 +95,11 @@ def test_the_script_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     before = (out / "evicpress.json").stat().st_mtime_ns
     assert pp.main(argv + ["--resume"]) == 0 and len(started) == 2  # nothing re-run
     assert (out / "evicpress.json").stat().st_mtime_ns == before
+
+    # a proof cut short after its first run: --summarise reports what was saved and starts nothing
+    (out / "evicpress_profile_share_0.json").unlink()
+    (out / "summary.json").unlink()
+    assert pp.main(argv + ["--summarise"]) == 0 and len(started) == 2
+    cut = json.loads((out / "summary.json").read_text())
+    assert list(cut["runs"]) == ["evicpress"] and cut["runs"]["evicpress"]["requests"] == 30
+    assert cut["ttft_p50_ratio"] is None and cut["ttft_within_5pct"] is None

@@ -15,7 +15,7 @@ tainted/staged ratio and the user TTFT p50, and the TTFT p50 ratio of the two ru
 Sizing for the GPU: each run is one server start (~50 s without CUDA graphs) plus
 ``--seconds`` of replay; the defaults fit both runs in about 8 minutes.
 
-Usage: python bench/profiler_pressure.py --model DIR --out DIR [--seconds 140] [-- sglang args]
+Usage: python bench/profiler_pressure.py --model DIR --out DIR [--seconds 140] [--resume | --summarise] [-- sglang args]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=int, default=24)
     p.add_argument("--doc-chars", type=int, default=7000, help="per document (about 1.8k SmolLM2 tokens)")
     p.add_argument("--pool-share", type=float, default=0.25, help="GPU pool = this share of all documents' tokens")
-    p.add_argument("--profile-reserve", type=float, default=0.4,
+    p.add_argument("--profile-reserve", type=float, default=0.5,
                    help="profile_reserve: the pool holds ~1/pool-share documents; a recomputed reference and a "
-                        "copy of one must fit")
+                        "copy of the largest must fit (0.4 refused those of ~2.2k tokens on a 10.75k pool)")
     p.add_argument("--host-ratio", type=float, default=1.0, help="host tier = this x the GPU pool")
     p.add_argument("--rate", type=float, default=3.0, help="user requests per second (Poisson)")
     p.add_argument("--seconds", type=float, default=140.0, help="replay length of each run")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=30200)
     p.add_argument("--resume", action="store_true", help="skip runs whose results are in --out")
+    p.add_argument("--summarise", action="store_true",
+                   help="start no server: summarise the runs saved in --out (e.g. after a run was cut short)")
     p.add_argument("sglang_args", nargs="*", help="after --: more flags for both servers")
     return p
 
@@ -133,8 +136,23 @@ def run_summary(record: dict, reqs: list, min_tokens: int = Settings.profile_min
             "staged": staged, "variants_measured": prof.get("variants_measured", 0),
             "variants_tainted": prof.get("variants_tainted", 0),
             "tainted_per_staged": prof.get("variants_tainted", 0) / staged if staged else None,
-            "ttft_p50_s": ttft["ttft_s"]["p50"], "errors": ttft["errors"], "requests": ttft["requests"],
+            "ttft_p50_s": ttft["ttft_s"]["p50"], "ttft_mean_s": ttft["ttft_s"]["mean"], "ttft_p99_s": ttft["ttft_s"]["p99"],
+            "errors": ttft["errors"], "requests": ttft["requests"], **hit_split(record["results"]),
             "final": profiler_sample(prof)}
+
+
+def hit_split(results: list[dict]) -> dict:
+    """Where a TTFT difference comes from: the share of prompt tokens found in cache, and the
+    TTFT p50 of requests that found most of their prompt (> 90%) and of those that found little
+    (< 10%). A profiler that costs hits shows in the first; one that slows every batch in both."""
+    done = [r for r in results if "ttft_s" in r and r.get("prompt_tokens")]
+    share = [r["cached_tokens"] / r["prompt_tokens"] for r in done]
+    hits = [r["ttft_s"] for r, c in zip(done, share) if c > 0.9]
+    misses = [r["ttft_s"] for r, c in zip(done, share) if c < 0.1]
+    return {"cached_share_mean": statistics.fmean(share) if share else None,
+            "over_90pct_cached": len(hits), "under_10pct_cached": len(misses),
+            "ttft_p50_s_over_90pct_cached": statistics.median(hits) if hits else None,
+            "ttft_p50_s_under_10pct_cached": statistics.median(misses) if misses else None}
 
 
 def compare(runs: dict[str, dict]) -> dict:
@@ -149,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     reqs = runner.workload_of(bench_args(args))
     bench = bench_args(args, pool_tokens(reqs, args.pool_share))
-    model, bench.dummy = runner.resolve_model(args.model)
+    model = None
+    if not args.summarise:
+        model, bench.dummy = runner.resolve_model(args.model)
     runs = {}
     for spec in RUNS:
         saved = args.out / f"{runner.slug(spec)}.json"
         samples_file = args.out / f"{runner.slug(spec)}.samples.json"
-        if not (args.resume and saved.exists()):
+        if args.summarise and not saved.exists():
+            continue
+        if not (args.resume or args.summarise) or not saved.exists():
             try:
                 with StatusSampler(f"http://127.0.0.1:{args.port}", args.sample_s) as samples:
                     runner.run_policy(spec, bench, model, [(reqs, args.out)],
