@@ -45,6 +45,29 @@ def test_a_dropped_context_gets_its_profile_and_queries_back_when_recomputed():
     assert cache.audit() == [] and cache.health.internal_errors == 0
 
 
+def test_a_context_that_comes_back_as_a_few_words_passes_its_queries_to_the_document():
+    """A dropped context is remembered by the hash of its path; it can come back as a node too
+    short to hold queries (a split below the document ends where it ended): what it learnt goes
+    to the document, behind those words, and its profile record (of other KV) is not restored."""
+    words = [71, 72, 73]
+    cache = EvicPressRadixCache(make_params(512), Settings(policy="lru", host_bytes=0, held_out_queries=4,
+                                                           profile_min_tokens=8))
+    for q in ([1], [2], [3]):
+        serve(cache, DOC + words + q)
+    first = _node_of(cache, DOC + words)
+    cache.profiling.restore(first.id, Record(when=1.0, queries=2, quality={"int4": 0.5}))
+    assert sorted(q.tolist() for q in cache.queries.queries(first.id)) == [[2], [3]]
+    cache.evict(EvictParams(num_tokens=10**6))
+    serve(cache, DOC + [9, 9])
+    serve(cache, DOC + [8, 8])  # DOC is a context of its own now
+    serve(cache, DOC + words + [4])
+    serve(cache, DOC + words + [5])  # splits at DOC + words: a 3-token node ending where `first` ended
+    short, doc = _node_of(cache, DOC + words), _node_of(cache, DOC)
+    assert len(short.key) == 3 and cache.queries.queries(short.id) == [] and cache.profiling.measured(short.id) is None
+    assert sorted(q.tolist() for q in cache.queries.queries(doc.id)) == [words + [2], words + [3], words + [4], words + [5]]
+    assert cache.audit() == [] and cache.health.internal_errors == 0
+
+
 def test_memory_is_bounded_and_hands_a_context_back_once():
     memory = ContextMemory(capacity=2)
     for key in "abc":

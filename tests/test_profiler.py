@@ -90,6 +90,7 @@ def test_a_split_gives_the_head_the_queries_asked_after_the_whole_node():
     top = cache._find_exact(RadixKey(array("q", doc)))
     assert node.parent is top and len(node.key) == 3 and cache.queries.queries(node.id) == []
     assert sorted(q.tolist() for q in cache.queries.queries(top.id)) == [[9, 9], head_words + [2], head_words + [3]]
+    assert cache.queries.seen(top.id) == 3
 
     long_tail = list(range(2000, 2040))  # a tail long enough to be a context of its own keeps its queries
     serve(cache, doc + long_tail + [1])
@@ -102,6 +103,48 @@ def test_a_split_gives_the_head_the_queries_asked_after_the_whole_node():
     assert sorted(q.tolist() for q in cache.queries.queries(tail.id)) == [[4], [5]]
     assert sorted(q.tolist() for q in cache.queries.queries(mid.id)) == [[6], long_tail[20:] + [4], long_tail[20:] + [5]]
     assert cache.audit() == [] and cache.health.internal_errors == 0
+
+
+def test_a_split_keeps_the_count_of_queries_asked_so_later_ones_are_sampled_fairly():
+    cache = EvicPressRadixCache(make_params(2048), Settings(host_bytes=1 << 20, held_out_queries=2,
+                                                            profile_min_tokens=16))
+    doc, tail = list(range(500, 600)), list(range(2000, 2040))
+    for q in range(1, 8):
+        serve(cache, doc + tail + [q])  # the first caches, six are asked after the whole node
+    serve(cache, doc + tail[:20] + [99])  # splits it: all seven were asked after the head
+    head = cache._find_exact(RadixKey(array("q", doc + tail[:20])))
+    assert cache.queries.seen(head.id) == 7 and len(cache.queries.queries(head.id)) == 2
+
+
+def test_a_split_under_bigram_keys_puts_each_token_once_in_front_of_the_queries():
+    """EAGLE's bigram keys hold one raw token more than their length; the head's queries get the
+    tail's tokens once, as a request that reused the head would have asked them."""
+    params = make_params(1024)
+    params.is_eagle = True
+    cache = EvicPressRadixCache(params, Settings(host_bytes=1 << 20, held_out_queries=8, profile_min_tokens=2))
+    doc, words = list(range(500, 600)), [71, 72, 73]
+    for q in ([1], [2], [3]):
+        serve(cache, doc + words + q)
+    serve(cache, doc + [9, 9])  # splits below the document
+    top = next(iter(cache.root_node.children.values()))
+    # a bigram context's queries start at its last token (so _count_hit offers [599, 9, 9]);
+    # the split's are the same shape, without 73 twice
+    assert sorted(q.tolist() for q in cache.queries.queries(top.id)) == sorted([
+        [doc[-1], *words, 2], [doc[-1], *words, 3], [doc[-1], 9, 9]])
+
+
+def test_reservoirs_merge_into_a_uniform_sample_of_both():
+    from_a = 0
+    trials = 3000
+    for seed in range(trials):
+        r = HeldOutQueries(k=2, seed=seed)
+        for q in (0, 1):
+            r.offer("doc", [q])
+        r.merge("doc", [[100], [101]], seen=8)  # a sample of 2 of the 8 asked below
+        kept = [int(q[0]) for q in r.queries("doc")]
+        assert len(kept) == 2 and r.seen("doc") == 10
+        from_a += sum(q < 100 for q in kept)
+    assert abs(from_a / trials - 2 * 2 / 10) < 0.05  # each of the 10 queries kept with probability 2/10
 
 
 def test_a_context_above_is_offered_the_query_only_when_it_fits_a_held_out_query():

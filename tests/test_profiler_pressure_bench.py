@@ -62,7 +62,7 @@ def test_run_summary_and_the_ttft_comparison():
 def test_the_hit_split_says_whether_hits_or_every_request_got_slower():
     def req(ttft, cached):
         return {"ttft_s": ttft, "prompt_tokens": 100, "cached_tokens": cached}
-    split = pp.hit_split([req(0.01, 95), req(0.03, 100), req(0.2, 0), req(0.4, 5), req(0.5, 50), {"error": "x"}])
+    split = pp.hit_split([req(0.01, 95), req(0.03, 100), req(0.2, None), req(0.4, 5), req(0.5, 50), {"error": "x"}])
     assert split["cached_share_mean"] == pytest.approx((0.95 + 1.0 + 0.0 + 0.05 + 0.5) / 5)
     assert (split["over_90pct_cached"], split["under_10pct_cached"]) == (2, 2)
     assert split["ttft_p50_s_over_90pct_cached"] == pytest.approx(0.02)
@@ -96,10 +96,17 @@ def test_the_script_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     assert pp.main(argv + ["--resume"]) == 0 and len(started) == 2  # nothing re-run
     assert (out / "evicpress.json").stat().st_mtime_ns == before
 
-    # a proof cut short after its first run: --summarise reports what was saved and starts nothing
+    # a proof cut short after its first run: --summarise reports what was saved, starts nothing,
+    # and keeps the command the runs were made with
+    ran = json.loads((out / "summary.json").read_text())["command"]
     (out / "evicpress_profile_share_0.json").unlink()
-    (out / "summary.json").unlink()
     assert pp.main(argv + ["--summarise"]) == 0 and len(started) == 2
     cut = json.loads((out / "summary.json").read_text())
     assert list(cut["runs"]) == ["evicpress"] and cut["runs"]["evicpress"]["requests"] == 30
     assert cut["ttft_p50_ratio"] is None and cut["ttft_within_5pct"] is None
+    assert cut["command"] == ran and "--summarise" not in ran and "--summarise" in cut["summarised_by"]
+    (out / "summary.json").unlink()  # no summary to say how the runs were made
+    assert pp.main(argv + ["--summarise"]) == 0 and json.loads((out / "summary.json").read_text())["command"] is None
+    # the arguments of another workload are refused, not summarised against the wrong requests
+    other = [a if a != "1.5" else "2" for a in argv]
+    assert pp.main(other + ["--summarise"]) == 2

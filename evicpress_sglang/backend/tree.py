@@ -65,6 +65,9 @@ class TreeBookkeeping(RadixCache):
         learnt = self.memory.recall(self._start_hash(node, node.key.extra_key))
         if learnt is None:
             return
+        if not self._holds_queries(node):  # it came back as a few words below a document (a split)
+            self._pass_queries_up(node, learnt.queries, learnt.seen)
+            return
         self.queries.restore(node.id, learnt.queries, learnt.seen)
         if learnt.record is not None:
             self.profiling.restore(node.id, learnt.record)
@@ -102,16 +105,28 @@ class TreeBookkeeping(RadixCache):
 
     def _split_queries(self, head: TreeNode, tail: TreeNode) -> None:
         """``tail``'s queries after a split at the start of its key: each was asked after the
-        whole of it, so it is also one of ``head``'s, behind ``tail``'s tokens (as long as that
-        still fits a held-out query, as in :meth:`_count_hit`); ``tail`` keeps its own only if it
-        still holds queries."""
-        if self._holds_queries(head):
-            words = tail.key.token_ids
-            for query in self.queries.queries(tail.id):
-                if len(words) + len(query) <= self.queries.max_tokens:
-                    self.queries.offer(head.id, [*words, *query])
+        whole of it, so it is also one of ``head``'s (or, if ``head`` is too short to hold
+        queries, of the first context above that does); ``tail`` keeps its own only if it still
+        holds queries."""
+        queries, seen = self.queries.queries(tail.id), self.queries.seen(tail.id)
         if not self._holds_queries(tail):
             self.queries.forget(tail.id)
+        self._pass_queries_up(tail, queries, seen)
+
+    def _pass_queries_up(self, node: TreeNode, queries: list, seen: int) -> None:
+        """Give ``queries`` (a sample of ``seen`` asked after ``node``) to the nearest context
+        above ``node`` that holds queries, behind the tokens in between, those that still fit a
+        held-out query (as in :meth:`_count_hit`)."""
+        words: list[int] = []
+        while node.parent is not None and node.parent is not self.root_node and queries:
+            words = [*node.key.token_ids[: len(node.key)], *words]  # a bigram key holds one token more
+            node = node.parent
+            fits = [q for q in queries if len(words) + len(q) <= self.queries.max_tokens]
+            seen = round(seen * len(fits) / len(queries))
+            queries = fits
+            if queries and self._holds_queries(node):
+                self.queries.merge(node.id, [[*words, *q] for q in queries], seen)
+                return
 
     def _splittable(self, node: TreeNode, split_len: int) -> bool:
         """A dropped node splits only where both sides keep at least one slot."""

@@ -146,7 +146,7 @@ def hit_split(results: list[dict]) -> dict:
     TTFT p50 of requests that found most of their prompt (> 90%) and of those that found little
     (< 10%). A profiler that costs hits shows in the first; one that slows every batch in both."""
     done = [r for r in results if "ttft_s" in r and r.get("prompt_tokens")]
-    share = [r["cached_tokens"] / r["prompt_tokens"] for r in done]
+    share = [(r.get("cached_tokens") or 0) / r["prompt_tokens"] for r in done]
     hits = [r["ttft_s"] for r, c in zip(done, share) if c > 0.9]
     misses = [r["ttft_s"] for r, c in zip(done, share) if c < 0.1]
     return {"cached_share_mean": statistics.fmean(share) if share else None,
@@ -185,11 +185,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{spec}] {e}", file=sys.stderr)
                 return 1
             samples_file.write_text(json.dumps(samples, indent=1))
-        runs[spec] = run_summary(json.loads(saved.read_text()), reqs) | {
+        record = json.loads(saved.read_text())
+        if len(record["results"]) != len(reqs):  # the saved run replayed another workload
+            print(f"{saved} holds {len(record['results'])} requests, these arguments make {len(reqs)}: "
+                  f"give the arguments of the run", file=sys.stderr)
+            return 2
+        runs[spec] = run_summary(record, reqs) | {
             "samples": json.loads(samples_file.read_text()) if samples_file.exists() else []}
-    summary = {"command": shlex.join([sys.executable, "bench/profiler_pressure.py", *(sys.argv[1:] if argv is None else argv)]),
-               "pool_tokens": bench.pool_tokens, "documents": args.docs, "requests": len(reqs), "runs": runs,
-               **compare(runs)}
+    command = shlex.join([sys.executable, "bench/profiler_pressure.py", *(sys.argv[1:] if argv is None else argv)])
+    summary = {"command": command, "pool_tokens": bench.pool_tokens, "documents": args.docs, "requests": len(reqs),
+               "runs": runs, **compare(runs)}
+    if args.summarise:  # the runs' own command is the one that ran them, if a summary said it
+        before = args.out / "summary.json"
+        ran = json.loads(before.read_text()).get("command") if before.exists() else None
+        summary |= {"command": ran, "summarised_by": command}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({spec: {k: v for k, v in r.items() if k not in ("samples", "final")} for spec, r in runs.items()}
                      | compare(runs), indent=1))

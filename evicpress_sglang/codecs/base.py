@@ -177,7 +177,10 @@ class SegmentCodec(KVCodec):
         """Reconstruct K and V from the segments into the output tensors."""
 
     def nbytes(self, shape: KVShape) -> int:
-        return self.layout(shape).nbytes
+        """Memoised apart from :meth:`layout`: the policy sizes every enabled configuration at
+        each insert and split, each at a new token count, and that should neither build layouts
+        nor push out of their cache the ones stores and load-backs use."""
+        return _nbytes(self, shape)
 
     def layout(self, shape: KVShape) -> Layout:
         """Where the segments of this shape's payload sit. Memoised per (codec, shape): a store
@@ -237,6 +240,11 @@ class Layout:
     @property
     def nbytes(self) -> int:
         return sum(self.sizes)
+
+
+@lru_cache(maxsize=1024)  # ints: codecs x recent context lengths; the codecs held are the registry's
+def _nbytes(codec: SegmentCodec, shape: KVShape) -> int:
+    return sum(_aligned(seg.nbytes) for seg in codec.segments(shape))
 
 
 @lru_cache(maxsize=256)  # a few codecs x recent context lengths; the codecs held are the registry's

@@ -97,12 +97,14 @@ def buffer_offsets(k_buffer: list[torch.Tensor], v_buffer: list[torch.Tensor]) -
     """Element offsets of every K buffer, then every V buffer, from ``k_buffer[0]`` (int64, on
     its device). Cached per pair of buffer lists: a pool costs one small host-to-device copy,
     once. This runs at every store and load-back, on SGLang's scheduler thread, so a hit reads
-    only the first buffer's address (SGLang never moves a pool's buffers) and checks that the
-    lists still hold the very tensors the offsets were computed from. The cache refers to them
+    only the first and the last buffer's addresses (SGLang never moves a pool's buffers; a
+    tensor given other storage in place would change its own, which only these two catch) and
+    checks that the lists still hold the very tensors the offsets were computed from. The cache refers to them
     weakly, so it keeps no pool's memory alive; a live reference cannot be mistaken for a new
     tensor at a freed one's address."""
     hit = _OFFSETS.get((id(k_buffer), id(v_buffer)))
-    if hit is not None and hit.base == k_buffer[0].data_ptr() and _same(hit.buffers, k_buffer, v_buffer):
+    if (hit is not None and hit.base == k_buffer[0].data_ptr() and hit.last == v_buffer[-1].data_ptr()
+            and _same(hit.buffers, k_buffer, v_buffer)):
         return hit.offsets
     buffers = (*k_buffer, *v_buffer)
     base = buffers[0]
@@ -113,15 +115,17 @@ def buffer_offsets(k_buffer: list[torch.Tensor], v_buffer: list[torch.Tensor]) -
         _OFFSETS.clear()
     offsets = torch.tensor([(b.data_ptr() - base.data_ptr()) // base.element_size() for b in buffers],
                            dtype=torch.int64, device=base.device)
-    _OFFSETS[id(k_buffer), id(v_buffer)] = _Offsets(tuple(map(weakref.ref, buffers)), base.data_ptr(), offsets)
+    _OFFSETS[id(k_buffer), id(v_buffer)] = _Offsets(tuple(map(weakref.ref, buffers)), base.data_ptr(),
+                                                    buffers[-1].data_ptr(), offsets)
     return offsets
 
 
 class _Offsets(NamedTuple):
-    """A :func:`buffer_offsets` entry: the buffers it was computed for, and the first one's address."""
+    """A :func:`buffer_offsets` entry: the buffers it was computed for, the first and last ones' addresses."""
 
     buffers: tuple[weakref.ref, ...]
     base: int
+    last: int
     offsets: torch.Tensor
 
 
@@ -194,6 +198,8 @@ def launches(encoding: bool, codec: SegmentCodec, shape: KVShape, pool: torch.Te
     aligned segments, once; a payload at an odd address would still work, in a variant of its own."""
     L, n, H, D = shape.tensor_shape
     layout = codec.layout(shape)
+    # An empty segment (KIVI's residual when the tokens fill whole groups, its K segments under
+    # one group) is a 0-byte view, possibly a null pointer: the kernels never read it.
     seg = dict(zip(layout.offsets, payload.split_with_sizes(layout.sizes)))
     pool_args = pool, offsets, slots
     if isinstance(codec, IdentityCodec):

@@ -60,5 +60,24 @@ class HeldOutQueries:
             self._kept[context] = kept[: self.k]
             self._seen[context] = seen
 
+    def merge(self, context: Hashable, kept: Sequence[Sequence[int]], seen: int) -> None:
+        """Add to ``context`` a uniform sample ``kept`` of ``seen`` queries asked elsewhere (a
+        context below it): what is kept stays a uniform sample of all ``seen`` + its own. Each
+        slot is drawn from one side with the odds of the queries that side has not yet given."""
+        if self.k == 0 or not kept:
+            return
+        mine, mine_seen = self._kept.get(context, []), self._seen.get(context, 0)
+        sides = [[*mine], [array("q", q[: self.max_tokens]) for q in kept]]
+        left = [mine_seen, max(seen, len(kept))]
+        for side in sides:
+            self._rng.shuffle(side)
+        merged = []
+        while len(merged) < self.k and (sides[0] or sides[1]):
+            pick = 0 if not sides[1] else 1 if not sides[0] else int(self._rng.random() * (left[0] + left[1]) >= left[0])
+            merged.append(sides[pick].pop())
+            left[pick] -= 1
+        self._kept[context] = merged
+        self._seen[context] = mine_seen + max(seen, len(kept))
+
     def __len__(self) -> int:
         return len(self._kept)
