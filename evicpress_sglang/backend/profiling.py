@@ -119,9 +119,9 @@ class ProfileStaging(ProfileCopies):
     def _too_short(self, node: TreeNode | None) -> str | None:
         """Why ``node`` is not worth a job for its size, if it is not: what its placement moves
         is its own tokens, and a few words split below a document are not worth measuring."""
-        least = self.cache.settings.profile_min_tokens
-        if node is not None and len(node.key) < least:
-            return f"{len(node.key)} tokens of its own, fewer than profile_min_tokens ({least})"
+        if node is not None and not self.cache._holds_queries(node):  # the same bound as for holding queries
+            return (f"{len(node.key)} tokens of its own, fewer than profile_min_tokens "
+                    f"({self.cache.settings.profile_min_tokens})")
         return None
 
     def _make(self, key: int, now: float) -> Job | str:

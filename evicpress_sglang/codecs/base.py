@@ -237,20 +237,21 @@ class Layout:
     #: (start, end) of every run of padding bytes.
     padding: tuple[tuple[int, int], ...]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes)
-
 
 @lru_cache(maxsize=1024)  # ints: codecs x recent context lengths; the codecs held are the registry's
 def _nbytes(codec: SegmentCodec, shape: KVShape) -> int:
-    return sum(_aligned(seg.nbytes) for seg in codec.segments(shape))
+    return sum(_padded_sizes(codec.segments(shape)))
+
+
+def _padded_sizes(segments: list[Segment]) -> tuple[int, ...]:
+    """The bytes each segment takes in a payload, its padding to SEGMENT_ALIGN included."""
+    return tuple(_aligned(seg.nbytes) for seg in segments)
 
 
 @lru_cache(maxsize=256)  # a few codecs x recent context lengths; the codecs held are the registry's
 def _layout(codec: SegmentCodec, shape: KVShape) -> Layout:
     segments = codec.segments(shape)
-    sizes = tuple(_aligned(seg.nbytes) for seg in segments)
+    sizes = _padded_sizes(segments)
     starts = tuple(itertools.accumulate(sizes, initial=0))
     return Layout(offsets=MappingProxyType({seg.name: (at, seg) for seg, at in zip(segments, starts)}), sizes=sizes,
                   padding=tuple((at + seg.nbytes, at + size) for seg, at, size in zip(segments, starts, sizes)
