@@ -297,12 +297,39 @@ def test_prefill_timings_teach_the_cost_model():
                                extend_num_tokens=tokens)
 
     decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), extend_num_tokens=None)
+    scored = extend(1000)
+    scored.return_logprob = True  # the profiler's teacher-forced scoring: not a re-prefill's work
     for i in range(40):
         assert prefill_timer.around_forward(forward, None, extend(1 if i % 2 else 1000)) == "out"
     assert prefill_timer.around_forward(forward, None, decode) == "out"  # decode is not timed
+    assert prefill_timer.around_forward(forward, None, scored) == "out"
     assert timer.observed == 40
     # the one-token extends cost ~5 ms each, but that is overhead, not 5 ms per token
     assert 14e-6 < cost.prefill_s_per_token < 30e-6
+
+
+def test_prefill_timings_bound_a_prior_before_they_fit_a_slope():
+    """Batches of one size cannot separate slope from overhead, but their time per token
+    bounds the slope: a prior above it (27 us/token, an 8B model's) comes down at once
+    instead of pricing a small model's re-prefills 40x too high for the whole run."""
+    from types import SimpleNamespace
+
+    from evicpress_sglang.backend import prefill_timer
+    from evicpress_sglang.policy import CostModel
+
+    cost = CostModel(prefill_s_per_token=27e-6)
+    prefill_timer.activate(cost)
+    batch = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False),
+                            extend_num_tokens=2000, reqs=[object()])
+    for _ in range(5):
+        prefill_timer.around_forward(lambda worker, b: None, None, batch)
+    assert cost.prefill_s_per_token < 1e-6  # a CPU no-op over 2000 tokens
+    low = CostModel(prefill_s_per_token=1e-12)
+    prefill_timer.activate(low)
+    for _ in range(5):
+        prefill_timer.around_forward(lambda worker, b: None, None, batch)
+    assert low.prefill_s_per_token == 1e-12  # a bound never raises the prior
+    prefill_timer.activate(None)
 
 
 def test_recompressing_a_full_host_tier_never_overflows_it(tmp_path):
@@ -325,5 +352,8 @@ def test_pinned_prefill_cost_is_used_and_not_learnt(tmp_path):
 
     cache = _cache(tmp_path, prefill_s_per_token=1e-4)
     assert cache.cost.prefill_s_per_token == 1e-4 and prefill_timer._active is None
+    assert cache.status()["cost_model"]["prefill_learnt"] is None
     learnt = _cache(tmp_path / "b")
     assert prefill_timer._active is not None and prefill_timer._active.cost is learnt.cost
+    assert learnt.status()["cost_model"]["prefill_learnt"] == {"batches": 0, "fitted_s_per_token": None,
+                                                               "bound_s_per_token": None}

@@ -124,6 +124,7 @@ def test_cost_model_learns_prefill_and_calibrates_here(tmp_path):
     for _ in range(50):
         fit.add(1000, 0.05)
     assert fit.per_token() is None  # one batch size: overhead and slope cannot be told apart
+    assert fit.bound() == pytest.approx(5e-5)  # ... but neither exceeds 50 ms / 1000 tokens
     rng = np.random.default_rng(0)
     fit = PrefillFit()
     for tokens in rng.integers(1, 4000, 300):  # 20 ms per batch + 10 us/token, 5% noise
@@ -133,6 +134,56 @@ def test_cost_model_learns_prefill_and_calibrates_here(tmp_path):
     assert cal.decode_rate["int4"] > 0 and cal.zstd_bps > 0 and cal.disk_bw > 0
     assert cal.zstd_gain["int4"] >= 1.0
     assert CostModel.from_json(cal.to_json()) == cal
+
+
+def _launch_bound_batches(rng, n: int = 600):
+    """Prefill batches of a small model without CUDA graphs (SmolLM2 on an H200): 5 ms
+    per batch, 0.6 ms per request, 0.66 us per token; hits prefill only their question,
+    misses a ~2k-token document, and the profiler asks 16 questions in one batch. A third
+    of the batches are slowed by work that overlaps them (one-sided noise)."""
+    for _ in range(n):
+        u = rng.random()
+        requests, tokens = ((1, int(rng.integers(20, 60))) if u < 0.5 else
+                            (1, int(rng.integers(1800, 2200))) if u < 0.75 else (16, 16 * int(rng.integers(40, 70))))
+        seconds = 0.005 + 6e-4 * requests + 0.66e-6 * tokens
+        if rng.random() < 0.3:
+            seconds += rng.exponential(0.003)
+        yield tokens, requests, seconds
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prefill_fit_separates_per_request_cost_and_ignores_delays(seed):
+    """A fit of time against tokens alone charges the profiler's many-request batches'
+    overhead to tokens (a least-squares fit said 1.2 us/token here, 1.8x the truth)."""
+    rng = np.random.default_rng(seed)
+    fit = PrefillFit()
+    for tokens, requests, seconds in _launch_bound_batches(rng):
+        fit.add(tokens, seconds, requests)
+    assert fit.per_token() == pytest.approx(0.66e-6, rel=0.2)
+    assert fit.per_token() <= fit.bound() < 4e-6  # ~7.3 ms / 2k tokens
+
+
+def test_prefill_fit_never_prices_a_slope_lost_in_noise_at_zero():
+    """Times that do not grow with tokens (or shrink): the slope is taken as a tenth of
+    the tightest bound, not zero (the policy would then drop every context)."""
+    rng = np.random.default_rng(3)
+    fit = PrefillFit()
+    for _ in range(400):
+        tokens = int(rng.choice([50, 500, 4000]))
+        fit.add(tokens, 0.010 - 1e-7 * tokens + rng.exponential(0.001))
+    bound = fit.bound()
+    assert bound == pytest.approx(0.0096 / 4000, rel=0.1)
+    assert fit.per_token() == pytest.approx(0.1 * bound)
+
+
+def test_prefill_fit_follows_the_recent_batches():
+    """After the model's cost changes (another server config), the window forgets."""
+    fit = PrefillFit(window=256)
+    rng = np.random.default_rng(4)
+    for cost in (2e-5, 5e-6):
+        for tokens in rng.integers(16, 8000, 300):
+            fit.add(int(tokens), 0.01 + cost * tokens)
+        assert fit.per_token() == pytest.approx(cost, rel=0.05)
 
 
 def test_load_time_model_orders_tiers_sensibly():

@@ -10,6 +10,7 @@ import time
 import numpy as np
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from . import prefill_timer
 from .guard import HOOKS
 
 
@@ -58,7 +59,8 @@ class CacheStatus(RadixCache):
                 "profiler": self.profiling.status(),
                 "cost_model": {"prefill_s_per_token": self.cost.prefill_s_per_token, "host_bw": self.cost.host_bw,
                                "disk_bw": self.cost.disk_bw, "remote_bw": self.cost.remote_bw,
-                               "remote_latency": self.cost.remote_latency},
+                               "remote_latency": self.cost.remote_latency,
+                               "prefill_learnt": prefill_timer.describe()},
             })
 
     def _top_placements(self, n: int) -> list[dict]:

@@ -15,8 +15,11 @@ and the SGLang backend refines ``prefill_s_per_token`` from the server's own pre
 from __future__ import annotations
 
 import json
+import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..codecs import KVShape, get_codec
@@ -100,42 +103,88 @@ class CostModel:
 
 
 class PrefillFit:
-    """``seconds = overhead + per_token * tokens`` fitted to measured prefill batches.
+    """The marginal prefill cost per token, learnt from the server's recent prefill batches.
 
     A dropped context costs its re-prefill *on top of* a request that is prefilled anyway,
-    so the policy needs the marginal cost per token, the slope. Dividing a batch's time
-    by its tokens would charge the fixed per-batch overhead (kernel launches, sampling:
-    ~20 ms on an H100 without CUDA graphs) to every token, and a one-token extend would
-    then claim 20 ms per token. Least squares with exponential forgetting (``half_life``
-    observations) follows drifts; until the observed sizes spread by ``min_spread``
-    tokens the slope is not identifiable and :meth:`per_token` says so with ``None``.
+    so the policy needs the slope of ``seconds = overhead + per_token * tokens``, not a
+    batch's time over its tokens (which charges the per-batch overhead, ~20 ms on an H100
+    without CUDA graphs, to every token). Batch times are hard to fit naively:
+
+    * their noise is one-sided: work overlapping a batch (stores, copies, the host's other
+      threads) slows it, nothing speeds it up;
+    * on a small, launch-bound model the slope is a few percent of a batch's time, and a
+      batch's time grows with its *requests* as much as with its tokens: the profiler's
+      16 short questions in one batch take longer than one 2k-token document.
+
+    A least-squares fit through that came out at zero or below for whole runs on SmolLM2,
+    and the policy kept its 27 us/token prior, 40x the real cost, storing every context it
+    should have dropped (``bench/results/2026-12-02-profiler-pressure-after-split``).
+    So the recent ``window`` batches are grouped by size class (log2 of tokens) *within*
+    request-count classes (log2 of requests), each group is represented by a low quantile
+    of its times and of its sizes (a batch of that size when nothing slowed it), and the slope is the median
+    of the slopes between groups of equal request counts (Theil-Sen). Two guards keep it
+    sane: it never exceeds :meth:`bound` (overhead is not negative, so seconds / tokens of
+    any group is at least the slope), and never falls below ``floor_share`` of that bound
+    (a slope lost in noise is priced at a tenth of the tightest bound, not at zero).
     """
 
-    def __init__(self, half_life: float = 200.0, min_spread: float = 64.0) -> None:
-        self.decay = 0.5 ** (1.0 / half_life)
-        self.min_spread = min_spread
-        self.w = self.x = self.y = self.xx = self.xy = 0.0
+    def __init__(self, window: int = 512, quantile: float = 0.25, min_per_group: int = 3,
+                 floor_share: float = 0.1, refit_every: int = 8) -> None:
+        self.obs: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self.quantile = quantile
+        self.min_per_group = min_per_group
+        self.floor_share = floor_share
+        self.refit_every = refit_every
+        self._since_fit = 0
+        self._fit: tuple[float | None, float | None] = (None, None)
 
-    def add(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or not seconds > 0:
+    def add(self, tokens: int, seconds: float, requests: int = 1) -> None:
+        if tokens <= 0 or not 0 < seconds < math.inf:
             return
-        d = self.decay
-        self.w = self.w * d + 1.0
-        self.x = self.x * d + tokens
-        self.y = self.y * d + seconds
-        self.xx = self.xx * d + tokens * tokens
-        self.xy = self.xy * d + tokens * seconds
+        self.obs.append((int(tokens), max(1, int(requests)), float(seconds)))
+        self._since_fit += 1
+
+    def _groups(self) -> list[tuple[int, float, float]]:
+        """``(request class, tokens, seconds)`` per group with enough batches: the same low
+        quantile of both, so that without noise the pair lies on the line (times grow with
+        tokens inside a group)."""
+        if not self.obs:
+            return []
+        a = np.array(self.obs, dtype=np.float64)
+        tokens, requests, seconds = a[:, 0], a[:, 1], a[:, 2]
+        size_class = np.floor(np.log2(tokens)).astype(np.int64)
+        request_class = np.floor(np.log2(requests)).astype(np.int64)
+        keys = request_class * 64 + size_class
+        out = []
+        for key in np.unique(keys):
+            members = keys == key
+            if members.sum() >= self.min_per_group:
+                out.append((int(key // 64), float(np.quantile(tokens[members], self.quantile)),
+                            float(np.quantile(seconds[members], self.quantile))))
+        return out
+
+    def _refit(self) -> tuple[float | None, float | None]:
+        if self._since_fit >= self.refit_every or self._fit == (None, None):
+            groups = self._groups()
+            bound = min((s / n for _, n, s in groups), default=None)
+            slopes = [(s2 - s1) / (n2 - n1) for i, (r1, n1, s1) in enumerate(groups)
+                      for r2, n2, s2 in groups[i + 1:] if r1 == r2 and n2 != n1]
+            fit = None
+            if slopes and bound is not None:
+                fit = min(bound, max(float(np.median(slopes)), self.floor_share * bound))
+            self._fit = (fit, bound)
+            self._since_fit = 0
+        return self._fit
 
     def per_token(self) -> float | None:
-        """The fitted seconds per token, or None while it cannot be told from overhead."""
-        if self.w < 2:
-            return None
-        mx, my = self.x / self.w, self.y / self.w
-        var = self.xx / self.w - mx * mx
-        if var < self.min_spread ** 2:
-            return None
-        slope = (self.xy / self.w - mx * my) / var
-        return slope if slope > 0 else None
+        """The fitted seconds per token, or None until batches of two sizes (with the same
+        number of requests) have been seen often enough to tell slope from overhead."""
+        return self._refit()[0]
+
+    def bound(self) -> float | None:
+        """An upper bound of the seconds per token (the least time per token of any size
+        group), known from the first group on; None before."""
+        return self._refit()[1]
 
 
 def _rate(nbytes: int, fn, repeats: int = 3) -> float:
