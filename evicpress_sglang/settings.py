@@ -56,7 +56,7 @@ class Settings:
     admin_key: str | None = None  # required by POST /evicpress/policy when set (else SGLang's --api-key)
     status_top: int = 20  # contexts listed in /evicpress/status
     held_out_queries: int = 4  # per context, a sample of the queries that reused it (for the quality profiler)
-    #: Quality profiler: the share of time its requests may be in flight (0 = no background
+    #: Quality profiler: the share of GPU time its batches may take (0 = no background
     #: profiling; POST /evicpress/profile still works), the score the policy uses, the length
     #: of the reference answers, when a profile is old, and the fewest tokens of its own (not
     #: counting its ancestors') a context needs to be worth a job.

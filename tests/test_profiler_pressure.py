@@ -64,7 +64,7 @@ def test_every_variant_is_measured_while_user_traffic_evicts(pressured):
     source = cache._find_exact(RadixKey(array("q", DOC + [7, 8, 9])))
     jobs = 3
     for _ in range(jobs):
-        assert profiler.step() > 0
+        assert profiler.step() is True
     c = cache.profiling.counts
     assert busy.user_requests > 60 and c["reported"] == jobs
     assert c["variants_tainted"] == 0 and c["variants_measured"] == jobs * len(CODECS), c
@@ -79,7 +79,7 @@ def test_every_variant_is_measured_while_user_traffic_evicts(pressured):
 
 def test_a_context_larger_than_the_reserve_gets_no_job_and_status_says_why(pressured):
     cache, http, profiler, busy = pressured()  # default reserve: 5% of 1024 slots, DOC is 163 tokens
-    assert profiler.step() == 0.0 and busy.user_requests == 0  # no job, no GPU time
+    assert profiler.step() is False and busy.user_requests == 0  # no job, no GPU time
     refusal = http.get("/evicpress/status").json()["profiler"]["refusal"]
     assert "does not fit the profiling reserve (51 tokens: profile_reserve 0.05" in refusal["reason"], refusal
     assert cache.protected_size() == 0

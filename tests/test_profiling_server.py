@@ -16,9 +16,10 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from evicpress_sglang.admin import add_routes
 from evicpress_sglang.backend.cache import EvicPressRadixCache
+from evicpress_sglang.backend.profile_budget import BANK_S, ProfileBudget
 from evicpress_sglang.backend.profile_job import NAMESPACE, parse_namespace
 from evicpress_sglang.policy.contexts import prior_quality
-from evicpress_sglang.profiler.client import ServerClient
+from evicpress_sglang.profiler.client import RID_PREFIX, ServerClient
 from evicpress_sglang.profiler.runner import Profiler, ask_together
 from evicpress_sglang.settings import ENV, load_settings
 from harness import FakeScheduler, FakeTokenizerManager, free_slots_accounted, make_params, serve
@@ -124,9 +125,7 @@ def test_a_reused_context_is_profiled_through_degraded_copies_served_by_the_cach
     row = t.row_of[node.id]
     freq, n_rows, queries = float(t.freq[row]), len(t), cache.queries.queries(node.id)
 
-    busy = profiler.step()
-
-    assert busy > 0
+    assert profiler.step() is True
     rec = cache.profiling.records[node.id]
     assert set(rec.quality) == {"int8", "int2", "keydiff:0.5"}
     assert rec.quality["int2"] < 1.0 and rec.quality["int2"] <= rec.quality["int8"]
@@ -140,7 +139,7 @@ def test_a_reused_context_is_profiled_through_degraded_copies_served_by_the_cach
     assert profile_namespaces(cache) == [] and cache.profiling.held_tokens() == 0
     assert len(t) == n_rows and float(t.freq[row]) == freq and cache.queries.queries(node.id) == queries
     assert free_slots_accounted(cache)
-    assert profiler.step() == 0.0  # profiled with every query it has: nothing to do
+    assert profiler.step() is False  # profiled with every query it has: nothing to do
 
 
 def test_scores_are_exact_for_a_lossless_variant_and_drop_for_a_lossy_one(server):
@@ -178,14 +177,14 @@ def test_jobs_only_while_nothing_waits_and_again_when_new_queries_arrive(server)
     for q in ([1, 2, 3], [4, 5, 6]):
         ask(cache, DOC, q)
     scheduler.waiting_queue = ["a user request"]
-    assert profiler.step() == 0.0 and not cache.profiling.jobs
+    assert profiler.step() is False and not cache.profiling.jobs
     scheduler.waiting_queue = []
-    assert profiler.step() > 0
-    assert profiler.step() == 0.0
+    assert profiler.step() is True
+    assert profiler.step() is False
     ask(cache, DOC, [21, 22])  # a new query: the estimate is now uncertain
-    assert profiler.step() > 0
+    assert profiler.step() is True
     cache.settings.profile_max_age_s = 1e-9  # and an old estimate is redone
-    assert profiler.step() > 0
+    assert profiler.step() is True
 
 
 def test_contexts_never_profiled_come_before_popular_ones_profiled_again(server):
@@ -193,7 +192,7 @@ def test_contexts_never_profiled_come_before_popular_ones_profiled_again(server)
     other = list(range(3000, 3100))
     for q in ([1, 2, 3], [4, 5, 6]):
         ask(cache, DOC, q)
-    assert profiler.step() > 0  # DOC profiled
+    assert profiler.step() is True  # DOC profiled
     for q in ([1, 2, 3], [4, 5, 6]):
         ask(cache, other, q)
     for q in ([21, 22], [23, 24], [25, 26]):  # DOC: more popular, and it has new queries
@@ -241,12 +240,12 @@ def test_no_background_profiling_under_a_policy_that_ignores_quality(server):
         ask(cache, DOC, q)
     for name in ("lru-offload", "static:int8", "off"):
         cache.set_policy(name)
-        assert profiler.step() == 0.0 and not cache.profiling.jobs
+        assert profiler.step() is False and not cache.profiling.jobs
     r = http.post("/evicpress/profile", json={"node": _find(cache, DOC + [7, 8, 9]).id})  # asked for: still done
     assert r.status_code == 200 and r.json()["measured"], r.text
     cache.set_policy("evicpress")
     cache.settings.profile_max_age_s = 1e-9
-    assert profiler.step() > 0
+    assert profiler.step() is True
 
 
 def test_a_variant_served_without_its_copy_is_discarded_and_status_says_why(server):
@@ -353,12 +352,86 @@ def test_a_report_for_an_unknown_job_is_refused(server):
     assert r.status_code == 409
 
 
-def test_pacing_keeps_the_profilers_share():
-    p = Profiler(ServerClient("http://unused"), share=0.05, poll_s=3.0)
-    assert p.pause_after(2.0) == pytest.approx(38.0)  # busy 2 s of every 40
-    assert p.pause_after(0.0) == 3.0  # nothing to do: poll again later
+def test_an_unknown_score_is_refused():
     with pytest.raises(ValueError, match="valid"):
         Profiler(ServerClient("http://unused"), score="bleu")
+
+
+def test_the_budget_keeps_the_profilers_gpu_time_within_its_share():
+    clock = [0.0]
+    share = [0.05]
+    budget = ProfileBudget(lambda: share[0], lambda: True, clock=lambda: clock[0])
+    assert budget.balance_s == pytest.approx(0.05 * BANK_S)  # a new server may profile at once
+    budget.charge(0.05 * BANK_S + 1.0)  # spent, and 1 s over
+    assert not budget.allows_job() and budget.refused == 1
+    clock[0] = 19.0  # 19 s at 5% = 0.95 s: still short
+    assert not budget.allows_job()
+    clock[0] = 21.0
+    assert budget.allows_job()
+    clock[0] = 1e6  # a quiet day banks at most BANK_S of share
+    assert budget.allows_job() and budget.balance_s == pytest.approx(0.05 * BANK_S)
+    share[0] = 0.0  # switched off at runtime: what is banked is used, nothing more accrues
+    budget.charge(0.05 * BANK_S)
+    clock[0] = 2e6
+    assert not budget.allows_job()
+    assert budget.status() == {"share": 0.0, "charged_s": pytest.approx(0.05 * BANK_S * 2 + 1.0),
+                               "balance_s": 0.0, "refused_jobs": 3}
+
+
+def _batch(rids: list[str], extend_lens: list[int] | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(reqs=[SimpleNamespace(rid=r) for r in rids], extend_lens=extend_lens,
+                           extend_num_tokens=sum(extend_lens) if extend_lens else None,
+                           forward_mode=SimpleNamespace(is_extend=lambda: extend_lens is not None,
+                                                        is_mixed=lambda: False))
+
+
+def test_the_profilers_part_of_a_batch_is_its_tokens_or_rows():
+    running = [True]
+    budget = ProfileBudget(lambda: 0.05, lambda: running[0])
+    mine = RID_PREFIX + "abc"
+    assert budget.part_of(_batch(["u1", mine, mine], [100, 20, 30])) == pytest.approx(50 / 150)
+    assert budget.part_of(_batch(["u1", "u2", mine, "u3"])) == pytest.approx(1 / 4)  # a decode: rows
+    assert budget.part_of(_batch(["u1", "u2"], [10, 10])) == 0.0
+    running[0] = False  # no job: batches are not looked at
+    assert budget.part_of(_batch([mine])) == 0.0
+
+
+def test_forward_batches_carrying_profiler_requests_are_charged_to_it():
+    """Through the forward hook: the profiler's share of each batch's time, decode included;
+    user batches and batches while no job runs cost it nothing."""
+    import time as _time
+
+    from evicpress_sglang.backend import prefill_timer
+
+    budget = ProfileBudget(lambda: 0.05, lambda: True)
+    prefill_timer.charge_profiler(budget)
+    try:
+        def forward(worker, batch):
+            _time.sleep(0.02)
+
+        mine = RID_PREFIX + "x"
+        prefill_timer.around_forward(forward, None, _batch(["u1", mine]))  # decode, half the rows
+        prefill_timer.around_forward(forward, None, _batch([mine], [40]))  # a prefill of its own
+        prefill_timer.around_forward(forward, None, _batch(["u1"], [40]))
+        assert 0.029 < budget.charged_s < 0.045
+    finally:
+        prefill_timer.charge_profiler(None)
+
+
+def test_no_job_is_handed_out_while_the_share_is_spent(server):
+    cache, _, http, profiler, _ = server
+    for q in ([1, 2, 3], [4, 5, 6]):
+        ask(cache, DOC, q)
+    cache.profile_budget.charge(cache.profile_budget.balance_s + 10.0)
+    assert profiler.step() is False and not cache.profiling.jobs
+    budget = http.get("/evicpress/status").json()["profiler"]["budget"]
+    assert budget["refused_jobs"] == 1 and budget["balance_s"] < 0
+    cache.profile_budget.balance_s = 1.0  # share accrued
+    charged = cache.profile_budget.charged_s
+    assert profiler.step() is True
+    assert cache.profile_budget.charged_s > charged  # staging the copies was charged (no GPU forwards here)
 
 
 @pytest.mark.parametrize("first_alone", [False, True])
@@ -401,12 +474,12 @@ def test_a_context_nobody_reused_is_profiled_with_questions_the_model_writes(ser
     cache, _, _, profiler, _ = server
     ask(cache, DOC, [1, 2, 3])  # cached once, never reused: no held-out query
     node = _find(cache, DOC + [7, 8, 9, 1, 2, 3])
-    assert profiler.step() == 0.0  # off by default: nothing to profile it with
+    assert profiler.step() is False  # off by default: nothing to profile it with
     cache.settings.profile_self_questions = 2
-    assert profiler.step() > 0
+    assert profiler.step() is True
     rec = cache.profiling.records[node.id]
     assert set(rec.quality) == {"int8", "int2", "keydiff:0.5"} and rec.queries == 0
     assert profile_namespaces(cache) == [] and free_slots_accounted(cache)
-    assert profiler.step() == 0.0  # done until it is reused
+    assert profiler.step() is False  # done until it is reused
     ask(cache, DOC, [4, 5, 6])  # the first real reuse: profiled again, now with what was really asked
-    assert profiler.step() > 0
+    assert profiler.step() is True

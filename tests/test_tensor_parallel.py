@@ -1,6 +1,6 @@
 """Two tensor-parallel ranks (processes, gloo over 127.0.0.1), each a cache over its own
 shard of a real SGLang pool, fed the same requests with different clocks, learnt rates,
-calibration and one rank's disk writes failing, a policy switch mid-stream and profile jobs
+calibration, profiler budgets and one rank's disk writes failing, a policy switch mid-stream and profile jobs
 staging copies in the full pool: their trees, placements, frequencies, loaded lengths and
 pool usage stay equal after every step (tests/tp_worker.py). Without agreement they diverge: the test is not vacuous."""
 

@@ -180,6 +180,8 @@ def main(rank: int, port: int, tmp: str, out: str, steps: int, sync: bool) -> No
                         host_codecs=["bf16", "int8", "int4"], disk_codecs=["bf16+zstd", "int4+zstd"],
                         half_life_s=0.02, profile_min_tokens=32, profile_reserve=0.5)
     cache = EvicPressRadixCache(params, settings, cost=cost)
+    if rank == 1:  # its own profiler GPU time: its share is spent, rank 0's is not (rank 0 decides)
+        cache.profile_budget.charge(1e9)
     result = {"steps": 0, "divergence": None, "internal_errors": 0, "loaded": 0, "profiled": 0, "recomputed": 0}
     for step, tokens in enumerate(requests(steps)):
         if step in POLICY_AT:

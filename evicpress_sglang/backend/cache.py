@@ -59,6 +59,7 @@ from .guard import HOOKS, Health, entry_point
 from .insert import InsertRevive
 from .load import LoadBack
 from .match import PrefixMatch
+from .profile_budget import ProfileBudget
 from .profiling import ProfileStaging
 from .restore import RestoreFromDisk
 from .memory import ContextMemory
@@ -179,6 +180,8 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.nodes: dict[int, TreeNode] = {}
         self.queries = HeldOutQueries(settings.held_out_queries)
         self.memory = ContextMemory()
+        self.profile_budget = ProfileBudget(lambda: self.settings.profile_share, lambda: bool(self.profiling.jobs))
+        prefill_timer.charge_profiler(self.profile_budget)
         self.profiling = ProfileStaging(self)
         self._counted_rids: dict[str, None] = {}
         self.lock = threading.RLock()  # the admin thread reads status while the scheduler works

@@ -1,62 +1,45 @@
-"""Learning the prefill cost per token from the server's own prefills.
+"""Timing forward batches: prefills teach the cost model, the profiler's batches are charged to it.
 
-The cost of dropping a context is re-prefilling it, so the policy needs seconds per
-token on *this* model and GPU. A hook around SGLang's ``TpModelWorker.forward_batch_generation``
-brackets every prefill (extend) batch with CUDA events on the current stream; events
-are read only once the GPU has passed them (``query()``), so timing never stalls the
-scheduler. Finished measurements feed a :class:`PrefillFit` whose slope (seconds per
-token beyond the per-batch overhead) becomes ``CostModel.prefill_s_per_token``; until it
-has one, its upper bound can only lower the prior. Batches that return prompt logprobs
-(the profiler's teacher-forced scoring) are not timed: they do work a re-prefill does not.
+A hook around SGLang's ``TpModelWorker.forward_batch_generation`` brackets a batch with
+CUDA events on the current stream when someone needs its time; events are read only once
+the GPU has passed them (``query()``), so timing never stalls the scheduler. Two users:
+
+* learning the prefill cost per token: plain prefill (extend) batches feed a
+  :class:`PrefillFit` whose slope (seconds per token beyond the per-batch overhead) becomes
+  ``CostModel.prefill_s_per_token``; until it has one, its upper bound can only lower the
+  prior. Batches that return prompt logprobs (the profiler's teacher-forced scoring) are
+  not learnt from: they do work a re-prefill does not;
+* the profiler's GPU budget (:mod:`.profile_budget`): while a profile job runs, a batch
+  carrying its requests (prefill or decode) is charged to it in proportion to their part.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from ..policy import CostModel
 from ..policy.cost import PrefillFit
 from .guard import hook
+from .profile_budget import ProfileBudget
 
 _active: "PrefillTimer | None" = None
+_budget: ProfileBudget | None = None
+MAX_PENDING = 64  # batches whose events the GPU has not passed yet; older ones are let go
 
 
 class PrefillTimer:
-    def __init__(self, cost: CostModel, max_pending: int = 64) -> None:
+    """What the prefill batches taught: the fit, and the cost model it updates."""
+
+    def __init__(self, cost: CostModel) -> None:
         self.cost = cost
         self.fit = PrefillFit()
-        self.pending: deque = deque(maxlen=max_pending)
         self.observed = 0
 
-    def start(self, tokens: int, requests: int = 1) -> tuple:
-        """Mark the start of a prefill of ``tokens`` tokens of ``requests`` requests; hand
-        the result to :meth:`finish`."""
-        self.poll()
-        if torch.cuda.is_available():
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            return begin, tokens, requests
-        return time.perf_counter(), tokens, requests
-
-    def finish(self, started: tuple) -> None:
-        begin, tokens, requests = started
-        if isinstance(begin, float):
-            self._observe(tokens, requests, time.perf_counter() - begin)
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.pending.append((begin, end, tokens, requests))
-
-    def poll(self) -> None:
-        """Fold in every measurement the GPU has finished."""
-        while self.pending and self.pending[0][1].query():
-            start, end, tokens, requests = self.pending.popleft()
-            self._observe(tokens, requests, start.elapsed_time(end) / 1000.0)
-
-    def _observe(self, tokens: int, requests: int, seconds: float) -> None:
+    def observe(self, tokens: int, requests: int, seconds: float) -> None:
         self.fit.add(tokens, seconds, requests)
         self.observed += 1
         slope = self.fit.per_token()
@@ -66,6 +49,20 @@ class PrefillTimer:
         bound = self.fit.bound()
         if bound is not None and bound < self.cost.prefill_s_per_token:
             self.cost.prefill_s_per_token = bound
+
+
+@dataclass
+class _Timing:
+    begin: object  # a CUDA event, or perf_counter() without CUDA
+    tokens: int
+    requests: int
+    learn: PrefillTimer | None  # a plain prefill: teaches this timer
+    budget: ProfileBudget | None  # the profiler's part of the batch is charged here
+    part: float
+    end: object = None
+
+
+_pending: deque[_Timing] = deque(maxlen=MAX_PENDING)
 
 
 def describe() -> dict | None:
@@ -83,28 +80,63 @@ def activate(cost: CostModel | None) -> PrefillTimer | None:
     return _active
 
 
+def charge_profiler(budget: ProfileBudget | None) -> None:
+    """Charge the profiler's batches to ``budget`` from now on (None: stop)."""
+    global _budget
+    _budget = budget
+
+
 def around_forward(original, worker, batch=None, *args, **kwargs):
-    """AROUND hook for ``TpModelWorker.forward_batch_generation``: time pure prefill batches.
-    The forward pass runs exactly once whatever the timing does; a timing failure only
-    costs the measurement (counted in the hooks' internal errors)."""
-    started = _start(_active, batch)
+    """AROUND hook for ``TpModelWorker.forward_batch_generation``. The forward pass runs
+    exactly once whatever the timing does; a timing failure only costs the measurement
+    (counted in the hooks' internal errors)."""
+    started = _start(batch)
     result = original(worker, batch, *args, **kwargs)
     if started is not None:
-        _finish(_active, started)
+        _finish(started)
     return result
 
 
-@hook(lambda timer, batch: None)
-def _start(timer: PrefillTimer | None, batch) -> tuple | None:
+def poll() -> None:
+    """Fold in every timing the GPU has finished."""
+    while _pending and _pending[0].end.query():
+        t = _pending.popleft()
+        _fold(t, t.begin.elapsed_time(t.end) / 1000.0)
+
+
+def _fold(t: _Timing, seconds: float) -> None:
+    if t.learn is not None:
+        t.learn.observe(t.tokens, t.requests, seconds)
+    if t.budget is not None:
+        t.budget.charge(seconds * t.part)
+
+
+def _plain_prefill(batch) -> bool:
     mode = getattr(batch, "forward_mode", None)
-    tokens = getattr(batch, "extend_num_tokens", None)
-    if (timer is None or mode is None or not tokens or not mode.is_extend() or getattr(mode, "is_mixed", bool)()
-            or getattr(batch, "return_logprob", False)):
+    return (mode is not None and bool(getattr(batch, "extend_num_tokens", None)) and mode.is_extend()
+            and not getattr(mode, "is_mixed", bool)() and not getattr(batch, "return_logprob", False))
+
+
+@hook(lambda batch: None)
+def _start(batch) -> _Timing | None:
+    poll()
+    learn = _active if _active is not None and _plain_prefill(batch) else None
+    part = _budget.part_of(batch) if _budget is not None and batch is not None else 0.0
+    if learn is None and part <= 0:
         return None
-    return timer.start(int(tokens), len(getattr(batch, "reqs", None) or ()) or 1)
+    begin: object = time.perf_counter()
+    if torch.cuda.is_available():
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+    return _Timing(begin, int(getattr(batch, "extend_num_tokens", None) or 0),
+                   len(getattr(batch, "reqs", None) or ()) or 1, learn, _budget if part > 0 else None, part)
 
 
-@hook(lambda timer, started: None)
-def _finish(timer: PrefillTimer | None, started: tuple) -> None:
-    if timer is not None:
-        timer.finish(started)
+@hook(lambda started: None)
+def _finish(started: _Timing) -> None:
+    if isinstance(started.begin, float):
+        _fold(started, time.perf_counter() - started.begin)
+        return
+    started.end = torch.cuda.Event(enable_timing=True)
+    started.end.record()
+    _pending.append(started)

@@ -32,6 +32,7 @@ What keeps the measurements honest and user traffic undisturbed:
 
 from __future__ import annotations
 
+import time
 from array import array
 
 import torch
@@ -44,7 +45,7 @@ from .profile_job import Job, namespace, parse_namespace
 
 class ProfileCopies:
     """Staging, pinning and freeing the profile namespaces' nodes; the job bookkeeping
-    (``cache``, ``jobs``, ``counts``, ``_tops``) is :class:`.profiling.ProfileStaging`'s."""
+    (``cache``, ``jobs``, ``counts``, ``_tops``, ``budget``) is :class:`.profiling.ProfileStaging`'s."""
 
     def reserve_tokens(self) -> int:
         """Pool slots the profiler's copies may hold at once (``profile_reserve`` of the pool)."""
@@ -119,6 +120,13 @@ class ProfileCopies:
 
     def _stage(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
         """Stage the variant's copy, locked, in place of the job's other copies; None, or why not."""
+        started = time.perf_counter()
+        try:
+            return self._stage_copy(job, variant, ns_key)
+        finally:
+            self.budget.charge(time.perf_counter() - started)  # the scheduler's time is the profiler's
+
+    def _stage_copy(self, job: Job, variant: int, ns_key: RadixKey) -> str | None:
         cache = self.cache
         source = self._source(job)
         if isinstance(source, str):

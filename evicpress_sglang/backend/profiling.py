@@ -26,6 +26,7 @@ import numpy as np
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from .content_keys import token_hash
+from .profile_budget import ProfileBudget
 from .profile_copies import ProfileCopies
 from .profile_job import REFERENCE, Job, Record, lossy_codecs
 
@@ -48,6 +49,7 @@ class ProfileStaging(ProfileCopies):
         #: root child keys of profile namespaces (every profile request is matched through
         #: :meth:`ensure` first), so eviction finds them without scanning every root child
         self._tops: dict[object, None] = {}
+        self.budget: ProfileBudget = cache.profile_budget  # the cache's: a flush does not refill it
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -60,10 +62,13 @@ class ProfileStaging(ProfileCopies):
         (``profile_self_questions``), contexts nobody has reused yet. Contexts with fewer
         than ``profile_min_tokens`` of their own are passed over (the admin trigger says why).
         None under a policy that does not read qualities (a baseline, or ``off``): there the
-        background loop would take GPU time for nothing (the admin trigger still works)."""
+        background loop would take GPU time for nothing (the admin trigger still works); none
+        while the profiler has spent its ``profile_share`` of GPU time (:mod:`.profile_budget`)."""
         now = self.cache._now() if now is None else now
         self.expire(now)
         if self.cache.policy is None or not self.cache.policy.uses_quality:
+            return
+        if not self.cache.sync.from_rank0(float(self.budget.allows_job()))[0]:  # rank 0's clock decides for all
             return
         t, s = self.cache.table, self.cache.settings
         busy = {j.node for j in self.jobs.values()}
@@ -236,5 +241,6 @@ class ProfileStaging(ProfileCopies):
         now = self.cache._now()
         return {**self.counts, "active_jobs": len(self.jobs), "held_tokens": self.held_tokens(),
                 "reserve_tokens": self.reserve_tokens(), "profiled_contexts": len(self.records),
+                "budget": self.budget.status(),
                 "refusal": self.last_refusal, "running": [j.summary(now) for j in self.jobs.values()],
                 "outcomes": self.outcomes}

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-chars", type=int, default=6000)
     p.add_argument("--max-chars", type=int, default=20000)
     p.add_argument("--answer-tokens", type=int, default=24)
-    p.add_argument("--share", type=float, default=0.2, help="the background profiler's share of time")
+    p.add_argument("--share", type=float, default=0.2, help="the background profiler's share of GPU time (profile_share)")
     p.add_argument("--wait-for", type=int, default=2, help="contexts the background profiler must have done first")
     p.add_argument("--wait-s", type=float, default=120.0)
     p.add_argument("--workers", type=int, default=4, help="contexts calibrated side by side")

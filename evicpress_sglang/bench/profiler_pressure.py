@@ -82,11 +82,19 @@ def profiler_sample(profiler: dict) -> dict:
     """What one status sample keeps of the profiler: counters and the reasons of the last
     refusal, of each running job and of each recently finished job that discarded variants."""
     keys = ("jobs", "recomputed", "reported", "staged", "variants_measured", "variants_tainted", "expired",
-            "active_jobs", "held_tokens", "reserve_tokens", "profiled_contexts")
+            "active_jobs", "held_tokens", "reserve_tokens", "profiled_contexts", "budget")
     return {k: profiler.get(k) for k in keys} | {
         "refusal": (profiler.get("refusal") or {}).get("reason"),
         "running": [j.get("reason") for j in profiler.get("running", []) if j.get("reason")],
         "finished": {job: o["reason"] for job, o in (profiler.get("outcomes") or {}).items() if o.get("reason")}}
+
+
+def policy_sample(status: dict) -> dict:
+    """What the policy acted on and did, beside the profiler: the prefill cost it prices a
+    drop with (learnt from the server's batches) and the stores and hits so far."""
+    stats = status.get("stats") or {}
+    return {"prefill_s_per_token": (status.get("cost_model") or {}).get("prefill_s_per_token"),
+            "stores": sum((stats.get("stores") or {}).values()), "hits": sum((stats.get("hits") or {}).values())}
 
 
 class StatusSampler:
@@ -106,7 +114,8 @@ class StatusSampler:
                 status = requests.get(self.url + "/evicpress/status", timeout=10).json()
             except (requests.RequestException, ValueError):
                 continue
-            self.samples.append({"t": round(time.monotonic() - self._t0, 1), **profiler_sample(status["profiler"])})
+            self.samples.append({"t": round(time.monotonic() - self._t0, 1), **profiler_sample(status["profiler"]),
+                                 **policy_sample(status)})
 
     def __enter__(self) -> list[dict]:
         self._thread.start()
@@ -138,7 +147,7 @@ def run_summary(record: dict, reqs: list, min_tokens: int = Settings.profile_min
             "tainted_per_staged": prof.get("variants_tainted", 0) / staged if staged else None,
             "ttft_p50_s": ttft["ttft_s"]["p50"], "ttft_mean_s": ttft["ttft_s"]["mean"], "ttft_p99_s": ttft["ttft_s"]["p99"],
             "errors": ttft["errors"], "requests": ttft["requests"], **hit_split(record["results"]),
-            "final": profiler_sample(prof)}
+            **policy_sample(status), "final": profiler_sample(prof)}
 
 
 def hit_split(results: list[dict]) -> dict:

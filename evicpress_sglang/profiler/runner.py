@@ -17,16 +17,16 @@ KV as the reference, then scores every codec's variant against it:
   pass in this process per answer. Short answers about the same text score high even
   when they differ, which compresses the scale the quality floor is set on.
 
-Pacing: after a job that kept the profiler busy ``b`` seconds it waits ``b * (1 - share) /
-share``, so its requests are in flight at most ``share`` of the time; the scheduler hands
-out jobs only while no user request waits.
+Pacing is the scheduler's: it hands out a job only while no user request waits and while
+the GPU time the profiler's batches took stays within ``profile_share``
+(:mod:`evicpress_sglang.backend.profile_budget`); the loop asks for the next job as soon as
+one is done, and every ``poll_s`` seconds while there is none.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,14 +48,12 @@ R = TypeVar("R")
 
 
 class Profiler:
-    def __init__(self, client: ServerClient, score: str = "top1", answer_tokens: int = 24, share: float = 0.05,
-                 poll_s: float = 5.0) -> None:
+    def __init__(self, client: ServerClient, score: str = "top1", answer_tokens: int = 24, poll_s: float = 5.0) -> None:
         if score not in SCORES:
             raise ValueError(f"profile score {score!r}: valid: {', '.join(SCORES)}")
         self.client = client
         self.score = score
         self.answer_tokens = answer_tokens
-        self.share = share
         self.poll_s = poll_s
         self._similarity = None
         self._similarity_lock = threading.Lock()
@@ -157,27 +155,21 @@ class Profiler:
             raise ServerError(f"context {node}: {reason}")
         return self.profile(got["jobs"][0])
 
-    def step(self) -> float:
-        """Fetch and run at most one job; the seconds it kept the profiler busy."""
+    def step(self) -> bool:
+        """Fetch and run at most one job; whether there was one."""
         got = self.client.jobs(want=1)
         if not got.get("jobs"):
-            return 0.0
-        t0 = time.monotonic()
+            return False
         result = self.profile(got["jobs"][0])
         log.info("evicpress profiler: context %s: %s", result["node"], result.get("measured"))
-        return time.monotonic() - t0
-
-    def pause_after(self, busy_s: float) -> float:
-        """Seconds to wait after ``busy_s`` of profiling to stay within the share."""
-        if busy_s <= 0:
-            return self.poll_s
-        return busy_s * (1.0 - self.share) / self.share
+        return True
 
     def run(self, stop: threading.Event) -> None:
-        """Profile until ``stop`` is set; server errors are logged and waited out."""
+        """Profile until ``stop`` is set: the next job as soon as one is done, else wait
+        ``poll_s``; server errors are logged and waited out."""
         while not stop.is_set():
             try:
-                wait = self.pause_after(self.step())
+                wait = 0.0 if self.step() else self.poll_s
             except ServerError as e:
                 log.warning("evicpress profiler: %s", e)
                 wait = self.poll_s
@@ -188,8 +180,8 @@ def ask_together(fn: Callable[[T], R], items: list[T], first_alone: bool = False
     """``fn`` over ``items``, all in flight at once, results in order.
 
     Requests on the same KV run as one batch in SGLang (one prefill of the questions after a
-    shared prefix), so a job's GPU time, and with it the pause that keeps the profiler within
-    ``profile_share``, shrinks with the number of queries. A staged copy is made by the first
+    shared prefix), so a job's GPU time, which the scheduler charges to ``profile_share``,
+    shrinks with the number of queries. A staged copy is made by the first
     of them the scheduler matches and found by the rest; a recomputed reference is not, so
     its first request goes alone (``first_alone``), or every request would prefill the
     whole context.
@@ -214,7 +206,7 @@ def start_in_server(url: str, settings, api_key: str | None, admin_key: str | No
     starts once the server answers) runs unless ``profile_share`` is 0. The admin trigger
     uses it either way."""
     profiler = Profiler(ServerClient(url, api_key, admin_key), settings.profile_score,
-                        settings.profile_answer_tokens, settings.profile_share)
+                        settings.profile_answer_tokens)
     if settings.profile_share <= 0:
         return profiler
 
