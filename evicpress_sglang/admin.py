@@ -129,8 +129,7 @@ def apply_profile_request(cache, args: dict, idle: bool) -> bool:
     Under the cache's lock: jobs lock and free tree nodes, and status reads them."""
     with cache.lock:
         if KEY_WANT in args:
-            if idle:
-                cache.profiling.prepare(int(args[KEY_WANT]))
+            cache.profiling.prepare(int(args[KEY_WANT]), idle=idle)
             return True
         if KEY_NODE in args:
             cache.profiling.prepare_for(int(args[KEY_NODE]))

@@ -282,27 +282,31 @@ def test_prefill_timings_teach_the_cost_model():
     import time
     from types import SimpleNamespace
 
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
     from evicpress_sglang.backend import prefill_timer
     from evicpress_sglang.policy import CostModel
 
     cost = CostModel(prefill_s_per_token=1e-6)
     timer = prefill_timer.activate(cost)
+    prefill_timer.charge_profiler(None)  # a budget left by another test's cache would look at these batches
 
     def forward(worker, batch):  # 5 ms per batch + 20 us/token
         time.sleep(0.005 + 2e-5 * (batch.extend_num_tokens or 0))
         return "out"
 
     def extend(tokens):
-        return SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False),
-                               extend_num_tokens=tokens)
+        return SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_num_tokens=tokens)
 
-    decode = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), extend_num_tokens=None)
+    decode = SimpleNamespace(forward_mode=ForwardMode.DECODE, extend_num_tokens=None)
+    verify = SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY, extend_num_tokens=1000)  # a past prefill's count
     scored = extend(1000)
     scored.return_logprob = True  # the profiler's teacher-forced scoring: not a re-prefill's work
     for i in range(40):
         assert prefill_timer.around_forward(forward, None, extend(1 if i % 2 else 1000)) == "out"
     assert prefill_timer.around_forward(forward, None, decode) == "out"  # decode is not timed
     assert prefill_timer.around_forward(forward, None, scored) == "out"
+    assert prefill_timer.around_forward(forward, None, verify) == "out"  # speculative verify: not a prefill
     assert timer.observed == 40
     # the one-token extends cost ~5 ms each, but that is overhead, not 5 ms per token
     assert 14e-6 < cost.prefill_s_per_token < 30e-6
@@ -312,22 +316,28 @@ def test_prefill_timings_bound_a_prior_before_they_fit_a_slope():
     """Batches of one size cannot separate slope from overhead, but their time per token
     bounds the slope: a prior above it (27 us/token, an 8B model's) comes down at once
     instead of pricing a small model's re-prefills 40x too high for the whole run."""
+    import time
     from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from evicpress_sglang.backend import prefill_timer
     from evicpress_sglang.policy import CostModel
 
+    def forward(worker, b):  # 1 ms for 2000 tokens: at most 0.5 us per token
+        time.sleep(0.001)
+
     cost = CostModel(prefill_s_per_token=27e-6)
     prefill_timer.activate(cost)
-    batch = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False),
-                            extend_num_tokens=2000, reqs=[object()])
+    prefill_timer.charge_profiler(None)
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_num_tokens=2000, reqs=[SimpleNamespace(rid="u")])
     for _ in range(5):
-        prefill_timer.around_forward(lambda worker, b: None, None, batch)
-    assert cost.prefill_s_per_token < 1e-6  # a CPU no-op over 2000 tokens
+        prefill_timer.around_forward(forward, None, batch)
+    assert cost.prefill_s_per_token < 2e-6
     low = CostModel(prefill_s_per_token=1e-12)
     prefill_timer.activate(low)
     for _ in range(5):
-        prefill_timer.around_forward(lambda worker, b: None, None, batch)
+        prefill_timer.around_forward(forward, None, batch)
     assert low.prefill_s_per_token == 1e-12  # a bound never raises the prior
     prefill_timer.activate(None)
 

@@ -163,6 +163,28 @@ def test_prefill_fit_separates_per_request_cost_and_ignores_delays(seed):
     assert fit.per_token() <= fit.bound() < 4e-6  # ~7.3 ms / 2k tokens
 
 
+def test_prefill_fit_keeps_the_per_request_cost_out_of_the_slope_with_only_short_batches():
+    """1-7 short questions per batch (no document prefilled): the slope cannot be told from
+    the noise, so the estimate is the floor, a tenth of the bound; grouping 4-7 requests in
+    one class put the per-request cost on the slope (7.8 us/token, 12x the truth)."""
+    rng = np.random.default_rng(0)
+    fit = PrefillFit()
+    for _ in range(600):
+        requests = int(rng.integers(1, 8))
+        tokens = int(rng.integers(20, 60, requests).sum())
+        seconds = 0.005 + 6e-4 * requests + 0.66e-6 * tokens + (rng.exponential(0.003) if rng.random() < 0.3 else 0)
+        fit.add(tokens, seconds, requests)
+    assert fit.per_token() == pytest.approx(0.1 * fit.bound()) and fit.per_token() < 6 * 0.66e-6
+
+
+def test_prefill_fit_ignores_impossible_times():
+    fit = PrefillFit()
+    for _ in range(10):
+        fit.add(4000, 1e-300)  # a timer that read nothing
+        fit.add(100, float("nan"))
+    assert fit.bound() is None and fit.per_token() is None
+
+
 def test_prefill_fit_never_prices_a_slope_lost_in_noise_at_zero():
     """Times that do not grow with tokens (or shrink): the slope is taken as a tenth of
     the tightest bound, not zero (the policy would then drop every context)."""

@@ -120,6 +120,9 @@ def profile_job(cache: EvicPressRadixCache, recompute: bool) -> tuple[int, int]:
     if recompute:
         cache.evict(EvictParams(num_tokens=cache.token_to_kv_pool_allocator.size))
     before = set(cache.profiling.jobs)
+    cache.profiling.prepare(1, idle=dist.get_rank() == 0)  # rank 1 has a request waiting: no rank makes one
+    if set(cache.profiling.jobs) != before:
+        raise AssertionError("a job was made while a rank was not idle")
     cache.profiling.prepare(1)
     new = [j for i, j in cache.profiling.jobs.items() if i not in before]
     if not new:

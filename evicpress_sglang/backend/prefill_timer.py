@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from ..policy import CostModel
 from ..policy.cost import PrefillFit
@@ -112,9 +113,11 @@ def _fold(t: _Timing, seconds: float) -> None:
 
 
 def _plain_prefill(batch) -> bool:
-    mode = getattr(batch, "forward_mode", None)
-    return (mode is not None and bool(getattr(batch, "extend_num_tokens", None)) and mode.is_extend()
-            and not getattr(mode, "is_mixed", bool)() and not getattr(batch, "return_logprob", False))
+    """A prefill and nothing else: not mixed with decode rows, not a speculative verify step
+    (``is_extend()`` holds for those too, and their ``extend_num_tokens`` is the batch's
+    last prefill's), not returning prompt logprobs."""
+    return (getattr(batch, "forward_mode", None) == ForwardMode.EXTEND
+            and bool(getattr(batch, "extend_num_tokens", None)) and not getattr(batch, "return_logprob", False))
 
 
 @hook(lambda batch: None)

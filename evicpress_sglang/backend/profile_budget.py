@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
 from ..profiler.client import RID_PREFIX
 
 #: the most unused share that is banked: ``BANK_S * profile_share`` seconds of GPU time
@@ -61,7 +63,8 @@ class ProfileBudget:
 
     def part_of(self, batch) -> float:
         """The profiler's part of a forward batch: its share of the tokens of a prefill, of
-        the rows of a decode; 0 while no job runs (the batch is not even looked at)."""
+        the rows of a decode; 0 while no job runs (the batch is not even looked at). A user
+        request whose id starts with the profiler's prefix is taken for the profiler's."""
         if not self.running():
             return 0.0
         reqs = getattr(batch, "reqs", None) or ()
@@ -69,7 +72,8 @@ class ProfileBudget:
         if not mine:
             return 0.0
         lens = getattr(batch, "extend_lens", None)
-        if batch.forward_mode.is_extend() and lens and len(lens) == len(reqs) and sum(lens) > 0:
+        if batch.forward_mode in (ForwardMode.EXTEND, ForwardMode.MIXED) and lens and len(lens) == len(reqs) \
+                and sum(lens) > 0:  # other modes keep a past prefill's extend_lens
             return sum(lens[i] for i in mine) / sum(lens)
         return len(mine) / len(reqs)
 

@@ -25,6 +25,7 @@ from array import array
 import numpy as np
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
+from . import prefill_timer
 from .content_keys import token_hash
 from .profile_budget import ProfileBudget
 from .profile_copies import ProfileCopies
@@ -53,7 +54,7 @@ class ProfileStaging(ProfileCopies):
 
     # -- jobs --------------------------------------------------------------------------
 
-    def prepare(self, want: int, now: float | None = None) -> None:
+    def prepare(self, want: int, now: float | None = None, idle: bool = True) -> None:
         """Make up to ``want`` jobs for the contexts that most need profiling: never
         profiled first, then those profiled with fewer queries than they now have or longer
         than ``profile_max_age_s`` ago, each group most frequently used first (a popular
@@ -66,9 +67,7 @@ class ProfileStaging(ProfileCopies):
         while the profiler has spent its ``profile_share`` of GPU time (:mod:`.profile_budget`)."""
         now = self.cache._now() if now is None else now
         self.expire(now)
-        if self.cache.policy is None or not self.cache.policy.uses_quality:
-            return
-        if not self.cache.sync.from_rank0(float(self.budget.allows_job()))[0]:  # rank 0's clock decides for all
+        if not self._may_make_jobs(idle):
             return
         t, s = self.cache.table, self.cache.settings
         busy = {j.node for j in self.jobs.values()}
@@ -98,6 +97,17 @@ class ProfileStaging(ProfileCopies):
                     continue
                 want -= 1
                 busy.add(key)
+
+    def _may_make_jobs(self, idle: bool) -> bool:
+        """Whether jobs may be made now, alike on every TP rank: this rank is ``idle`` (no
+        request waits) under a policy that reads qualities, on every rank, and rank 0's
+        budget allows one (its clock and charges decide for all). One collective, reached
+        by every rank on every request for jobs, whatever its own answer."""
+        prefill_timer.poll()  # the job's last batches are charged before the budget is asked
+        here = idle and self.cache.policy is not None and self.cache.policy.uses_quality
+        (budget,), (everyone,) = self.cache.sync.agree(bcast=[float(here and self.budget.allows_job())],
+                                                       mins=[float(here)])
+        return budget > 0 and everyone > 0
 
     def prepare_for(self, node_id: int) -> Job | None:
         """A job for one context now (the admin trigger), or None with :attr:`refusal` saying why."""

@@ -102,6 +102,12 @@ class CostModel:
         return cls(**json.loads(text))
 
 
+#: no forward pass is shorter: a time below it is a measurement error, and one would pull the bound to 0
+MIN_BATCH_S = 1e-5
+#: request counts up to this are classes of their own (see :class:`PrefillFit`)
+EXACT_REQUESTS = 8
+
+
 class PrefillFit:
     """The marginal prefill cost per token, learnt from the server's recent prefill batches.
 
@@ -120,7 +126,9 @@ class PrefillFit:
     and the policy kept its 27 us/token prior, 40x the real cost, storing every context it
     should have dropped (``bench/results/2026-12-02-profiler-pressure-after-split``).
     So the recent ``window`` batches are grouped by size class (log2 of tokens) *within*
-    request-count classes (log2 of requests), each group is represented by a low quantile
+    request-count classes (the exact count up to ``EXACT_REQUESTS``, log2 above: with 4-7
+    requests in one class, batches of more requests also have more tokens, and their
+    per-request cost became a slope 12x the real one in a review's simulation), each group is represented by a low quantile
     of its times and of its sizes (a batch of that size when nothing slowed it), and the slope is the median
     of the slopes between groups of equal request counts (Theil-Sen). Two guards keep it
     sane: it never exceeds :meth:`bound` (overhead is not negative, so seconds / tokens of
@@ -139,7 +147,7 @@ class PrefillFit:
         self._fit: tuple[float | None, float | None] = (None, None)
 
     def add(self, tokens: int, seconds: float, requests: int = 1) -> None:
-        if tokens <= 0 or not 0 < seconds < math.inf:
+        if tokens <= 0 or not MIN_BATCH_S <= seconds < math.inf:  # no forward pass takes less
             return
         self.obs.append((int(tokens), max(1, int(requests)), float(seconds)))
         self._since_fit += 1
@@ -153,8 +161,9 @@ class PrefillFit:
         a = np.array(self.obs, dtype=np.float64)
         tokens, requests, seconds = a[:, 0], a[:, 1], a[:, 2]
         size_class = np.floor(np.log2(tokens)).astype(np.int64)
-        request_class = np.floor(np.log2(requests)).astype(np.int64)
-        keys = request_class * 64 + size_class
+        request_class = np.where(requests <= EXACT_REQUESTS, requests,
+                                 EXACT_REQUESTS + np.floor(np.log2(np.maximum(requests, 1)))).astype(np.int64)
+        keys = request_class * 64 + size_class  # size classes < 64: tokens < 2**64
         out = []
         for key in np.unique(keys):
             members = keys == key
