@@ -110,3 +110,14 @@ def test_the_script_end_to_end_against_a_stand_in_server(tmp_path, monkeypatch):
     # the arguments of another workload are refused, not summarised against the wrong requests
     other = [a if a != "1.5" else "2" for a in argv]
     assert pp.main(other + ["--summarise"]) == 2
+
+
+def test_ttft_by_minute_shows_when_a_tail_happened():
+    fast = [{"ttft_s": 0.05, "sent_s": t} for t in range(0, 120, 2)]
+    stall = [{"ttft_s": 0.9, "sent_s": 61.0}, {"ttft_s": 0.4, "sent_s": 62.0}, {"error": "x", "sent_s": 63.0}]
+    windows = pp.ttft_windows(fast + stall)
+    assert [w["from_s"] for w in windows] == [0.0, 60.0]
+    first, second = windows
+    assert first == {"from_s": 0.0, "requests": 30, "p50_s": 0.05, "p99_s": 0.05, "max_s": 0.05, "over_200ms": 0}
+    assert second["requests"] == 32 and second["over_200ms"] == 2 and second["max_s"] == 0.9
+    assert second["p99_s"] == 0.9 and second["p50_s"] == 0.05

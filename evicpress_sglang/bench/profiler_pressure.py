@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -147,7 +148,8 @@ def run_summary(record: dict, reqs: list, min_tokens: int = Settings.profile_min
             "tainted_per_staged": prof.get("variants_tainted", 0) / staged if staged else None,
             "ttft_p50_s": ttft["ttft_s"]["p50"], "ttft_mean_s": ttft["ttft_s"]["mean"], "ttft_p99_s": ttft["ttft_s"]["p99"],
             "errors": ttft["errors"], "requests": ttft["requests"], **hit_split(record["results"]),
-            **policy_sample(status), "final": profiler_sample(prof)}
+            **policy_sample(status), "ttft_by_minute": ttft_windows(record["results"]),
+            "final": profiler_sample(prof)}
 
 
 def hit_split(results: list[dict]) -> dict:
@@ -162,6 +164,22 @@ def hit_split(results: list[dict]) -> dict:
             "over_90pct_cached": len(hits), "under_10pct_cached": len(misses),
             "ttft_p50_s_over_90pct_cached": statistics.median(hits) if hits else None,
             "ttft_p50_s_under_10pct_cached": statistics.median(misses) if misses else None}
+
+
+def ttft_windows(results: list[dict], window_s: float = 60.0) -> list[dict]:
+    """User TTFT per ``window_s`` of the replay (by send time): when a tail happened, e.g.
+    a burst of profile jobs or one stall, which a run's p99 alone does not say."""
+    by: dict[int, list[float]] = {}
+    for r in results:
+        if "ttft_s" in r and r.get("sent_s") is not None:
+            by.setdefault(int(r["sent_s"] // window_s), []).append(r["ttft_s"])
+    out = []
+    for w in sorted(by):
+        v = sorted(by[w])
+        out.append({"from_s": w * window_s, "requests": len(v), "p50_s": statistics.median(v),
+                    "p99_s": v[max(0, math.ceil(0.99 * len(v)) - 1)], "max_s": v[-1],
+                    "over_200ms": sum(x > 0.2 for x in v)})
+    return out
 
 
 def compare(runs: dict[str, dict]) -> dict:
@@ -209,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         ran = json.loads(before.read_text()).get("command") if before.exists() else None
         summary |= {"command": ran, "summarised_by": command}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({spec: {k: v for k, v in r.items() if k not in ("samples", "final")} for spec, r in runs.items()}
+    print(json.dumps({spec: {k: v for k, v in r.items() if k not in ("samples", "final", "ttft_by_minute")}
+                      for spec, r in runs.items()}
                      | compare(runs), indent=1))
     return 0
