@@ -122,14 +122,15 @@ class PrefillFit:
       batch's time grows with its *requests* as much as with its tokens: the profiler's
       16 short questions in one batch take longer than one 2k-token document.
 
-    A least-squares fit through that came out at zero or below for whole runs on SmolLM2,
+    A least-squares fit through that found no positive slope for whole runs on SmolLM2,
     and the policy kept its 27 us/token prior, 40x the real cost, storing every context it
     should have dropped (``bench/results/2026-12-02-profiler-pressure-after-split``).
     So the recent ``window`` batches are grouped by size class (log2 of tokens) *within*
     request-count classes (the exact count up to ``EXACT_REQUESTS``, log2 above: with 4-7
     requests in one class, batches of more requests also have more tokens, and their
-    per-request cost became a slope 12x the real one in a review's simulation), each group is represented by a low quantile
-    of its times and of its sizes (a batch of that size when nothing slowed it), and the slope is the median
+    per-request cost became a slope 12x the real one in a review's simulation), each group
+    is represented by a low quantile of its times and of its sizes (a batch of that size
+    when nothing slowed it), and the slope is the median
     of the slopes between groups of equal request counts (Theil-Sen). Two guards keep it
     sane: it never exceeds :meth:`bound` (overhead is not negative, so seconds / tokens of
     any group is at least the slope), and never falls below ``floor_share`` of that bound
