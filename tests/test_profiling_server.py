@@ -378,6 +378,27 @@ def test_the_budget_keeps_the_profilers_gpu_time_within_its_share():
                                "balance_s": 0.0, "refused_jobs": 3}
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_over_an_hour_the_profiler_uses_its_share_and_no_more(seed):
+    """A profiler that asks for a job whenever it is free, jobs of random GPU cost at random
+    times: what it is charged stays within share x elapsed + the bank + one job, and it is
+    not starved (it gets at least share x elapsed - one job)."""
+    import random
+
+    rng = random.Random(seed)
+    clock = [0.0]
+    budget = ProfileBudget(lambda: 0.05, lambda: True, clock=lambda: clock[0])
+    biggest = 0.0
+    while clock[0] < 3600.0:
+        clock[0] += rng.uniform(0.1, 5.0)  # the profiler's poll, or a job's wall time
+        if budget.allows_job():
+            cost = rng.uniform(0.01, 2.0)
+            biggest = max(biggest, cost)
+            budget.charge(cost)
+            assert budget.charged_s <= 0.05 * (clock[0] + BANK_S) + biggest
+    assert budget.charged_s >= 0.05 * clock[0] - biggest
+
+
 def _batch(rids: list[str], extend_lens: list[int] | None = None):
     from types import SimpleNamespace
 
