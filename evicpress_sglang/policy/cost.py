@@ -128,7 +128,7 @@ class PrefillFit:
     So the recent ``window`` batches are grouped by size class (log2 of tokens) *within*
     request-count classes (the exact count up to ``EXACT_REQUESTS``, log2 above: with 4-7
     requests in one class, batches of more requests also have more tokens, and their
-    per-request cost became a slope 12x the real one in a review's simulation), each group
+    per-request cost would become slope), each group
     is represented by a low quantile of its times and of its sizes (a batch of that size
     when nothing slowed it), and the slope is the median
     of the slopes between groups of equal request counts (Theil-Sen). Two guards keep it
