@@ -54,6 +54,30 @@ def test_expected_keeps_what_the_mean_query_attends_to_and_drops_the_rest(qmodel
     assert len(kept) == 6 and set(loud) <= set(kept) and not set(opposed) & set(kept)
 
 
+def test_expected_keeps_a_token_that_one_head_needs_even_if_the_others_do_not(qmodel, scores_only, monkeypatch):
+    """Head 0's mean query points along u, the other heads' along w (orthogonal to it); the
+    ``needed`` tokens' keys lie along u in head 0 and against w in the others: head 0 attends to
+    them above all, the others less than to the rest. Averaged over heads they would score below
+    the median and be dropped; taking each layer's best head keeps them."""
+    from evicpress_sglang.codecs import drop
+
+    heads, tokens, needed = 4, 60, [6, 25, 41]
+    u, w = torch.eye(DIM)[0], torch.eye(DIM)[1]
+    qmodel(_model(heads=heads, mean=torch.stack([8 * u] + [8 * w] * (heads - 1))))
+    g = torch.Generator().manual_seed(5)
+    k, v = 0.1 * torch.randn(LAYERS, tokens, heads, DIM, generator=g), torch.ones(LAYERS, tokens, heads, DIM)
+    k[:, needed, 0] += 2 * u
+    k[:, needed, 1:] -= 0.5 * w
+    kept = _kept("expected:0.5", k, v)
+    assert len(kept) == 30 and set(needed) <= set(kept)
+
+    averaged = drop._standardised
+    monkeypatch.setattr(drop, "_standardised", lambda score, head_max=False: averaged(score))
+    kv = drop.ContextKV(k, lambda: v, torch.arange(tokens))
+    by_mean = drop.SELECTORS["expected"](0.5).score(kv)
+    assert (by_mean[needed] < by_mean.median()).all()
+
+
 def test_expected_weighs_tokens_by_value_norm(qmodel, scores_only):
     qmodel(_model())  # zero mean: the attention term is nearly flat, values decide
     k, v = _kv()
@@ -239,7 +263,7 @@ def _expected_reference(kv, future=256):
     logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
     logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
     expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
-    return _standardised(expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log())
+    return _standardised(expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log(), head_max=True)
 
 
 def test_expected_scores_with_one_projection_what_the_formula_gives(qmodel):

@@ -109,12 +109,15 @@ class ScoredSelector(TokenSelector):
         """float32 [tokens], on the keys' device (a fresh tensor): higher is kept first."""
 
 
-def _standardised(score: torch.Tensor) -> torch.Tensor:
-    """[layers, tokens, heads] scores -> one per token, each (layer, head) weighted alike."""
+def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
+    """[layers, tokens, heads] scores -> one per token: each (layer, head) standardised over the
+    tokens, then averaged over heads (``head_max``: the best head of each layer taken instead),
+    then over layers, so that no single layer or head decides alone."""
     score = score.float()
     mean = score.mean(dim=1, keepdim=True)
     std = score.std(dim=1, keepdim=True).clamp_min(1e-6) if score.shape[1] > 1 else torch.ones_like(mean)
-    return ((score - mean) / std).mean(dim=(0, 2))
+    z = (score - mean) / std
+    return (z.amax(dim=2) if head_max else z.mean(dim=2)).mean(dim=0)
 
 
 class KNormSelector(ScoredSelector):
@@ -170,7 +173,13 @@ class ExpectedAttentionSelector(ScoredSelector):
     ``k @ [mu / sqrt(d) | R / sqrt(2d)]`` with ``S = R R^T`` (:func:`.queries.cov_root_on`), the
     logit its first column plus the squared norm of the rest; no float32 copy of K or V is made.
     The KV of a context is read about three times instead of a dozen (issue 24: the selector's
-    cost against a prefill)."""
+    cost against a prefill).
+
+    The per-head scores are combined with the best KV head of each layer, not the mean: the
+    one slot a token gets serves every head, and a token one head attends to strongly is what
+    that head reads for every later query, whatever the other heads think of it. The mean let
+    the indifferent heads outvote it (``bench/selector_quality.py``: F1 +0.025 +- 0.022 on the
+    CPU proxy, `bench/results/2026-12-02-selector-cpu/`; the GPU runs are in issue 24's results)."""
 
     name = "expected"
     FUTURE = 256
@@ -189,7 +198,7 @@ class ExpectedAttentionSelector(ScoredSelector):
         # mode replaces log_softmax with a batch-invariant one that only supports that dimension
         expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
         value = torch.linalg.vector_norm(kv.values(), dim=-1, dtype=torch.float32)
-        return _standardised(expected + value.clamp_min(1e-6).log())
+        return _standardised(expected + value.clamp_min(1e-6).log(), head_max=True)
 
 
 class ReconstructionSelector(ScoredSelector):

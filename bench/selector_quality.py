@@ -1,28 +1,31 @@
-"""CPU proxy for issue 24's selector-quality bench: answer agreement after token dropping.
+"""Selector-quality harness for issue 24: answer agreement after token dropping, without a server.
 
 What it measures: for each docqa document, the shared document prefix (the tokens of
 ``text + "\\n\\nQuestion:"``, what SGLang's radix tree stores once for every question on that
-document) is prefilled once with Hugging Face transformers on the CPU (float32, SmolLM2-135M
-real weights). Its post-RoPE keys and values become a :class:`ContextKV` of shape
-[layers, tokens, kv_heads, head_dim]; a selector (ours from ``drop.py`` or a variant defined
-here) picks the token indices to keep, one choice shared by all layers and heads as in
-SGLang's pool; the cache is cut to those entries in every layer; the question suffix is
-prefilled with positions that continue the ORIGINAL prefix length (kept keys keep their
-rotations), attending to every kept entry, and 16 tokens are decoded greedily. The answer is
-scored against the full-KV answer (same procedure, nothing dropped): mean token F1
-(``profiler.scores.token_f1``), share of identical answers, and fact accuracy (the planted
+document) is prefilled once with Hugging Face transformers (SmolLM2-135M real weights; CPU and
+float32 by default, ``--device cuda --dtype bfloat16`` on the GPU machine). Its post-RoPE keys and
+values become a :class:`ContextKV` of shape [layers, tokens, kv_heads, head_dim]; a selector (ours
+from ``drop.py``, a variant or an oracle defined here) picks the token indices to keep, one choice
+shared by all layers and heads as in SGLang's pool; the cache is cut to those entries in every
+layer; the question suffix is prefilled with positions that continue the ORIGINAL prefix length
+(kept keys keep their rotations), attending to every kept entry, and 16 tokens are decoded
+greedily. The answer is scored against the full-KV answer (same procedure, nothing dropped): mean
+token F1 (``profiler.scores.token_f1``), share of identical answers, and fact accuracy (the planted
 5-digit code is a substring of the answer).
 
 How it differs from the GPU bench (``bench/run.py`` on SGLang): no server, no radix tree, no
 eviction timing or memory pressure: every document prefix is dropped, exactly once, with the
-full question suffix kept (the GPU run drops only the nodes evicted under pressure, and
-~45% of prompt tokens were reused there); documents are short (3-6k characters) so a 2-core
-CPU can run it; float32 HF attention instead of SGLang's bf16 deterministic kernels; duplicate
-prompts are served once; fewer requests. Absolute F1 is therefore not comparable with the GPU
-numbers; rankings and deltas between selectors are what it is for.
+full question suffix kept (the bench drops only the nodes evicted under pressure, and ~45% of
+prompt tokens were reused there); HF attention instead of SGLang's deterministic kernels;
+duplicate prompts are served once. Absolute F1 is therefore lower than the bench's; rankings and
+deltas between selectors are what it is for.
 
 Variant selectors (``v:<base>,key=value,...``, see :class:`VariantSelector`) are defined here
-so that drop.py stays untouched while selector designs are compared.
+so that drop.py stays untouched while selector designs are compared. Their base may also be an
+*oracle* that runs the model, which no selector at eviction time can (:data:`ORACLES`):
+``repeat`` is KVzip itself (the attention a teacher-forced repeat of the context pays each token:
+what ``drop.py``'s ``kvzip`` approximates from the keys alone), ``question`` and ``answer`` score
+each question's own attention (a query-aware ceiling for a selection shared by every head).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,13 +55,29 @@ QUESTION_MARK = "\n\nQuestion:"
 # variant selectors
 
 
+#: Bases that run the model (see the module docstring); ``question`` and ``answer`` select per question.
+ORACLES = ("repeat", "question", "answer")
+PER_QUESTION = ("question", "answer")
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+
+
+@dataclass
+class HarnessKV(ContextKV):
+    """A :class:`ContextKV` that can also ask the model for an oracle's attention scores."""
+
+    oracle: Callable[[str], torch.Tensor] | None = None  # base -> [layers, tokens, kv_heads]
+
+
 def raw_scores(base: str, kv: ContextKV) -> torch.Tensor:
     """[layers, tokens, heads] per-(layer, head) scores of selector ``base`` (higher = keep),
     before drop.py's standardised aggregation: the selector's own ``score`` is run with
-    ``drop._standardised`` swapped for the identity (so the scoring code is drop.py's own)."""
+    ``drop._standardised`` swapped for the identity (so the scoring code is drop.py's own).
+    An oracle's score is the log of the most attention any of its queries pays the token."""
+    if base in ORACLES:
+        return kv.oracle(base).clamp_min(1e-12).log()
     selector = drop.SELECTORS[base](0.5)
     saved = drop._standardised
-    drop._standardised = lambda s: s.float()
+    drop._standardised = lambda s, head_max=False: s.float()
     try:
         return selector.score(kv)
     finally:
@@ -183,9 +203,10 @@ class VariantSelector(ScoredSelector):
 
 
 def make_selector(text: str, ratio: float) -> TokenSelector:
-    """``keydiff`` (drop.py's) or ``v:keydiff,pool=max7,sinks=4`` (a :class:`VariantSelector`)."""
-    if text.startswith("v:"):
-        return VariantSelector(ratio, VariantSpec.parse(text[2:]), text)
+    """``keydiff`` (drop.py's), ``v:keydiff,pool=max7,sinks=4`` (a :class:`VariantSelector`) or
+    an oracle's name (``repeat``: a variant of it with the defaults)."""
+    if text.startswith("v:") or text in ORACLES:
+        return VariantSelector(ratio, VariantSpec.parse(text.removeprefix("v:")), text)
     selector = parse_selector(f"{text}:{ratio}")
     if selector is None:
         raise SystemExit(f"unknown selector {text!r}")
@@ -205,23 +226,72 @@ class Doc:
     fact_tokens: list[int] = field(default_factory=list)  # ... of the whole planted sentence
     k: torch.Tensor | None = None  # [layers, tokens, heads, d]
     v: torch.Tensor | None = None
+    repeat: torch.Tensor | None = None  # the ``repeat`` oracle's scores, once computed
 
 
 class Runner:
-    def __init__(self, max_new: int, attn: str) -> None:
+    #: Query tokens per forward when an oracle's attention is read (bounds the attention maps kept).
+    ORACLE_CHUNK = 1024
+
+    def __init__(self, max_new: int, attn: str, device: str = "cpu", dtype: str = "float32") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = prepare_model()
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.tok = AutoTokenizer.from_pretrained(self.model_dir)
-        self.lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32,
-                                                       attn_implementation=attn).eval()
+        self.lm = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype,
+                                                       attn_implementation=attn).to(self.device).eval()
+        self._eager = None  # the same weights with eager attention, which returns attention maps
         self.max_new = max_new
         self.eos = self.tok.eos_token_id
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], device=self.device)
+
+    def _cache(self, k: torch.Tensor, v: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(k.shape[0]):
+            cache.update(k[layer].transpose(0, 1)[None], v[layer].transpose(0, 1)[None], layer)
+        return cache
+
+    def _mask(self, q: int, seen: int) -> torch.Tensor:
+        """[1, 1, q, seen + q] additive mask: every one of ``seen`` cache entries, causal after."""
+        mask = torch.zeros(1, 1, q, seen + q, device=self.device, dtype=self.dtype)
+        mask[0, 0, :, seen:] = torch.triu(torch.full((q, q), -math.inf, device=self.device,
+                                                     dtype=self.dtype), diagonal=1)
+        return mask
+
+    @torch.inference_mode()
+    def attention_to_prefix(self, k: torch.Tensor, v: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """[layers, tokens, kv_heads]: the most attention any query of ``ids`` (fed after the
+        whole prefix ``k``/``v``, teacher-forced) or any query head of a KV head's group pays each
+        prefix token. KVzip's score when ``ids`` repeat the context."""
+        from transformers import AutoModelForCausalLM
+
+        if self._eager is None:
+            self._eager = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=self.dtype, attn_implementation="eager").to(self.device).eval()
+        layers, tokens, kv_heads, _ = k.shape
+        cache, best = self._cache(k, v), torch.zeros(layers, kv_heads, tokens, device=self.device)
+        for at in range(0, len(ids), self.ORACLE_CHUNK):
+            chunk = ids[at: at + self.ORACLE_CHUNK]
+            out = self._eager(self._ids(chunk), past_key_values=cache, use_cache=True,
+                              position_ids=torch.arange(tokens + at, tokens + at + len(chunk),
+                                                        device=self.device)[None],
+                              attention_mask=self._mask(len(chunk), tokens + at), output_attentions=True,
+                              logits_to_keep=1)
+            for layer, attn in enumerate(out.attentions):  # [1, heads, q, seen + q]
+                a = attn[0, :, :, :tokens].float()
+                a = a.view(kv_heads, -1, len(chunk), tokens).amax(dim=(1, 2))
+                best[layer] = torch.maximum(best[layer], a)
+        return best.transpose(1, 2).contiguous()
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [layers, tokens, kv_heads, d] of ``ids`` (post-RoPE keys, as in the pool)."""
-        out = self.lm(torch.tensor([ids]), use_cache=True)
+        out = self.lm(self._ids(ids), use_cache=True)
         cache = out.past_key_values
         ks = [layer.keys[0].transpose(0, 1) for layer in cache.layers]
         vs = [layer.values[0].transpose(0, 1) for layer in cache.layers]
@@ -231,22 +301,15 @@ class Runner:
     def answer(self, k: torch.Tensor, v: torch.Tensor, start: int, suffix: list[int]) -> list[int]:
         """Greedy answer after the suffix, with cache entries ``k``/``v`` [L, kept, H, d] standing
         for a context of ``start`` tokens (the suffix's positions start there)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer in range(k.shape[0]):
-            cache.update(k[layer].transpose(0, 1)[None], v[layer].transpose(0, 1)[None], layer)
+        cache = self._cache(k, v)
         kept = k.shape[1]
         ids, pos, out = suffix, start, []
         for _ in range(self.max_new + 1):
             q = len(ids)
-            total = kept + q
-            mask = torch.zeros(1, 1, q, total)
-            mask[0, 0, :, kept:] = torch.triu(torch.full((q, q), -math.inf), diagonal=1)
-            logits = self.lm(torch.tensor([ids]), past_key_values=cache, use_cache=True,
-                             position_ids=torch.arange(pos, pos + q)[None], attention_mask=mask,
-                             logits_to_keep=1).logits
-            kept, pos = total, pos + q
+            logits = self.lm(self._ids(ids), past_key_values=cache, use_cache=True,
+                             position_ids=torch.arange(pos, pos + q, device=self.device)[None],
+                             attention_mask=self._mask(q, kept), logits_to_keep=1).logits
+            kept, pos = kept + q, pos + q
             nxt = int(logits[0, -1].argmax())
             if nxt == self.eos or len(out) == self.max_new:
                 break
@@ -261,7 +324,7 @@ class Runner:
         past = None
         cur = ids
         for _ in range(self.max_new + 1):
-            res = self.lm(torch.tensor([cur]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            res = self.lm(self._ids(cur), past_key_values=past, use_cache=True, logits_to_keep=1)
             past = res.past_key_values
             nxt = int(res.logits[0, -1].argmax())
             if nxt == self.eos or len(out) == self.max_new:
@@ -301,7 +364,21 @@ def build_docs(runner: Runner, args: argparse.Namespace) -> list[Doc]:
     return docs
 
 
-def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, refs: dict) -> dict:
+def oracle_scores(runner: Runner, doc: Doc, base: str, qi: int, ref_ids: dict) -> torch.Tensor:
+    """[layers, tokens, kv_heads] attention of oracle ``base`` over ``doc``'s prefix (``repeat``
+    cached per document: it does not depend on the question)."""
+    if base == "repeat":
+        if doc.repeat is None:
+            again = runner.tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"] + doc.prefix
+            doc.repeat = runner.attention_to_prefix(doc.k, doc.v, again)
+        return doc.repeat
+    suffix = doc.questions[qi][1]
+    ids = suffix + ref_ids[(doc.name, qi)] if base == "answer" else suffix
+    return runner.attention_to_prefix(doc.k, doc.v, ids)
+
+
+def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, refs: dict,
+             ref_ids: dict) -> dict:
     """Scores of one selector (None: keep-all through the pruned path) against ``refs``."""
     f1s, same, facts, n_fact, kept_share = [], 0, 0, 0, []
     code_kept: list[float] = []
@@ -309,13 +386,17 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
     t_sel = 0.0
     t0 = time.perf_counter()
     answers = []
-    for doc in docs:
+    per_question = isinstance(selector, VariantSelector) and selector.spec.base in PER_QUESTION
+
+    def select(doc: Doc, qi: int) -> torch.Tensor:
+        nonlocal t_sel
         tokens = doc.k.shape[1]
         t1 = time.perf_counter()
         if selector is None:
-            idx = torch.arange(tokens)
+            idx = torch.arange(tokens, device=doc.k.device)
         else:
-            kv = ContextKV(doc.k, lambda d=doc: d.v, torch.arange(tokens), 0)
+            kv = HarnessKV(doc.k, lambda: doc.v, torch.arange(tokens, device=doc.k.device), 0,
+                           oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
         kept_share.append(idx.numel() / tokens)
@@ -323,9 +404,14 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
         if doc.code_tokens:
             code_kept.append(sum(i in kept_set for i in doc.code_tokens) / len(doc.code_tokens))
             sentence_kept.append(sum(i in kept_set for i in doc.fact_tokens) / len(doc.fact_tokens))
-        k, v = doc.k[:, idx], doc.v[:, idx]
+        return idx
+
+    for doc in docs:
+        tokens = doc.k.shape[1]
+        idx = None if per_question else select(doc, 0)
         for qi, (prompt, suffix, truth) in enumerate(doc.questions):
-            ans = runner.text(runner.answer(k, v, tokens, suffix))
+            pick = select(doc, qi) if per_question else idx
+            ans = runner.text(runner.answer(doc.k[:, pick], doc.v[:, pick], tokens, suffix))
             ref = refs[(doc.name, qi)]
             f1s.append(token_f1(ans, ref))
             same += int(ans == ref)
@@ -355,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                         "a trailing @RATIO runs that one at RATIO only")
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU machine")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model's and the KV's dtype (SGLang's pool holds bfloat16)")
     p.add_argument("--query-model", default="/tmp/evicpress_cpu_qm.pt",
                    help="query model for expected/kvzip (measured here on CPU if the file is missing)")
     p.add_argument("--sanity", action="store_true", help="also check keep-all and one-shot answers against the reference")
@@ -376,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"query model measured in {time.perf_counter() - t:.1f}s -> {path}", flush=True)
         queries.use(path)
 
-    runner = Runner(args.max_new, args.attn)
+    runner = Runner(args.max_new, args.attn, args.device, args.dtype)
     docs = build_docs(runner, args)
     t = time.perf_counter()
     for doc in docs:
@@ -387,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(len(d.prefix) for d in docs)}; prefill {prefill_s:.1f}s", flush=True)
 
     t = time.perf_counter()
-    refs, ref_rows = {}, []
+    refs, ref_ids, ref_rows = {}, {}, []
     for doc in docs:
         for qi, (prompt, suffix, truth) in enumerate(doc.questions):
-            refs[(doc.name, qi)] = runner.text(runner.answer(doc.k, doc.v, len(doc.prefix), suffix))
+            ref_ids[(doc.name, qi)] = runner.answer(doc.k, doc.v, len(doc.prefix), suffix)
+            refs[(doc.name, qi)] = runner.text(ref_ids[(doc.name, qi)])
             ref_rows.append({"doc": doc.name, "q": qi, "prompt_tail": prompt[-120:], "truth": truth,
                              "prefix_tokens": len(doc.prefix), "suffix_tokens": len(suffix),
                              "answer": refs[(doc.name, qi)]})
@@ -403,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference answers in {ref_s:.1f}s; full-KV fact accuracy {result['reference_fact_acc']:.2f}", flush=True)
 
     if args.sanity:
-        keep_all = evaluate(runner, docs, None, refs)
+        keep_all = evaluate(runner, docs, None, refs, ref_ids)
         t = time.perf_counter()
         # one question per document: a whole-prompt prefill costs as much as the document's
         one = [runner.text(runner.one_shot(doc.prefix + doc.questions[0][1])) == refs[(doc.name, 0)]
@@ -419,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in ratios for s in selectors if "@" not in s or r == ratios[0]]
     plan.sort(key=lambda sr: sr[1], reverse=True)
     for s, ratio in plan:
-        row = evaluate(runner, docs, make_selector(s, ratio), refs)
+        row = evaluate(runner, docs, make_selector(s, ratio), refs, ref_ids)
         row.update(selector=s, ratio=ratio)
         result["runs"].append(row)
         print(f"{s:60s} {ratio:.2f}  F1 {row['f1']:.3f}  identical {row['identical']:.2f}  "
