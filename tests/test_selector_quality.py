@@ -1,0 +1,81 @@
+"""The selector-quality harness's oracles (``bench/selector_quality.py``) read the attention they
+claim to read: issue 24's 'what the approximation loses' rests on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def harness():
+    path = Path(__file__).resolve().parents[1] / "bench" / "selector_quality.py"
+    spec = importlib.util.spec_from_file_location("selector_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def runner(harness, smollm2_dir):
+    return harness.Runner(max_new=4, attn="sdpa")
+
+
+def test_repeat_oracle_is_the_attention_of_a_one_shot_forward_in_any_chunking(harness, runner):
+    """The max over the repeat's queries and each KV head's query heads of the attention paid to
+    every prefix token equals what one eager forward of prefix + repeat gives, however the
+    repeat is cut into chunks (positions and masks continue across chunks)."""
+    ids = runner.tok("Alpha beta gamma delta. The access code is 48213. " * 6)["input_ids"]
+    k, v = runner.prefill(ids)
+    again = runner.tok(harness.REPEAT_PROMPT, add_special_tokens=False)["input_ids"] + ids
+    whole = runner.attention_to_prefix(k, v, again)
+    runner.ORACLE_CHUNK = 5
+    try:
+        chunked = runner.attention_to_prefix(k, v, again)
+    finally:
+        del runner.ORACLE_CHUNK
+    with torch.inference_mode():
+        out = runner._eager(torch.tensor([ids + again]), output_attentions=True)
+    tokens, kv_heads = len(ids), k.shape[2]
+    direct = torch.stack([a[0, :, tokens:, :tokens].reshape(kv_heads, -1, tokens).amax(dim=1)
+                          for a in out.attentions]).transpose(1, 2)
+    assert whole.shape == (k.shape[0], tokens, kv_heads)
+    torch.testing.assert_close(whole, direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, direct, atol=1e-5, rtol=0)
+    assert 0 < whole.min() and whole.max() <= 1 + 1e-6
+
+
+def test_question_oracle_selects_for_each_question_and_drop_selectors_once_per_document(harness, runner):
+    """A per-question oracle keeps different tokens for different questions; a drop.py
+    selector chooses once per document. Keep-all through the pruned path answers as full KV."""
+    text = ("The red house stands on the hill. The access code for document 1 is 48213. "
+            "Bananas are yellow and grow in bunches. ") * 8
+    prefix = runner.tok(text + harness.QUESTION_MARK)["input_ids"]
+    doc = harness.Doc("doc1", prefix)
+    for q in (" What is the access code?", " What colour are bananas?"):
+        doc.questions.append((text + harness.QUESTION_MARK + q, runner.tok(q, add_special_tokens=False)["input_ids"], None))
+    doc.k, doc.v = runner.prefill(prefix)
+    ref_ids = {(doc.name, qi): runner.answer(doc.k, doc.v, len(prefix), s) for qi, (_, s, _) in enumerate(doc.questions)}
+    refs = {key: runner.text(ids) for key, ids in ref_ids.items()}
+
+    assert harness.evaluate(runner, [doc], None, refs, ref_ids)["identical"] == 1.0
+    kept_sets = []
+    selector = harness.make_selector("question", 0.7)
+    real_select = selector.select
+    selector.select = lambda kv: kept_sets.append(set(real_select(kv).tolist())) or real_select(kv)
+    harness.evaluate(runner, [doc], selector, refs, ref_ids)
+    assert len(kept_sets) == 2 and kept_sets[0] != kept_sets[1]
+    assert all(len(s) == len(prefix) - int(0.7 * len(prefix)) for s in kept_sets)
+
+    calls = []
+    once = harness.make_selector("keydiff", 0.7)
+    real_once = once.select
+    once.select = lambda kv: calls.append(1) or real_once(kv)
+    harness.evaluate(runner, [doc], once, refs, ref_ids)
+    assert len(calls) == 1
