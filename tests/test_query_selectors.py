@@ -200,6 +200,32 @@ def test_selectors_take_softmax_along_the_last_dimension_only(qmodel, monkeypatc
     assert _kept(name, k, v) == free
 
 
+@pytest.mark.parametrize("name", ["expected:0.5", "kvzip:0.5", "keydiff:0.5", "knorm:0.5", "streaming:0.5"])
+def test_no_selector_runs_an_op_that_deterministic_mode_compiles_per_context_length(qmodel, name):
+    """SGLang's --enable-deterministic-inference replaces aten's log_softmax with a Triton kernel
+    whose row length is a compile-time constant (``batch_invariant_ops._log_softmax_kernel``,
+    ``n_cols: tl.constexpr``): a selector calling it compiles once per new context length, on the
+    scheduler thread (seconds of queued requests in issue 24's GPU run). The ops it replaces with
+    kernels that take sizes at run time (mm, bmm, mean) are fine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qmodel(_model(mean=torch.randn(DIM)))
+    k, v = _kv(100)
+    with Ops() as ops:
+        kept = _kept(name, k, v)
+    assert len(kept) < 100 and ("topk" in ops.seen or name.startswith("streaming"))
+    assert "_log_softmax" not in ops.seen and "log_softmax" not in ops.seen
+
+
 @pytest.mark.parametrize("name", ["expected:0.5", "kvzip:0.5"])
 def test_a_context_below_others_is_scored_at_its_place_in_the_sequence(qmodel, name):
     """A radix node that starts at token S of its sequence holds keys rotated to S + positions.

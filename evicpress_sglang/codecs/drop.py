@@ -114,9 +114,11 @@ def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
     tokens, then averaged over heads (``head_max``: the best head of each layer taken instead),
     then over layers, so that no single layer or head decides alone."""
     score = score.float()
-    mean = score.mean(dim=1, keepdim=True)
-    std = score.std(dim=1, keepdim=True).clamp_min(1e-6) if score.shape[1] > 1 else torch.ones_like(mean)
-    z = (score - mean) / std
+    if score.shape[1] > 1:
+        std, mean = torch.std_mean(score, dim=1, keepdim=True)
+        z = (score - mean) / std.clamp_min(1e-6)
+    else:
+        z = score - score
     return (z.amax(dim=2) if head_max else z.mean(dim=2)).mean(dim=0)
 
 
@@ -162,7 +164,13 @@ class StreamingSelector(TokenSelector):
 class ExpectedAttentionSelector(ScoredSelector):
     """Expected Attention (Devoto et al. 2025): a future query is Gaussian, N(mu, S); a token's
     expected attention logit is ``mu.k / sqrt(d) + k^T S k / (2d)``, softmaxed over the
-    context and weighted by the token's value norm (what it adds to the output).
+    context and weighted by the token's value norm (what it adds to the output). In log space
+    the softmax only shifts each (layer, head)'s logits by one constant, which the per-(layer,
+    head) standardisation of :func:`_standardised` removes again: it is not computed. (Under
+    SGLang's ``--enable-deterministic-inference`` it would be a batch-invariant Triton kernel
+    compiled for every new context length (``n_cols`` is a ``tl.constexpr``), on the scheduler
+    thread: in issue 24's GPU run of 2026-12-02 the first ``expected`` policy on a fresh server
+    queued requests for seconds while the same lengths later ran without delay.)
 
     ``mu`` and ``S`` come from the model's :class:`~.queries.QueryModel`, rotated by the mean
     RoPE rotation over the ``FUTURE`` positions after the context's last token: that is where
@@ -177,9 +185,12 @@ class ExpectedAttentionSelector(ScoredSelector):
 
     The per-head scores are combined with the best KV head of each layer, not the mean: the
     one slot a token gets serves every head, and a token one head attends to strongly is what
-    that head reads for every later query, whatever the other heads think of it. The mean let
-    the indifferent heads outvote it (``bench/selector_quality.py``: F1 +0.025 +- 0.022 on the
-    CPU proxy, `bench/results/2026-12-02-selector-cpu/`; the GPU runs are in issue 24's results)."""
+    that head reads for every later query, whatever the other heads think of it. For this
+    selector the change measured within noise (answer F1 -0.012 / +0.006 / +0.022 at 0.5 / 0.3
+    / 0.7 dropped on the SGLang bench, similar on the harness); for scores read from real
+    attention (KVzip's repeat, a question's own) it gained 0.01-0.04 at every ratio, each
+    gain within its own noise but six of six the same way
+    (``bench/results/2026-12-02-selector-oracles/``)."""
 
     name = "expected"
     FUTURE = 256
@@ -194,11 +205,8 @@ class ExpectedAttentionSelector(ScoredSelector):
         project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.k.dtype)
         y = torch.einsum("lthd,lhde->lthe", kv.k, project)  # [L, T, H, 1 + d]
         logit = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
-        # softmax over the context's tokens, taken along the last dimension: SGLang's deterministic
-        # mode replaces log_softmax with a batch-invariant one that only supports that dimension
-        expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
         value = torch.linalg.vector_norm(kv.values(), dim=-1, dtype=torch.float32)
-        return _standardised(expected + value.clamp_min(1e-6).log(), head_max=True)
+        return _standardised(logit + value.clamp_min(1e-6).log(), head_max=True)
 
 
 class ReconstructionSelector(ScoredSelector):
