@@ -129,11 +129,12 @@ def test_the_cache_compiles_its_stored_codecs_kernels_at_start_and_starts_if_tha
     from evicpress_sglang.settings import Settings
     from harness import make_params
 
-    asked = []
+    asked, selected = [], []
     monkeypatch.setattr(kv_io, "warm_up", lambda pool, codecs: asked.append(list(codecs)) or ["int8"])
-    settings = Settings(host_codecs=["bf16", "int8"], disk_codecs=[])
+    monkeypatch.setattr(kv_io, "warm_up_selectors", lambda pool, codecs: selected.append(list(codecs)) or [])
+    settings = Settings(host_codecs=["bf16", "int8", "keydiff:0.5+int8"], disk_codecs=[])
     EvicPressRadixCache(make_params(64), settings)
-    assert asked == [settings.stored_codecs]
+    assert asked == selected == [settings.stored_codecs]
 
     def broken(pool, codecs):
         raise RuntimeError("no compiler here")
@@ -161,6 +162,40 @@ def test_warm_up_gives_up_a_failing_kernel_and_still_compiles_the_others(monkeyp
         assert kv_io.warm_up(pool, ["bf16", "int8", "keydiff:0.5+int4"]) == ["bf16", "int4"]
     assert ran == ["bf16", "int4"] and kv_io._failed == {"int8"}
     assert sum("kernel path of int8 failed" in r.message for r in caplog.records) == 1
+
+
+def test_warm_up_runs_each_selector_once_at_both_lengths_without_touching_the_pool_or_the_rng(monkeypatch, caplog):
+    """Every dropping codec's selector runs on made-up KV of the pool's geometry, once per
+    selector and warm-up length (a multiple of 16 and not); a failing one is logged and the
+    others still run. The pool and the global RNG (SGLang's sampling) are left as they were."""
+    from evicpress_sglang.codecs import drop
+
+    pool, _ = pool_with_kv()
+    before_k = [b.clone() for b in pool.k_buffer]
+    calls = []
+    for name in ("keydiff", "knorm"):
+        cls = drop.SELECTORS[name]
+        real = cls.select
+
+        def select(self, kv, real=real):
+            calls.append((self.name, kv.k.shape, kv.k.dtype))
+            if self.name == "knorm":
+                raise RuntimeError("no kernel for knorm here")
+            return real(self, kv)
+
+        monkeypatch.setattr(cls, "select", select)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger=kv_io.__name__):
+        done = kv_io.warm_up_selectors(pool, ["bf16", "keydiff:0.5+int8", "keydiff:0.3", "knorm:0.5", "int4"])
+    layout = kv_io.pool_layout(pool)
+    assert done == ["keydiff"]
+    assert [c for c in calls if c[0] == "keydiff"] == [
+        ("keydiff", torch.Size([layout.layers, n, layout.heads, layout.head_dim]), layout.dtype)
+        for n in kv_io.WARM_SELECT_TOKENS]
+    assert sum("warming the knorm selector failed" in r.message for r in caplog.records) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before_k, pool.k_buffer))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert kv_io.WARM_SELECT_TOKENS[0] % 16 == 0 and kv_io.WARM_SELECT_TOKENS[1] % 16
 
 
 def test_kernels_are_compiled_once_for_every_count_and_slot_list():

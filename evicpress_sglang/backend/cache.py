@@ -195,22 +195,25 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         self.fingerprint = layout_fingerprint(model_name(), self.layout, self.page_size, *tp)
         self._published: OrderedDict[str, bool] = OrderedDict()
         self._reads_seen = 0  # remote reads the store's speed was learnt from (SharedContexts._observe_read)
-        self._warm_up_kernels(settings)
+        self._warm_up(settings)
         self._ready = True
         self._restore_from_disk()
         self._lookups = self.shared is not None or not self.sync.agree(mins=[not self.dormant])[1][0]
 
-    def _warm_up_kernels(self, settings: Settings) -> None:
-        """Compile the stored codecs' pool kernels at start (:func:`kv_io.warm_up`); a failure
-        here only leaves them to compile at first use (or to fall back, see kv_io)."""
+    def _warm_up(self, settings: Settings) -> None:
+        """Compile the stored codecs' pool kernels and run their token selectors once at start
+        (:func:`kv_io.warm_up`, :func:`kv_io.warm_up_selectors`); a failure here only leaves
+        them to compile at first use (or to fall back, see kv_io)."""
         try:
             warmed = kv_io.warm_up(self.kvpool, settings.stored_codecs)
+            selectors = kv_io.warm_up_selectors(self.kvpool, settings.stored_codecs)
         except Exception as e:  # noqa: BLE001 - start-up must not fail for a warm-up
             log.warning("evicpress: compiling the codec kernels at start failed (%s: %s); they compile at "
                         "first use", type(e).__name__, e)
             return
-        if warmed:
-            log.info("evicpress: codec kernels compiled for %s", ", ".join(warmed))
+        if warmed or selectors:
+            log.info("evicpress: codec kernels compiled for %s; selectors run for %s", ", ".join(warmed) or "none",
+                     ", ".join(selectors) or "none")
 
     def _measured_cost(self, settings: Settings) -> CostModel:
         """Decode rates, zstd speed and gain, host->GPU and disk bandwidth measured here at

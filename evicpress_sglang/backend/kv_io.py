@@ -171,6 +171,39 @@ def warm_up(pool, codecs: list[str]) -> list[str]:
     return done
 
 
+#: Context lengths the selectors are first run with: one a multiple of 16 and one not, since
+#: Triton specializes integer sizes on that (under SGLang's --enable-deterministic-inference,
+#: matmuls and means run as its Triton kernels).
+WARM_SELECT_TOKENS = (96, 97)
+
+
+def warm_up_selectors(pool, codecs: list[str]) -> list[str]:
+    """Run, now, the token selector of every dropping codec in ``codecs`` on made-up KV of the
+    pool's geometry, dtype and device: a selector's first call on a GPU loads or compiles what
+    its ops need (cuBLAS plans, and Triton kernels in deterministic mode), which would otherwise
+    happen inside the first eviction, on the scheduler thread. Touches no slot of the pool and no
+    global RNG. A selector that fails is logged and left to its first eviction (whose failure
+    the store path handles). Returns the selectors run."""
+    layout, device = pool_layout(pool), pool.k_buffer[0].device
+    gen = torch.Generator(device=device).manual_seed(0)
+    done: list[str] = []
+    for name in codecs:
+        stage = _parts(get_codec(name).device_codec)[0]
+        if stage is None or stage.selector.name in done:
+            continue
+        try:
+            for tokens in WARM_SELECT_TOKENS:
+                k = torch.randn(layout.layers, tokens, layout.heads, layout.head_dim, generator=gen,
+                                device=device).to(layout.dtype)
+                stage.keep(tokens, device, lambda: k, lambda: k)
+        except Exception as e:  # noqa: BLE001 - a warm-up must not stop the start; the first eviction retries
+            log.warning("evicpress: warming the %s selector failed (%s: %s); it warms at its first eviction",
+                        stage.selector.name, type(e).__name__, e)
+            continue
+        done.append(stage.selector.name)
+    return done
+
+
 #: Paths that failed once ("int8": its kernel; "bf16/layers": the per-layer bf16 copy): not
 #: tried again, the next path down is taken from then on.
 _failed: set[str] = set()
