@@ -228,6 +228,15 @@ class Doc:
     v: torch.Tensor | None = None
     repeat: torch.Tensor | None = None  # the ``repeat`` oracle's scores, once computed
     _question_kv: dict = field(default_factory=dict)
+    _served_kv: dict = field(default_factory=dict)
+
+    def served_kv(self, runner: "Runner", qi: int, ref_ids: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the document, question ``qi`` and its full-KV answer in one context: the
+        radix node SGLang keeps after serving that prompt once (it caches the output too), which
+        an eviction then drops as a whole."""
+        if qi not in self._served_kv:
+            self._served_kv[qi] = runner.prefill(self.prefix + self.questions[qi][1] + ref_ids[(self.name, qi)])
+        return self._served_kv[qi]
 
     def question_kv(self, runner: "Runner", qi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of question ``qi``'s suffix but its last token, computed over the whole
@@ -388,46 +397,61 @@ def oracle_scores(runner: Runner, doc: Doc, base: str, qi: int, ref_ids: dict) -
 
 
 def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, refs: dict,
-             ref_ids: dict, stored_question: bool = False) -> dict:
+             ref_ids: dict, question_kv: str = "recomputed") -> dict:
     """Scores of one selector (None: keep-all through the pruned path) against ``refs``.
-    ``stored_question``: the bench's repeated prompt instead of a new question (see
-    ``--question-kv``)."""
+    ``question_kv``: which situation of the question is measured (``--question-kv``)."""
     f1s, same, facts, n_fact, kept_share = [], 0, 0, 0, []
     code_kept: list[float] = []
     sentence_kept: list[float] = []
+    question_kept: list[float] = []
     t_sel = 0.0
     t0 = time.perf_counter()
     answers = []
-    per_question = isinstance(selector, VariantSelector) and selector.spec.base in PER_QUESTION
+    served = question_kv == "served"
+    per_question = served or isinstance(selector, VariantSelector) and selector.spec.base in PER_QUESTION
+    if served and isinstance(selector, VariantSelector) and selector.spec.base in ORACLES:
+        raise SystemExit("the oracles score the document alone: not with --question-kv served")
 
     def select(doc: Doc, qi: int) -> torch.Tensor:
         nonlocal t_sel
-        tokens = doc.k.shape[1]
+        k, v = doc.served_kv(runner, qi, ref_ids) if served else (doc.k, doc.v)
+        tokens = k.shape[1]
         t1 = time.perf_counter()
         if selector is None:
-            idx = torch.arange(tokens, device=doc.k.device)
+            idx = torch.arange(tokens, device=k.device)
         else:
-            kv = HarnessKV(doc.k, lambda: doc.v, torch.arange(tokens, device=doc.k.device), 0,
+            kv = HarnessKV(k, lambda: v, torch.arange(tokens, device=k.device), 0,
                            oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
         kept_share.append(idx.numel() / tokens)
         kept_set = set(idx.tolist())
+        if served:  # the question's tokens the request reuses (all of it but the last)
+            ask = range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1)
+            question_kept.append(sum(i in kept_set for i in ask) / max(len(ask), 1))
         if doc.code_tokens:
             code_kept.append(sum(i in kept_set for i in doc.code_tokens) / len(doc.code_tokens))
             sentence_kept.append(sum(i in kept_set for i in doc.fact_tokens) / len(doc.fact_tokens))
         return idx
 
+    def request(doc: Doc, qi: int, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+        """(cached K, cached V, the position the request's uncached tokens start at, those tokens)."""
+        suffix, tokens = doc.questions[qi][1], doc.k.shape[1]
+        if served:  # the prompt matches the node up to its last token, which is recomputed
+            start = tokens + len(suffix) - 1
+            k, v = doc.served_kv(runner, qi, ref_ids)
+            pick = pick[pick < start]
+            return k[:, pick], v[:, pick], start, suffix[-1:]
+        k, v = doc.k[:, pick], doc.v[:, pick]
+        if question_kv == "stored":  # the question's own KV, from the full-context prefill, kept whole
+            qk, qv = doc.question_kv(runner, qi)
+            return torch.cat([k, qk], 1), torch.cat([v, qv], 1), tokens + qk.shape[1], suffix[-1:]
+        return k, v, tokens, suffix
+
     for doc in docs:
-        tokens = doc.k.shape[1]
         idx = None if per_question else select(doc, 0)
         for qi, (prompt, suffix, truth) in enumerate(doc.questions):
-            pick = select(doc, qi) if per_question else idx
-            k, v, start, tail = doc.k[:, pick], doc.v[:, pick], tokens, suffix
-            if stored_question:  # the question's own KV, from the full-context prefill, kept whole
-                qk, qv = doc.question_kv(runner, qi)
-                k, v, start, tail = torch.cat([k, qk], 1), torch.cat([v, qv], 1), tokens + qk.shape[1], suffix[-1:]
-            ans = runner.text(runner.answer(k, v, start, tail))
+            ans = runner.text(runner.answer(*request(doc, qi, select(doc, qi) if per_question else idx)))
             ref = refs[(doc.name, qi)]
             f1s.append(token_f1(ans, ref))
             same += int(ans == ref)
@@ -440,6 +464,7 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
             "n_fact": n_fact, "kept_share": sum(kept_share) / len(kept_share), "select_s": t_sel,
             "code_tokens_kept": sum(code_kept) / max(len(code_kept), 1),
             "fact_sentence_kept": sum(sentence_kept) / max(len(sentence_kept), 1),
+            "question_kept": sum(question_kept) / len(question_kept) if question_kept else None,
             "wall_s": time.perf_counter() - t0, "answers": answers}
 
 
@@ -458,11 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=16)
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU machine")
-    p.add_argument("--question-kv", default="recomputed", choices=("recomputed", "stored"),
-                   help="recomputed: a new question, prefilled over the pruned document; stored: the "
-                        "bench's repeated prompt, whose question KV (computed over the whole document "
-                        "when first served, a short radix node kept whole) is restored next to the "
-                        "pruned document and only its last token is recomputed")
+    p.add_argument("--question-kv", default="recomputed", choices=("recomputed", "stored", "served"),
+                   help="recomputed: a new question, prefilled over the pruned document; stored: a "
+                        "repeated prompt whose question KV (computed over the whole document when first "
+                        "served, a short radix node of its own kept whole) is restored next to the pruned "
+                        "document, only its last token recomputed; served: a repeated prompt whose "
+                        "document, question and answer were one radix node, dropped as a whole (the "
+                        "selector may drop question tokens), only the prompt's last token recomputed")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="the model's and the KV's dtype (SGLang's pool holds bfloat16)")
     p.add_argument("--query-model", default="/tmp/evicpress_cpu_qm.pt",
@@ -514,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference answers in {ref_s:.1f}s; full-KV fact accuracy {result['reference_fact_acc']:.2f}", flush=True)
 
     if args.sanity:
-        keep_all = evaluate(runner, docs, None, refs, ref_ids, args.question_kv == "stored")
+        keep_all = evaluate(runner, docs, None, refs, ref_ids, args.question_kv)
         t = time.perf_counter()
         # one question per document: a whole-prompt prefill costs as much as the document's
         one = [runner.text(runner.one_shot(doc.prefix + doc.questions[0][1])) == refs[(doc.name, 0)]
@@ -530,12 +557,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in ratios for s in selectors if "@" not in s or r == ratios[0]]
     plan.sort(key=lambda sr: sr[1], reverse=True)
     for s, ratio in plan:
-        row = evaluate(runner, docs, make_selector(s, ratio), refs, ref_ids, args.question_kv == "stored")
+        row = evaluate(runner, docs, make_selector(s, ratio), refs, ref_ids, args.question_kv)
         row.update(selector=s, ratio=ratio)
         result["runs"].append(row)
         print(f"{s:60s} {ratio:.2f}  F1 {row['f1']:.3f}  identical {row['identical']:.2f}  "
               f"fact {row['fact_acc']:.2f}  code kept {row['code_tokens_kept']:.2f}  sentence kept "
-              f"{row['fact_sentence_kept']:.2f}  kept {row['kept_share']:.3f}  {row['wall_s']:.1f}s "
+              f"{row['fact_sentence_kept']:.2f}  question kept {row['question_kept']}  kept {row['kept_share']:.3f}  {row['wall_s']:.1f}s "
               f"(select {row['select_s']:.2f}s)", flush=True)
         out.write_text(json.dumps(result, indent=1))
     out.write_text(json.dumps(result, indent=1))

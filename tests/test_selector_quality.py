@@ -64,7 +64,10 @@ def test_question_oracle_selects_for_each_question_and_drop_selectors_once_per_d
     ref_ids = {(doc.name, qi): runner.answer(doc.k, doc.v, len(prefix), s) for qi, (_, s, _) in enumerate(doc.questions)}
     refs = {key: runner.text(ids) for key, ids in ref_ids.items()}
 
-    assert harness.evaluate(runner, [doc], None, refs, ref_ids)["identical"] == 1.0
+    for mode in ("recomputed", "stored", "served"):  # each way of rebuilding the request, nothing dropped
+        assert harness.evaluate(runner, [doc], None, refs, ref_ids, mode)["identical"] == 1.0, mode
+    served = harness.evaluate(runner, [doc], harness.make_selector("keydiff", 0.7), refs, ref_ids, "served")
+    assert 0 <= served["question_kept"] <= 1 and served["kept_share"] < 0.5
     kept_sets = []
     selector = harness.make_selector("question", 0.7)
     real_select = selector.select
