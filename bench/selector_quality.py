@@ -89,13 +89,12 @@ def aggregate(score: torch.Tensor, how: str, skip_layers: int) -> torch.Tensor:
     rule); ``maxhead``: z-score, max over heads, mean over layers; ``rank``: rank / tokens per
     (layer, head), mean; ``rankmax``: ranks, max over heads, mean over layers."""
     score = score[skip_layers:].float()
-    if how.startswith("rank"):
-        z = score.argsort(dim=1).argsort(dim=1).float() / max(score.shape[1] - 1, 1)
-    else:
-        z = (score - score.mean(dim=1, keepdim=True)) / score.std(dim=1, keepdim=True).clamp_min(1e-6)
-    if how in ("maxhead", "rankmax"):
+    if how in ("std", "maxhead"):
+        return drop._standardised(score, head_max=how == "maxhead")
+    z = score.argsort(dim=1).argsort(dim=1).float() / max(score.shape[1] - 1, 1)
+    if how == "rankmax":
         return z.amax(dim=2).mean(dim=0)
-    if how in ("std", "rank"):
+    if how == "rank":
         return z.mean(dim=(0, 2))
     raise ValueError(f"unknown aggregation {how!r}")
 
@@ -232,8 +231,9 @@ class Doc:
 
     def served_kv(self, runner: "Runner", qi: int, ref_ids: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the document, question ``qi`` and its full-KV answer in one context: the
-        radix node SGLang keeps after serving that prompt once (it caches the output too), which
-        an eviction then drops as a whole."""
+        radix node SGLang keeps after serving that prompt once (it caches the output too, but for
+        its last token when the answer ran to the length limit), which an eviction then drops as a
+        whole."""
         if qi not in self._served_kv:
             self._served_kv[qi] = runner.prefill(self.prefix + self.questions[qi][1] + ref_ids[(self.name, qi)])
         return self._served_kv[qi]
@@ -409,7 +409,8 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
     answers = []
     served = question_kv == "served"
     per_question = served or isinstance(selector, VariantSelector) and selector.spec.base in PER_QUESTION
-    if served and isinstance(selector, VariantSelector) and selector.spec.base in ORACLES:
+    if served and isinstance(selector, VariantSelector) and (
+            selector.spec.base in ORACLES or selector.spec.mix.partition(":")[0] in ORACLES):
         raise SystemExit("the oracles score the document alone: not with --question-kv served")
 
     def select(doc: Doc, qi: int) -> torch.Tensor:
@@ -426,9 +427,9 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
         t_sel += time.perf_counter() - t1
         kept_share.append(idx.numel() / tokens)
         kept_set = set(idx.tolist())
-        if served:  # the question's tokens the request reuses (all of it but the last)
-            ask = range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1)
-            question_kept.append(sum(i in kept_set for i in ask) / max(len(ask), 1))
+        ask = range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1)
+        if served and len(ask):  # the question's tokens the request reuses (all of it but the last)
+            question_kept.append(sum(i in kept_set for i in ask) / len(ask))
         if doc.code_tokens:
             code_kept.append(sum(i in kept_set for i in doc.code_tokens) / len(doc.code_tokens))
             sentence_kept.append(sum(i in kept_set for i in doc.fact_tokens) / len(doc.fact_tokens))

@@ -204,16 +204,15 @@ class EvicPressRadixCache(PrefixMatch, LoadBack, InsertRevive, RestoreFromDisk, 
         """Compile the stored codecs' pool kernels and run their token selectors once at start
         (:func:`kv_io.warm_up`, :func:`kv_io.warm_up_selectors`); a failure here only leaves
         them to compile at first use (or to fall back, see kv_io)."""
-        try:
-            warmed = kv_io.warm_up(self.kvpool, settings.stored_codecs)
-            selectors = kv_io.warm_up_selectors(self.kvpool, settings.stored_codecs)
-        except Exception as e:  # noqa: BLE001 - start-up must not fail for a warm-up
-            log.warning("evicpress: compiling the codec kernels at start failed (%s: %s); they compile at "
-                        "first use", type(e).__name__, e)
-            return
-        if warmed or selectors:
-            log.info("evicpress: codec kernels compiled for %s; selectors run for %s", ", ".join(warmed) or "none",
-                     ", ".join(selectors) or "none")
+        for what, warm in (("codec kernels", kv_io.warm_up), ("token selectors", kv_io.warm_up_selectors)):
+            try:
+                warmed = warm(self.kvpool, settings.stored_codecs)
+            except Exception as e:  # noqa: BLE001 - start-up must not fail for a warm-up
+                log.warning("evicpress: warming the %s at start failed (%s: %s); they compile at first use",
+                            what, type(e).__name__, e)
+                continue
+            if warmed:
+                log.info("evicpress: %s warmed for %s", what, ", ".join(warmed))
 
     def _measured_cost(self, settings: Settings) -> CostModel:
         """Decode rates, zstd speed and gain, host->GPU and disk bandwidth measured here at

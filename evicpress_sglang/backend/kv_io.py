@@ -171,10 +171,11 @@ def warm_up(pool, codecs: list[str]) -> list[str]:
     return done
 
 
-#: Context lengths the selectors are first run with: one a multiple of 16 and one not, since
-#: Triton specializes integer sizes on that (under SGLang's --enable-deterministic-inference,
-#: matmuls and means run as its Triton kernels).
-WARM_SELECT_TOKENS = (96, 97)
+#: Context lengths the selectors are first run with: multiples of 16 and not, below and above
+#: kvzip's 256 queries, since Triton specializes integer sizes on divisibility by 16 (under
+#: SGLang's --enable-deterministic-inference the selectors' matmuls run as its kernels).
+#: Contexts past ~32k tokens switch those kernels to 64-bit offsets: one more compile each, left.
+WARM_SELECT_TOKENS = (96, 97, 272, 281)
 
 
 def warm_up_selectors(pool, codecs: list[str]) -> list[str]:
@@ -182,20 +183,27 @@ def warm_up_selectors(pool, codecs: list[str]) -> list[str]:
     pool's geometry, dtype and device: a selector's first call on a GPU loads or compiles what
     its ops need (cuBLAS plans, and Triton kernels in deterministic mode), which would otherwise
     happen inside the first eviction, on the scheduler thread. Touches no slot of the pool and no
-    global RNG. A selector that fails is logged and left to its first eviction (whose failure
-    the store path handles). Returns the selectors run."""
+    global RNG. A selector that fails is logged once and left to its first eviction (whose
+    failure the store path handles). Returns the selectors that ran."""
     layout, device = pool_layout(pool), pool.k_buffer[0].device
     gen = torch.Generator(device=device).manual_seed(0)
+    tried: set[str] = set()
     done: list[str] = []
     for name in codecs:
         stage = _parts(get_codec(name).device_codec)[0]
-        if stage is None or stage.selector.name in done:
+        if stage is None or stage.selector.name in tried:
+            continue
+        tried.add(stage.selector.name)
+        lengths = [t for t in WARM_SELECT_TOKENS if stage.selector.kept(t) < t]  # else it would not run
+        if not lengths:
             continue
         try:
-            for tokens in WARM_SELECT_TOKENS:
+            for tokens in lengths:
                 k = torch.randn(layout.layers, tokens, layout.heads, layout.head_dim, generator=gen,
                                 device=device).to(layout.dtype)
                 stage.keep(tokens, device, lambda: k, lambda: k)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # a kernel's error surfaces here, not at a later sync
         except Exception as e:  # noqa: BLE001 - a warm-up must not stop the start; the first eviction retries
             log.warning("evicpress: warming the %s selector failed (%s: %s); it warms at its first eviction",
                         stage.selector.name, type(e).__name__, e)

@@ -13,7 +13,7 @@ context that is dropped again composes its positions (``encode(..., positions=..
 Selection is per context, shared by every layer and head, unlike kvpress, which prunes
 per head: SGLang's KV pool gives a token one slot in every layer, so a per-head choice
 would need per-head page tables. Scores are standardised per (layer, head) before they
-are averaged, so no single layer or head decides alone.
+are combined (averaged, or each layer's best head taken), so no single layer decides alone.
 
 ``expected`` and ``kvzip`` score tokens by the attention the model's *queries* would give
 them. No query exists at eviction time, so they use a :class:`.queries.QueryModel`: the
@@ -98,7 +98,7 @@ class ScoredSelector(TokenSelector):
     RECENT = 32
 
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
-        score = self.score(kv)
+        score = self.score(kv).nan_to_num(nan=-torch.inf)  # a NaN would outrank the kept window in topk
         recent = min(self.RECENT, keep // 2)
         if recent:
             score[-recent:] = torch.inf
@@ -112,14 +112,20 @@ class ScoredSelector(TokenSelector):
 def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
     """[layers, tokens, heads] scores -> one per token: each (layer, head) standardised over the
     tokens, then averaged over heads (``head_max``: the best head of each layer taken instead),
-    then over layers, so that no single layer or head decides alone."""
+    then over layers, so that no single layer decides alone.
+
+    Means are sums divided by counts: SGLang's deterministic mode runs ``mean`` along a
+    dimension as a Triton kernel, compiled anew for sizes of another class on first use (on the
+    scheduler thread); ``std_mean`` and ``sum`` stay aten's."""
     score = score.float()
-    if score.shape[1] > 1:
+    layers, tokens, heads = score.shape
+    if tokens > 1:
         std, mean = torch.std_mean(score, dim=1, keepdim=True)
         z = (score - mean) / std.clamp_min(1e-6)
     else:
         z = score - score
-    return (z.amax(dim=2) if head_max else z.mean(dim=2)).mean(dim=0)
+    per_layer = z.amax(dim=2) if head_max else z.sum(dim=2) / heads
+    return per_layer.sum(dim=0) / layers
 
 
 class KNormSelector(ScoredSelector):
@@ -141,7 +147,7 @@ class KeyDiffSelector(ScoredSelector):
 
     def score(self, kv: ContextKV) -> torch.Tensor:
         unit = torch.nn.functional.normalize(kv.k.float(), dim=-1)
-        anchor = torch.nn.functional.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
+        anchor = torch.nn.functional.normalize(unit.sum(dim=1, keepdim=True), dim=-1)  # the mean's direction
         similarity = (unit * anchor).sum(dim=-1)  # [layers, tokens, heads]
         return -_standardised(similarity)
 
