@@ -1,0 +1,179 @@
+"""GPU check that SGLang serves a token-dropped context the way the model answers with the same
+kept tokens (issue 24: the selector harness and the SGLang bench rank the selectors oppositely;
+a serving path that gave other KV than the kept tokens' would explain it, and would be wrong KV).
+
+For each selector, one server whose only store for evicted contexts is the disk, under
+``static:<selector>:<ratio>``: each document's question is asked once (full KV), other documents
+push it out of the pool onto disk (token-dropped), and it is asked again (served from the blob).
+Then every blob on disk is read: its radix node's tokens (the blob's ``meta.tokens``) and the
+positions it kept (the payload's header). HF transformers answers each prompt twice on its own:
+with every token, and with exactly the tokens the blobs kept wherever a blob's tokens occur in
+the prompt (the prompt's last token recomputed, as SGLang does). Reported per selector, as mean
+token F1 over the documents served from disk:
+
+* ``served_vs_full``: SGLang's second answer against its first (what the bench measures);
+* ``hf_dropped_vs_hf_full``: the same for HF with the same kept tokens (what the harness measures);
+* ``served_vs_hf_dropped`` against ``full_vs_hf_full`` (SGLang's first answer against HF's): if the
+  first is much lower than the second, the served KV is not the kept tokens' KV.
+
+Usage: python bench/dropped_serving_check.py --model DIR --out DIR [--selectors keydiff,expected]
+       [--ratio 0.5] [--query-model q.pt] [-- extra sglang args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from evicpress_sglang.bench.server import Server, parse_server_args, server_command, server_parser
+from evicpress_sglang.bench.workload import doc_texts, docqa_prompt, fact_question
+from evicpress_sglang.codecs import get_codec
+from evicpress_sglang.codecs.drop import DropCodec
+from evicpress_sglang.profiler.scores import token_f1
+from evicpress_sglang.tiers import blob
+from evicpress_sglang.tiers.disk import SUFFIX
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = server_parser(__doc__.split("\n\n")[0], port=30400, docs=8, max_new_tokens=16)
+    p.add_argument("--pool-tokens", type=int, default=8000, help="about 3 documents")
+    p.add_argument("--selectors", default="keydiff,expected")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--query-model", default=None, help="for expected / kvzip")
+    return parse_server_args(p, argv)
+
+
+def ask(url: str, prompt: str, n: int) -> dict:
+    r = requests.post(url + "/generate", json={"text": prompt, "sampling_params": {"temperature": 0,
+                                                                                    "max_new_tokens": n}}, timeout=300)
+    r.raise_for_status()
+    out = r.json()
+    return {"answer": out["text"], "cached_tokens": out["meta_info"].get("cached_tokens")}
+
+
+def read_blobs(disk_dir: Path) -> list[tuple[list[int], list[int], str]]:
+    """(node tokens, kept positions within the node, codec) of every readable blob in ``disk_dir``."""
+    found = []
+    for path in sorted(disk_dir.glob(f"*{SUFFIX}")):
+        raw = path.read_bytes()
+        with path.open("rb") as f:
+            header, _ = blob.read_header(f)
+        enc, meta = blob.decode(raw, header["key"])
+        codec = get_codec(enc.codec).device_codec
+        tokens = [int(t) for t in (meta or {}).get("tokens", [])]
+        kept = (codec.positions(enc).tolist() if isinstance(codec, DropCodec) else list(range(len(tokens))))
+        found.append((tokens, kept, enc.codec))
+    return found
+
+
+def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> torch.Tensor:
+    """For each of ``ids``: False where a blob's node occurs in ``ids`` and did not keep that token
+    (the first occurrence of the node's tokens; nodes of other prompts do not occur)."""
+    mask = torch.ones(len(ids), dtype=torch.bool)
+    for tokens, kept, _ in blobs:
+        n = len(tokens)
+        at = next((o for o in range(len(ids) - n + 1) if ids[o:o + n] == tokens), None) if n else None
+        if at is None:
+            continue
+        inside = torch.zeros(n, dtype=torch.bool)
+        inside[torch.tensor(kept, dtype=torch.long)] = True
+        mask[at:at + n] &= inside
+    return mask
+
+
+def _harness():
+    path = Path(__file__).resolve().with_name("selector_quality.py")
+    spec = importlib.util.spec_from_file_location("selector_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def hf_answers(prompts: list[str], blobs: list[list], max_new: int) -> list[dict]:
+    """Per prompt: HF's full-KV answer and its answer keeping only what its ``blobs`` kept."""
+    harness = _harness()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runner = harness.Runner(max_new, "sdpa", device, "bfloat16" if device == "cuda" else "float32")
+    rows = []
+    for prompt, found in zip(prompts, blobs):
+        ids = runner.tok(prompt)["input_ids"]
+        k, v = runner.prefill(ids[:-1])
+        keep = kept_mask(ids[:-1], found).to(k.device)
+        full = runner.text(runner.answer(k, v, len(ids) - 1, ids[-1:]))
+        dropped = runner.text(runner.answer(k[:, keep], v[:, keep], len(ids) - 1, ids[-1:]))
+        rows.append({"hf_full": full, "hf_dropped": dropped, "kept": int(keep.sum()), "tokens": len(ids) - 1})
+    return rows
+
+
+def run_selector(args: argparse.Namespace, selector: str, prompts: list[str], fillers: list[str]) -> dict:
+    out = args.out / selector
+    out.mkdir(parents=True, exist_ok=True)
+    codec = f"{selector}:{args.ratio}"
+    settings = {"policy": f"static:{codec}", "host_codecs": ["bf16"], "host_bytes": "1MiB",
+                "disk_dir": str(out / "disk"), "disk_bytes": "8GiB", "disk_codecs": [codec]}
+    if args.query_model:
+        settings["query_model"] = args.query_model
+    env = os.environ | {"EVICPRESS_CONFIG": json.dumps(settings)}
+    cmd = server_command(args) + ["--port", str(args.port), "--radix-cache-backend", "evicpress",
+                                  "--max-total-tokens", str(args.pool_tokens)]
+    with Server(cmd, env, out / "server.log", args.port) as url:
+        rounds = []
+        for prompt in prompts:
+            first = ask(url, prompt, args.max_new_tokens)
+            for text in fillers:  # push the prompt's node out of the pool, onto disk
+                ask(url, text, args.max_new_tokens)
+            time.sleep(1)  # let the disk writer finish
+            found = read_blobs(out / "disk")  # before the load-back, which deletes the blob it loads
+            rounds.append({"first": first, "again": ask(url, prompt, args.max_new_tokens), "blobs": found})
+        status = requests.get(url + "/evicpress/status", timeout=60).json()
+    rows = []
+    hf = hf_answers(prompts, [r.pop("blobs") for r in rounds], args.max_new_tokens)
+    for r, h in zip(rounds, hf):
+        rows.append(r | h | {"served_from_dropped": h["kept"] < h["tokens"]})
+    served = [x for x in rows if x["served_from_dropped"]]
+
+    def mean_f1(a: str, b: str) -> float | None:
+        return float(np.mean([token_f1(_text(x, a), _text(x, b)) for x in served])) if served else None
+
+    return {"settings": settings, "docs_dropped": len(served), "rows": rows,
+            "hits": status["stats"]["hits"], "internal_errors": status["health"]["internal_errors"],
+            "served_vs_full": mean_f1("again", "first"), "hf_dropped_vs_hf_full": mean_f1("hf_dropped", "hf_full"),
+            "served_vs_hf_dropped": mean_f1("again", "hf_dropped"), "full_vs_hf_full": mean_f1("first", "hf_full")}
+
+
+def _text(row: dict, key: str) -> str:
+    value = row[key]
+    return (value["answer"] if isinstance(value, dict) else value).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    texts, _ = doc_texts(np.random.default_rng(0), args.docs, args.doc_chars, args.doc_chars + 1000)
+    prompts = [docqa_prompt(t, fact_question(d)) for d, t in enumerate(texts)]
+    filler_texts, _ = doc_texts(np.random.default_rng(1), 4, args.doc_chars, args.doc_chars + 1000)
+    fillers = [docqa_prompt(t, "Summarize the text above.") for t in filler_texts]
+    result = {"command": shlex.join([sys.executable, *sys.argv]), "selectors": {}}
+    for selector in args.selectors.split(","):
+        result["selectors"][selector] = run_selector(args, selector, prompts, fillers)
+        (args.out / "dropped_serving.json").write_text(json.dumps(result, indent=1))
+    summary = {s: {k: r[k] for k in ("docs_dropped", "served_vs_full", "hf_dropped_vs_hf_full",
+                                     "served_vs_hf_dropped", "full_vs_hf_full", "internal_errors")}
+               for s, r in result["selectors"].items()}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
