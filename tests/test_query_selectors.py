@@ -200,6 +200,22 @@ def test_selectors_take_softmax_along_the_last_dimension_only(qmodel, monkeypatc
     assert _kept(name, k, v) == free
 
 
+@pytest.mark.parametrize("name", ["expected", "kvzip"])
+def test_query_aware_selectors_score_the_same_a_layer_at_a_time(qmodel, monkeypatch, name):
+    """With room for one layer's intermediates only, the scores are those of all layers at once
+    (a 100k-token context must not need gigabytes at eviction time)."""
+    from evicpress_sglang.codecs import drop
+
+    qmodel(_model(mean=torch.randn(DIM), key_map=torch.randn(LAYERS, HEADS, DIM, DIM) / DIM, freq=0.1))
+    k, v = _kv(200)
+    kv = drop.ContextKV(k.to(torch.bfloat16), lambda: v.to(torch.bfloat16), torch.arange(200), start=17)
+    whole = drop.SELECTORS[name](0.5).score(kv)
+    assert len(drop._layer_slices(LAYERS, 1)) == 1
+    monkeypatch.setattr(drop, "CHUNK_BYTES", 1)
+    assert len(drop._layer_slices(LAYERS, 1)) == LAYERS
+    torch.testing.assert_close(drop.SELECTORS[name](0.5).score(kv), whole, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["expected:0.5", "kvzip:0.5", "keydiff:0.5", "knorm:0.5", "streaming:0.5"])
 def test_no_selector_runs_an_op_that_deterministic_mode_compiles_per_context_length(qmodel, name):
     """SGLang's --enable-deterministic-inference replaces aten's log_softmax with a Triton kernel

@@ -128,6 +128,19 @@ def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
     return per_layer.sum(dim=0) / layers
 
 
+#: Bytes of intermediate tensors a query-aware selector builds at once. It scores a few layers
+#: at a time, so that a long context (100k tokens of an 8B model) does not ask the GPU for
+#: gigabytes at eviction time, when memory is scarcest; the scores do not depend on it.
+CHUNK_BYTES = 256 << 20
+
+
+def _layer_slices(layers: int, bytes_per_layer: int) -> list[slice]:
+    """Consecutive slices of ``layers`` whose intermediates stay within :data:`CHUNK_BYTES`
+    (one layer at least)."""
+    step = max(1, CHUNK_BYTES // max(bytes_per_layer, 1))
+    return [slice(at, min(at + step, layers)) for at in range(0, layers, step)]
+
+
 class KNormSelector(ScoredSelector):
     """Keep the tokens with the *smallest* key L2 norm (Devoto et al. 2024, kvpress
     ``KnormPress``): low-norm keys draw the most attention."""
@@ -209,8 +222,11 @@ class ExpectedAttentionSelector(ScoredSelector):
         mean = qm.mean @ turn  # [L, H, d]
         root = turn.T @ queries.cov_root_on(kv.k.device, layers, heads, d)  # turn^T S turn = root root^T
         project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.k.dtype)
-        y = torch.einsum("lthd,lhde->lthe", kv.k, project)  # [L, T, H, 1 + d]
-        logit = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
+        tokens = kv.k.shape[1]
+        logit = torch.empty(layers, tokens, heads, device=kv.k.device)
+        for part in _layer_slices(layers, tokens * heads * (d + 1) * (kv.k.element_size() + 4)):
+            y = torch.einsum("lthd,lhde->lthe", kv.k[part], project[part])  # [l, T, H, 1 + d]
+            logit[part] = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
         value = torch.linalg.vector_norm(kv.values(), dim=-1, dtype=torch.float32)
         return _standardised(logit + value.clamp_min(1e-6).log(), head_max=True)
 
@@ -230,15 +246,19 @@ class ReconstructionSelector(ScoredSelector):
     def score(self, kv: ContextKV) -> torch.Tensor:
         layers, tokens, heads, d = kv.k.shape
         qm = queries.active_on(kv.k.device, layers, heads, d)
-        k = kv.k.float()
-        picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=k.device).round().long()
+        picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=kv.k.device).round().long()
         seq = kv.rope_positions()
         pos = seq[picked]
-        plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [L, Q, H, d] pre-RoPE keys
-        q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map) + qm.key_bias[:, None]
-        q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
-        attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
-        return _standardised(attn.amax(dim=2).transpose(1, 2).log())
+        best = torch.empty(layers, tokens, heads, device=kv.k.device)
+        # per layer: K in float32, the attention and its softmax ([H, Q, T] float32 each)
+        for part in _layer_slices(layers, 4 * tokens * heads * (d + 2 * picked.numel())):
+            k = kv.k[part].float()
+            plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [l, Q, H, d] pre-RoPE keys
+            q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map[part]) + qm.key_bias[part, None]
+            q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
+            attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
+            best[part] = attn.amax(dim=2).transpose(1, 2)
+        return _standardised(best.log())
 
 
 class KeepAllSelector(TokenSelector):
