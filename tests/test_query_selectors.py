@@ -200,8 +200,8 @@ def test_selectors_take_softmax_along_the_last_dimension_only(qmodel, monkeypatc
     assert _kept(name, k, v) == free
 
 
-@pytest.mark.parametrize("name", ["expected", "kvzip"])
-def test_query_aware_selectors_score_the_same_a_layer_at_a_time(qmodel, monkeypatch, name):
+@pytest.mark.parametrize("name", ["expected", "kvzip", "keydiff"])
+def test_selectors_score_the_same_a_layer_at_a_time(qmodel, monkeypatch, name):
     """With room for one layer's intermediates only, the scores are those of all layers at once
     (a 100k-token context must not need gigabytes at eviction time)."""
     from evicpress_sglang.codecs import drop

@@ -128,7 +128,7 @@ def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
     return per_layer.sum(dim=0) / layers
 
 
-#: Bytes of intermediate tensors a query-aware selector builds at once. It scores a few layers
+#: Bytes of intermediate tensors a selector builds at once. It scores a few layers
 #: at a time, so that a long context (100k tokens of an 8B model) does not ask the GPU for
 #: gigabytes at eviction time, when memory is scarcest; the scores do not depend on it.
 CHUNK_BYTES = 256 << 20
@@ -148,7 +148,7 @@ class KNormSelector(ScoredSelector):
     name = "knorm"
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        norm = kv.k.float().norm(dim=-1)  # [layers, tokens, heads]
+        norm = torch.linalg.vector_norm(kv.k, dim=-1, dtype=torch.float32)  # [layers, tokens, heads], no copy of K
         return -_standardised(norm)
 
 
@@ -159,9 +159,12 @@ class KeyDiffSelector(ScoredSelector):
     name = "keydiff"
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        unit = torch.nn.functional.normalize(kv.k.float(), dim=-1)
-        anchor = torch.nn.functional.normalize(unit.sum(dim=1, keepdim=True), dim=-1)  # the mean's direction
-        similarity = (unit * anchor).sum(dim=-1)  # [layers, tokens, heads]
+        layers, tokens, heads, d = kv.k.shape
+        similarity = torch.empty(layers, tokens, heads, device=kv.k.device)
+        for part in _layer_slices(layers, 2 * 4 * tokens * heads * d):  # K in float32 and its unit vectors
+            unit = torch.nn.functional.normalize(kv.k[part].float(), dim=-1)
+            anchor = torch.nn.functional.normalize(unit.sum(dim=1, keepdim=True), dim=-1)  # the mean's direction
+            similarity[part] = (unit * anchor).sum(dim=-1)
         return -_standardised(similarity)
 
 
