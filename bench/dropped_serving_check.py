@@ -35,7 +35,7 @@ import numpy as np
 import requests
 import torch
 
-from evicpress_sglang.bench.server import Server, parse_server_args, server_command, server_parser
+from evicpress_sglang.bench.server import Server, ask, parse_server_args, server_command, server_parser
 from evicpress_sglang.bench.workload import doc_texts, docqa_prompt, fact_question
 from evicpress_sglang.codecs import get_codec
 from evicpress_sglang.codecs.drop import DropCodec
@@ -51,14 +51,6 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--query-model", default=None, help="for expected / kvzip")
     return parse_server_args(p, argv)
-
-
-def ask(url: str, prompt: str, n: int) -> dict:
-    r = requests.post(url + "/generate", json={"text": prompt, "sampling_params": {"temperature": 0,
-                                                                                    "max_new_tokens": n}}, timeout=300)
-    r.raise_for_status()
-    out = r.json()
-    return {"answer": out["text"], "cached_tokens": out["meta_info"].get("cached_tokens")}
 
 
 def read_blobs(disk_dir: Path) -> list[tuple[list[int], list[int], str]]:

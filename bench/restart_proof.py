@@ -23,7 +23,7 @@ import time
 import numpy as np
 import requests
 
-from evicpress_sglang.bench.server import Server, parse_server_args, server_command, server_parser
+from evicpress_sglang.bench.server import Server, ask, parse_server_args, server_command, server_parser
 from evicpress_sglang.bench.workload import doc_texts, docqa_prompt, fact_question
 
 
@@ -31,14 +31,6 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p = server_parser(__doc__.split("\n\n")[0], port=30300, docs=12, max_new_tokens=16)
     p.add_argument("--pool-tokens", type=int, default=10000, help="about 4 documents")
     return parse_server_args(p, argv)
-
-
-def ask(url: str, prompt: str, n: int) -> dict:
-    r = requests.post(url + "/generate", json={"text": prompt, "sampling_params": {"temperature": 0,
-                                                                                    "max_new_tokens": n}}, timeout=300)
-    r.raise_for_status()
-    out = r.json()
-    return {"answer": out["text"], "cached_tokens": out["meta_info"].get("cached_tokens")}
 
 
 def main(argv: list[str] | None = None) -> int:

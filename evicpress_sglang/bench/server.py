@@ -110,3 +110,12 @@ def server_command(args: argparse.Namespace) -> list[str]:
     """The command line every server of a proof script starts with (its own flags follow)."""
     return [*shlex.split(args.launcher), "--model-path", args.model, "--host", "127.0.0.1",
             "--mem-fraction-static", str(args.mem_fraction), *args.sglang_args]
+
+
+def ask(url: str, prompt: str, max_new_tokens: int) -> dict:
+    """One greedy /generate call: the answer text and how many prompt tokens came from the cache."""
+    r = requests.post(url + "/generate", json={"text": prompt, "sampling_params": {
+        "temperature": 0, "max_new_tokens": max_new_tokens}}, timeout=300)
+    r.raise_for_status()
+    out = r.json()
+    return {"answer": out["text"], "cached_tokens": out["meta_info"].get("cached_tokens")}
