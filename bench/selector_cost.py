@@ -37,7 +37,7 @@ def random_query_model(layers: int, heads: int, d: int) -> queries.QueryModel:
 def time_selector(name: str, ratio: float, k: torch.Tensor, v: torch.Tensor, repeats: int) -> float:
     """Best wall seconds of one selection (device work included)."""
     selector = drop.SELECTORS[name](ratio)
-    kv = drop.ContextKV(k=k, values=lambda: v, positions=torch.arange(k.shape[1], device=k.device))
+    kv = drop.ContextKV.of(k, v, torch.arange(k.shape[1], device=k.device))
 
     selector.select(kv)  # first call: allocations, kernel selection
     return best_seconds(lambda: selector.select(kv), repeats)

@@ -421,8 +421,8 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
         if selector is None:
             idx = torch.arange(tokens, device=k.device)
         else:
-            kv = HarnessKV(k, lambda: v, torch.arange(tokens, device=k.device), 0,
-                           oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
+            kv = HarnessKV.of(k, v, torch.arange(tokens, device=k.device), 0,
+                              oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
         kept_share.append(idx.numel() / tokens)

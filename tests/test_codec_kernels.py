@@ -179,7 +179,7 @@ def test_warm_up_runs_each_selector_once_at_both_lengths_without_touching_the_po
         real = cls.select
 
         def select(self, kv, real=real):
-            calls.append((self.name, kv.k.shape, kv.k.dtype))
+            calls.append((self.name, torch.Size(kv.shape.tensor_shape), kv.shape.dtype))
             if self.name == "knorm":
                 raise RuntimeError("no kernel for knorm here")
             return real(self, kv)
@@ -307,3 +307,29 @@ def test_buffer_offsets_keep_no_pool_alive():
     gone = weakref.ref(k[1])
     del k, v
     assert gone() is None
+
+
+@pytest.mark.parametrize("name", ["keydiff:0.5", "knorm:0.5", "expected:0.5", "kvzip:0.5"])
+def test_a_dropping_store_reads_the_pool_a_few_layers_at_a_time(monkeypatch, name):
+    """With room for one layer, the store path that moves the payload without a gathered copy
+    (a GPU kernel; bf16's per-layer copy on this CPU pool) never gathers more than one layer of
+    K or V from the pool to select tokens (a 100k-token context of an 8B model is ~6.5 GB of K),
+    and writes the blob that scoring everything at once writes."""
+    from evicpress_sglang.codecs import drop, queries
+    from test_query_selectors import _model
+
+    pool, slots = pool_with_kv()
+    layout = kv_io.pool_layout(pool)
+    queries.use(_model(layout.layers, layout.heads, layout.head_dim, mean=torch.randn(layout.head_dim)))
+    try:
+        codec = get_codec(name)
+        whole = kv_io.encode_from_pool(pool, slots, codec)
+        gathered = []
+        real_stack = kv_io._stack
+        monkeypatch.setattr(kv_io, "_stack", lambda buffers, idx: gathered.append(len(buffers)) or real_stack(buffers, idx))
+        monkeypatch.setattr(drop, "CHUNK_BYTES", 1)
+        chunked = kv_io.encode_from_pool(pool, slots, codec)
+    finally:
+        queries.use(None)
+    assert gathered and max(gathered) == 1
+    assert torch.equal(chunked.payload, whole.payload)

@@ -111,7 +111,7 @@ def test_scored_selectors_always_keep_the_recent_window(ratio):
     k = k.float()
     k[:, -KeyDiffSelector.RECENT - 1:] = common  # the least distinctive keys of the context
     sel = SELECTORS["keydiff"](ratio)
-    kept = sel.select(ContextKV(k, lambda: v, torch.arange(tokens))).tolist()
+    kept = sel.select(ContextKV.of(k, v, torch.arange(tokens))).tolist()
     keep = sel.kept(tokens)
     recent = min(KeyDiffSelector.RECENT, keep // 2)
     assert len(kept) == keep and kept[-recent:] == list(range(tokens - recent, tokens))

@@ -249,9 +249,9 @@ def test_a_node_below_another_is_dropped_knowing_where_it_starts(tmp_path, monke
     seen = []
     real_keep = DropCodec.keep
 
-    def keep(self, tokens, device, keys, values, positions=None, start=0):
-        seen.append((tokens, start))
-        return real_keep(self, tokens, device, keys, values, positions, start)
+    def keep(self, shape, device, keys, values, positions=None, start=0):
+        seen.append((shape.tokens, start))
+        return real_keep(self, shape, device, keys, values, positions, start)
 
     monkeypatch.setattr(DropCodec, "keep", keep)
     cache = _cache(tmp_path)

@@ -73,7 +73,7 @@ def test_expected_keeps_a_token_that_one_head_needs_even_if_the_others_do_not(qm
 
     averaged = drop._standardised
     monkeypatch.setattr(drop, "_standardised", lambda score, head_max=False: averaged(score))
-    kv = drop.ContextKV(k, lambda: v, torch.arange(tokens))
+    kv = drop.ContextKV.of(k, v, torch.arange(tokens))
     by_mean = drop.SELECTORS["expected"](0.5).score(kv)
     assert (by_mean[needed] < by_mean.median()).all()
 
@@ -208,11 +208,11 @@ def test_selectors_score_the_same_a_layer_at_a_time(qmodel, monkeypatch, name):
 
     qmodel(_model(mean=torch.randn(DIM), key_map=torch.randn(LAYERS, HEADS, DIM, DIM) / DIM, freq=0.1))
     k, v = _kv(200)
-    kv = drop.ContextKV(k.to(torch.bfloat16), lambda: v.to(torch.bfloat16), torch.arange(200), start=17)
+    kv = drop.ContextKV.of(k.to(torch.bfloat16), v.to(torch.bfloat16), torch.arange(200), start=17)
     whole = drop.SELECTORS[name](0.5).score(kv)
-    assert len(drop._layer_slices(LAYERS, 1)) == 1
+    assert kv.parts(0) == [slice(0, LAYERS)]
     monkeypatch.setattr(drop, "CHUNK_BYTES", 1)
-    assert len(drop._layer_slices(LAYERS, 1)) == LAYERS
+    assert kv.parts(0) == [slice(i, i + 1) for i in range(LAYERS)]
     torch.testing.assert_close(drop.SELECTORS[name](0.5).score(kv), whole, rtol=0, atol=1e-5)
 
 
@@ -259,10 +259,10 @@ def test_a_context_below_others_is_scored_at_its_place_in_the_sequence(qmodel, n
     sel = SELECTORS[name.split(":")[0]](0.5)
     rel = torch.arange(80)
     start = 1000
-    as_tail = sel.select(ContextKV(k, lambda: v, rel + start))
-    as_node = sel.select(ContextKV(k, lambda: v, rel, start))
+    as_tail = sel.select(ContextKV.of(k, v, rel + start))
+    as_node = sel.select(ContextKV.of(k, v, rel, start))
     assert torch.equal(as_node, as_tail)
-    assert not torch.equal(sel.select(ContextKV(k, lambda: v, rel)), as_tail)  # the start matters here
+    assert not torch.equal(sel.select(ContextKV.of(k, v, rel)), as_tail)  # the start matters here
     codec = get_codec(name)
     enc = codec.encode(k, v, start=start)
     assert torch.equal(codec.positions(enc), as_tail)  # stored positions stay relative to the node
@@ -298,14 +298,14 @@ def _expected_reference(kv, future=256):
     float32, softmax over tokens, plus log |v|): what the selector's one projection must equal."""
     from evicpress_sglang.codecs.drop import _standardised
 
-    layers, _, heads, d = kv.k.shape
-    qm = queries.active_on(kv.k.device, layers, heads, d)
+    layers, _, heads, d = kv.shape.tensor_shape
+    qm = queries.active_on(kv.device, layers, heads, d)
     turn = queries.mean_rotation(kv.rope_positions()[-1] + 1 + torch.arange(future), qm.inv_freq)
-    mean, cov, k = qm.mean @ turn, turn.T @ qm.cov @ turn, kv.k.float()
+    mean, cov, k = qm.mean @ turn, turn.T @ qm.cov @ turn, kv.keys(slice(None)).float()
     logit = torch.einsum("lhd,lthd->lth", mean, k) / math.sqrt(d)
     logit += torch.einsum("lthd,lhde,lthe->lth", k, cov, k) / (2 * d)
     expected = logit.transpose(1, 2).log_softmax(dim=-1).transpose(1, 2)
-    return _standardised(expected + kv.values().float().norm(dim=-1).clamp_min(1e-6).log(), head_max=True)
+    return _standardised(expected + kv.values(slice(None)).float().norm(dim=-1).clamp_min(1e-6).log(), head_max=True)
 
 
 def test_expected_scores_with_one_projection_what_the_formula_gives(qmodel):
@@ -320,9 +320,9 @@ def test_expected_scores_with_one_projection_what_the_formula_gives(qmodel):
     sel = SELECTORS["expected"](0.5)
     k, v = _kv(1000, seed=3)
     k = k * 10
-    kv = ContextKV(k, lambda: v, torch.arange(1000), 300)
+    kv = ContextKV.of(k, v, torch.arange(1000), 300)
     assert torch.allclose(sel.score(kv), _expected_reference(kv), atol=1e-5)
-    kv16 = ContextKV(k.to(torch.bfloat16), lambda: v.to(torch.bfloat16), torch.arange(1000), 300)
+    kv16 = ContextKV.of(k.to(torch.bfloat16), v.to(torch.bfloat16), torch.arange(1000), 300)
     keep = sel.kept(1000)
     ours = set(torch.topk(sel.score(kv16), keep).indices.tolist())
     formula = set(torch.topk(_expected_reference(kv16), keep).indices.tolist())

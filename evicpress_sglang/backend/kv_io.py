@@ -94,8 +94,8 @@ def encode_from_pool(pool, slots: torch.Tensor, codec: KVCodec, positions: torch
         payload = torch.empty(codec.nbytes(shape), dtype=torch.uint8, device=idx.device)
         inner, kept = payload, idx
         if drop is not None:
-            picked, kept_pos = drop.keep(idx.numel(), idx.device, lambda: _stack(pool.k_buffer, idx),
-                                         lambda: _stack(pool.v_buffer, idx), positions, start)
+            picked, kept_pos = drop.keep(shape, idx.device, lambda part: _stack(pool.k_buffer[part], idx),
+                                         lambda part: _stack(pool.v_buffer[part], idx), positions, start)
             head = drop.header(kept_pos)
             payload[: head.numel()] = head
             inner, kept = payload[head.numel():], idx[picked]
@@ -201,7 +201,7 @@ def warm_up_selectors(pool, codecs: list[str]) -> list[str]:
             for tokens in lengths:
                 k = torch.randn(layout.layers, tokens, layout.heads, layout.head_dim, generator=gen,
                                 device=device).to(layout.dtype)
-                stage.keep(tokens, device, lambda: k, lambda: k)
+                stage.keep(layout.with_tokens(tokens), device, lambda part: k[part], lambda part: k[part])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # a kernel's error surfaces here, not at a later sync
         except Exception as e:  # noqa: BLE001 - a warm-up must not stop the start; the first eviction retries

@@ -38,19 +38,54 @@ POSITION_DTYPE = torch.int32
 
 @dataclass
 class ContextKV:
-    """What a selector may read about the context it prunes."""
+    """What a selector may read about the context it prunes: its K and V a few layers at a
+    time (:meth:`parts`), so that scoring a long context never holds all of them at once."""
 
-    k: torch.Tensor  # [layers, tokens, heads, head_dim], after RoPE at ``start + positions``
-    values: Callable[[], torch.Tensor]  # V in the same layout; gathered only if a selector asks
-    positions: torch.Tensor  # int64 [tokens]: each token's position in the context
+    #: K of the layers in a slice, [layers, tokens, heads, head_dim], after RoPE at
+    #: ``start + positions`` (gathered from the pool when called)
+    keys: Callable[[slice], torch.Tensor]
+    values: Callable[[slice], torch.Tensor]  # V likewise; gathered only if a selector asks
+    shape: KVShape
+    positions: torch.Tensor  # int64 [tokens], on the KV's device: each token's position in the context
     #: Where the context starts in its sequence: a radix node below others starts where its
     #: ancestors end, and its keys carry RoPE at ``start + positions``. Only the selectors that
     #: rotate queries or un-rotate keys (``expected``, ``kvzip``) read it.
     start: int = 0
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, start: int = 0, **extra) -> "ContextKV":
+        """The context of whole K and V tensors ([layers, tokens, heads, head_dim])."""
+        return cls(lambda part: k[part], lambda part: v[part], KVShape.of(k), positions, start, **extra)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
     def rope_positions(self) -> torch.Tensor:
         """The tokens' positions in the sequence: the ones their keys are rotated to."""
         return self.positions + self.start
+
+    def parts(self, work_bytes_per_layer: int) -> list[slice]:
+        """Slices of the layers to score at once: a layer's K or V plus ``work_bytes_per_layer``
+        of the selector's own intermediates, within :data:`CHUNK_BYTES` (one layer at least)."""
+        s = self.shape
+        per_layer = s.tokens * s.heads * s.head_dim * s.dtype.itemsize + work_bytes_per_layer
+        step = max(1, CHUNK_BYTES // max(per_layer, 1))
+        return [slice(at, min(at + step, s.layers)) for at in range(0, s.layers, step)]
+
+    def norms(self, read: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """float32 [layers, tokens, heads] L2 norms of ``read``'s vectors (``keys`` or ``values``)."""
+        s = self.shape
+        out = torch.empty(s.layers, s.tokens, s.heads, device=self.device)
+        for part in self.parts(4 * s.tokens * s.heads):
+            out[part] = torch.linalg.vector_norm(read(part), dim=-1, dtype=torch.float32)
+        return out
+
+
+#: Bytes a selector reads and builds at once (a few layers of K and its intermediates), so that
+#: a long context (100k tokens of an 8B model) does not ask the GPU for gigabytes at eviction
+#: time, when memory is scarcest; the scores do not depend on it.
+CHUNK_BYTES = 256 << 20
 
 
 class TokenSelector(ABC):
@@ -78,9 +113,9 @@ class TokenSelector(ABC):
 
     def select(self, kv: ContextKV) -> torch.Tensor:
         """Ascending indices (int64, on the keys' device) of the tokens to keep."""
-        tokens, keep = kv.k.shape[1], self.kept(kv.k.shape[1])
+        tokens, keep = kv.shape.tokens, self.kept(kv.shape.tokens)
         if keep >= tokens:
-            return torch.arange(tokens, device=kv.k.device)
+            return torch.arange(tokens, device=kv.device)
         chosen = self.choose(kv, keep)
         return torch.sort(chosen).values
 
@@ -128,19 +163,6 @@ def _standardised(score: torch.Tensor, head_max: bool = False) -> torch.Tensor:
     return per_layer.sum(dim=0) / layers
 
 
-#: Bytes of intermediate tensors a selector builds at once. It scores a few layers
-#: at a time, so that a long context (100k tokens of an 8B model) does not ask the GPU for
-#: gigabytes at eviction time, when memory is scarcest; the scores do not depend on it.
-CHUNK_BYTES = 256 << 20
-
-
-def _layer_slices(layers: int, bytes_per_layer: int) -> list[slice]:
-    """Consecutive slices of ``layers`` whose intermediates stay within :data:`CHUNK_BYTES`
-    (one layer at least)."""
-    step = max(1, CHUNK_BYTES // max(bytes_per_layer, 1))
-    return [slice(at, min(at + step, layers)) for at in range(0, layers, step)]
-
-
 class KNormSelector(ScoredSelector):
     """Keep the tokens with the *smallest* key L2 norm (Devoto et al. 2024, kvpress
     ``KnormPress``): low-norm keys draw the most attention."""
@@ -148,8 +170,7 @@ class KNormSelector(ScoredSelector):
     name = "knorm"
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(kv.k, dim=-1, dtype=torch.float32)  # [layers, tokens, heads], no copy of K
-        return -_standardised(norm)
+        return -_standardised(kv.norms(kv.keys))
 
 
 class KeyDiffSelector(ScoredSelector):
@@ -159,10 +180,10 @@ class KeyDiffSelector(ScoredSelector):
     name = "keydiff"
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        layers, tokens, heads, d = kv.k.shape
-        similarity = torch.empty(layers, tokens, heads, device=kv.k.device)
-        for part in _layer_slices(layers, 2 * 4 * tokens * heads * d):  # K in float32 and its unit vectors
-            unit = torch.nn.functional.normalize(kv.k[part].float(), dim=-1)
+        s = kv.shape
+        similarity = torch.empty(s.layers, s.tokens, s.heads, device=kv.device)
+        for part in kv.parts(2 * 4 * s.tokens * s.heads * s.head_dim):  # K in float32 and its unit vectors
+            unit = torch.nn.functional.normalize(kv.keys(part).float(), dim=-1)
             anchor = torch.nn.functional.normalize(unit.sum(dim=1, keepdim=True), dim=-1)  # the mean's direction
             similarity[part] = (unit * anchor).sum(dim=-1)
         return -_standardised(similarity)
@@ -176,7 +197,7 @@ class StreamingSelector(TokenSelector):
     SINKS = 4
 
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
-        tokens, device = kv.k.shape[1], kv.k.device
+        tokens, device = kv.shape.tokens, kv.device
         sinks = min(self.SINKS, keep)
         head = torch.arange(sinks, device=device)
         tail = torch.arange(tokens - (keep - sinks), tokens, device=device)
@@ -218,20 +239,18 @@ class ExpectedAttentionSelector(ScoredSelector):
     FUTURE = 256
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        layers, _, heads, d = kv.k.shape
-        qm = queries.active_on(kv.k.device, layers, heads, d)
-        future = kv.rope_positions()[-1] + 1 + torch.arange(self.FUTURE, device=kv.k.device)
+        layers, tokens, heads, d = kv.shape.tensor_shape
+        qm = queries.active_on(kv.device, layers, heads, d)
+        future = kv.rope_positions()[-1] + 1 + torch.arange(self.FUTURE, device=kv.device)
         turn = queries.mean_rotation(future, qm.inv_freq)  # row j: mean rotation of unit vector j
         mean = qm.mean @ turn  # [L, H, d]
-        root = turn.T @ queries.cov_root_on(kv.k.device, layers, heads, d)  # turn^T S turn = root root^T
-        project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.k.dtype)
-        tokens = kv.k.shape[1]
-        logit = torch.empty(layers, tokens, heads, device=kv.k.device)
-        for part in _layer_slices(layers, tokens * heads * (d + 1) * (kv.k.element_size() + 4)):
-            y = torch.einsum("lthd,lhde->lthe", kv.k[part], project[part])  # [l, T, H, 1 + d]
+        root = turn.T @ queries.cov_root_on(kv.device, layers, heads, d)  # turn^T S turn = root root^T
+        project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.shape.dtype)
+        logit = torch.empty(layers, tokens, heads, device=kv.device)
+        for part in kv.parts(tokens * heads * (d + 1) * (kv.shape.dtype.itemsize + 4)):
+            y = torch.einsum("lthd,lhde->lthe", kv.keys(part), project[part])  # [l, T, H, 1 + d]
             logit[part] = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
-        value = torch.linalg.vector_norm(kv.values(), dim=-1, dtype=torch.float32)
-        return _standardised(logit + value.clamp_min(1e-6).log(), head_max=True)
+        return _standardised(logit + kv.norms(kv.values).clamp_min(1e-6).log(), head_max=True)
 
 
 class ReconstructionSelector(ScoredSelector):
@@ -247,15 +266,15 @@ class ReconstructionSelector(ScoredSelector):
     QUERIES = 256
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        layers, tokens, heads, d = kv.k.shape
-        qm = queries.active_on(kv.k.device, layers, heads, d)
-        picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=kv.k.device).round().long()
+        layers, tokens, heads, d = kv.shape.tensor_shape
+        qm = queries.active_on(kv.device, layers, heads, d)
+        picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=kv.device).round().long()
         seq = kv.rope_positions()
         pos = seq[picked]
-        best = torch.empty(layers, tokens, heads, device=kv.k.device)
+        best = torch.empty(layers, tokens, heads, device=kv.device)
         # per layer: K in float32, the attention and its softmax ([H, Q, T] float32 each)
-        for part in _layer_slices(layers, 4 * tokens * heads * (d + 2 * picked.numel())):
-            k = kv.k[part].float()
+        for part in kv.parts(4 * tokens * heads * (d + 2 * picked.numel())):
+            k = kv.keys(part).float()
             plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [l, Q, H, d] pre-RoPE keys
             q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map[part]) + qm.key_bias[part, None]
             q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
@@ -274,7 +293,7 @@ class KeepAllSelector(TokenSelector):
         super().__init__(0.0)
 
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
-        return torch.arange(keep, device=kv.k.device)
+        return torch.arange(keep, device=kv.device)
 
 
 SELECTORS: dict[str, type[TokenSelector]] = {
@@ -308,25 +327,27 @@ class DropCodec(KVCodec):
         a context dropped before passes the positions its kept tokens had. ``start``: where the
         context starts in its sequence (:attr:`ContextKV.start`; not stored)."""
         shape = KVShape.of(k)
-        idx, kept_pos = self.keep(shape.tokens, k.device, lambda: k, lambda: v, positions, start)
+        idx, kept_pos = self.keep(shape, k.device, lambda part: k[part], lambda part: v[part], positions, start)
         inner = self.inner.encode(k[:, idx], v[:, idx])
         return EncodedKV(self.name, shape, torch.cat([self.header(kept_pos), inner.payload]))
 
-    def keep(self, tokens: int, device: torch.device, keys: Callable[[], torch.Tensor],
-             values: Callable[[], torch.Tensor], positions: torch.Tensor | None = None, start: int = 0
+    def keep(self, shape: KVShape, device: torch.device, keys: Callable[[slice], torch.Tensor],
+             values: Callable[[slice], torch.Tensor], positions: torch.Tensor | None = None, start: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending indices of the kept tokens, their positions in the context), both int64.
-        ``keys`` / ``values`` return the tokens' K / V; they are called only when some token is
-        dropped (V only by a selector that reads it), so a subset codec (``keep+...``) never
-        needs them gathered. ``start``: where the context starts in its sequence (the kept
-        positions stay relative to the context; the selector reads it, see :class:`ContextKV`)."""
+        ``keys`` / ``values`` return the tokens' K / V of a slice of layers (:class:`ContextKV`);
+        they are called only when some token is dropped (V only by a selector that reads it), so
+        a subset codec (``keep+...``) never needs them gathered. ``start``: where the context
+        starts in its sequence (the kept positions stay relative to the context; the selector
+        reads it, see :class:`ContextKV`)."""
+        tokens = shape.tokens
         if positions is not None and positions.numel() != tokens:
             raise CodecError(f"{positions.numel()} positions for {tokens} tokens")
         pos = torch.arange(tokens, device=device) if positions is None else positions.to(device, torch.int64)
         if self.selector.kept(tokens) >= tokens:
             idx = torch.arange(tokens, device=device)
         else:
-            idx = self.selector.select(ContextKV(keys(), values, pos, int(start)))
+            idx = self.selector.select(ContextKV(keys, values, shape, pos, int(start)))
         return idx, pos[idx]
 
     def header(self, kept_pos: torch.Tensor) -> torch.Tensor:
