@@ -73,13 +73,19 @@ class ContextKV:
         step = max(1, CHUNK_BYTES // max(per_layer, 1))
         return [slice(at, min(at + step, s.layers)) for at in range(0, s.layers, step)]
 
-    def norms(self, read: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """float32 [layers, tokens, heads] L2 norms of ``read``'s vectors (``keys`` or ``values``)."""
+    def per_layer(self, work_bytes_per_layer: int, score: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """float32 [layers, tokens, heads]: ``score(part)`` ([part's layers, tokens, heads]) for
+        every slice of :meth:`parts`, put together."""
         s = self.shape
         out = torch.empty(s.layers, s.tokens, s.heads, device=self.device)
-        for part in self.parts(4 * s.tokens * s.heads):
-            out[part] = torch.linalg.vector_norm(read(part), dim=-1, dtype=torch.float32)
+        for part in self.parts(work_bytes_per_layer):
+            out[part] = score(part)
         return out
+
+    def norms(self, read: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """float32 [layers, tokens, heads] L2 norms of ``read``'s vectors (``keys`` or ``values``)."""
+        return self.per_layer(4 * self.shape.tokens * self.shape.heads,
+                              lambda part: torch.linalg.vector_norm(read(part), dim=-1, dtype=torch.float32))
 
 
 #: Bytes a selector reads and builds at once (a few layers of K and its intermediates), so that
@@ -180,13 +186,13 @@ class KeyDiffSelector(ScoredSelector):
     name = "keydiff"
 
     def score(self, kv: ContextKV) -> torch.Tensor:
-        s = kv.shape
-        similarity = torch.empty(s.layers, s.tokens, s.heads, device=kv.device)
-        for part in kv.parts(2 * 4 * s.tokens * s.heads * s.head_dim):  # K in float32 and its unit vectors
+        def similarity(part: slice) -> torch.Tensor:
             unit = torch.nn.functional.normalize(kv.keys(part).float(), dim=-1)
             anchor = torch.nn.functional.normalize(unit.sum(dim=1, keepdim=True), dim=-1)  # the mean's direction
-            similarity[part] = (unit * anchor).sum(dim=-1)
-        return -_standardised(similarity)
+            return (unit * anchor).sum(dim=-1)
+
+        s = kv.shape  # intermediates: K in float32 and its unit vectors
+        return -_standardised(kv.per_layer(2 * 4 * s.tokens * s.heads * s.head_dim, similarity))
 
 
 class StreamingSelector(TokenSelector):
@@ -246,11 +252,12 @@ class ExpectedAttentionSelector(ScoredSelector):
         mean = qm.mean @ turn  # [L, H, d]
         root = turn.T @ queries.cov_root_on(kv.device, layers, heads, d)  # turn^T S turn = root root^T
         project = torch.cat([mean[..., None] / math.sqrt(d), root / math.sqrt(2 * d)], dim=-1).to(kv.shape.dtype)
-        logit = torch.empty(layers, tokens, heads, device=kv.device)
-        for part in kv.parts(tokens * heads * (d + 1) * (kv.shape.dtype.itemsize + 4)):
+        def logit(part: slice) -> torch.Tensor:
             y = torch.einsum("lthd,lhde->lthe", kv.keys(part), project[part])  # [l, T, H, 1 + d]
-            logit[part] = y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
-        return _standardised(logit + kv.norms(kv.values).clamp_min(1e-6).log(), head_max=True)
+            return y[..., 0].float() + torch.linalg.vector_norm(y[..., 1:], dim=-1, dtype=torch.float32).square()
+
+        logits = kv.per_layer(tokens * heads * (d + 1) * (kv.shape.dtype.itemsize + 4), logit)
+        return _standardised(logits + kv.norms(kv.values).clamp_min(1e-6).log(), head_max=True)
 
 
 class ReconstructionSelector(ScoredSelector):
@@ -271,16 +278,16 @@ class ReconstructionSelector(ScoredSelector):
         picked = torch.linspace(0, tokens - 1, min(self.QUERIES, tokens), device=kv.device).round().long()
         seq = kv.rope_positions()
         pos = seq[picked]
-        best = torch.empty(layers, tokens, heads, device=kv.device)
-        # per layer: K in float32, the attention and its softmax ([H, Q, T] float32 each)
-        for part in kv.parts(4 * tokens * heads * (d + 2 * picked.numel())):
+        def most_attention(part: slice) -> torch.Tensor:
             k = kv.keys(part).float()
             plain = queries.rope(k[:, picked], -pos, qm.inv_freq)  # [l, Q, H, d] pre-RoPE keys
             q = torch.einsum("lqhd,lhde->lqhe", plain, qm.key_map[part]) + qm.key_bias[part, None]
             q = queries.rope(q, pos + seq[-1] + 1, qm.inv_freq)
             attn = torch.einsum("lqhd,lthd->lhqt", q, k).div(math.sqrt(d)).softmax(dim=-1)
-            best[part] = attn.amax(dim=2).transpose(1, 2)
-        return _standardised(best.log())
+            return attn.amax(dim=2).transpose(1, 2)
+
+        # per layer: K in float32, the attention and its softmax ([H, Q, T] float32 each)
+        return _standardised(kv.per_layer(4 * tokens * heads * (d + 2 * picked.numel()), most_attention).log())
 
 
 class KeepAllSelector(TokenSelector):
