@@ -23,7 +23,6 @@ Usage: python bench/dropped_serving_check.py --model DIR --out DIR [--selectors 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -83,18 +82,10 @@ def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> 
     return mask
 
 
-def _harness():
-    path = Path(__file__).resolve().with_name("selector_quality.py")
-    spec = importlib.util.spec_from_file_location("selector_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def hf_answers(prompts: list[str], blobs: list[list], max_new: int) -> list[dict]:
     """Per prompt: HF's full-KV answer and its answer keeping only what its ``blobs`` kept."""
-    harness = _harness()
+    import selector_quality as harness  # the sibling script (bench/ is on the path when this one runs)
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runner = harness.Runner(max_new, "sdpa", device, "bfloat16" if device == "cuda" else "float32")
     rows = []

@@ -227,3 +227,18 @@ class FakeTokenizerManager:
 
     async def set_internal_state(self, obj):
         return [self.scheduler.set_internal_state(obj).updated]
+
+
+def load_bench_script(name: str):
+    """``bench/<name>.py`` as a module (bench/ is not a package), registered under ``name``: its
+    dataclasses look their module up in ``sys.modules``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

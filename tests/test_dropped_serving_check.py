@@ -3,26 +3,17 @@ disk tier's blobs are the ones the codec kept, placed where the node sits in a p
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from evicpress_sglang.codecs import get_codec
 from evicpress_sglang.tiers.disk import DiskTier
+from harness import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def check():
-    path = Path(__file__).resolve().parents[1] / "bench" / "dropped_serving_check.py"
-    spec = importlib.util.spec_from_file_location("dropped_serving_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return load_bench_script("dropped_serving_check")
 
 
 def test_blobs_give_back_the_kept_positions_and_mask_them_where_the_node_sits(check, tmp_path):

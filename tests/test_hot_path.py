@@ -18,7 +18,7 @@ from evicpress_sglang.policy import ContextTable, CostModel, Tier, Weights, buil
 from evicpress_sglang.policy.planner import build_plan
 from evicpress_sglang.settings import Settings
 from evicpress_sglang.sim import footprint_tokens, generate, simulate
-from harness import LAYERS, DIM, HEADS, expected_kv, free_slots_accounted, make_params, serve
+from harness import LAYERS, DIM, HEADS, expected_kv, free_slots_accounted, load_bench_script, make_params, serve
 from evicpress_sglang.codecs import KVShape
 
 TOKEN_BYTES = 2 * LAYERS * HEADS * DIM * 2
@@ -230,7 +230,7 @@ def test_gpu_bench_runs_end_to_end_against_a_stand_in_server(tmp_path):
 
 
 def test_context_ids_are_distinct_branches_and_sse_chunks_are_counted():
-    hp = _load_hot_path()
+    hp = load_bench_script("hot_path")
     ids = [hp.context_ids(i, 9) for i in (0, 1, 40_000, 80_000, 10_000_000)]
     assert all(len(x) == 9 for x in ids) and len({tuple(x[:2]) for x in ids}) == len(ids)
     assert all(hp.VOCAB_BASE <= t < hp.VOCAB_BASE + hp.VOCAB_SPAN for x in ids for t in x)
@@ -240,15 +240,6 @@ def test_context_ids_are_distinct_branches_and_sse_chunks_are_counted():
         list(hp.stream_chunks([b'data: {"error": {"message": "too long"}}']))
     assert len(list(hp.stream_chunks([b'data: {"text": "error"}']))) == 1  # an answer that says "error" is a token
     assert hp._percentiles("itl", []) == {"itl_p50_ms": None, "itl_p99_ms": None, "itl_n": 0}
-
-
-def _load_hot_path():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hot_path", HOT_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_a_refreshed_snapshot_equals_a_fresh_one_after_any_changes():

@@ -3,23 +3,15 @@ claim to read: issue 24's 'what the approximation loses' rests on them."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from harness import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def harness():
-    path = Path(__file__).resolve().parents[1] / "bench" / "selector_quality.py"
-    spec = importlib.util.spec_from_file_location("selector_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return load_bench_script("selector_quality")
 
 
 @pytest.fixture(scope="module")
