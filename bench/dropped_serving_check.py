@@ -3,12 +3,16 @@ kept tokens (issue 24: the selector harness and the SGLang bench rank the select
 a serving path that gave other KV than the kept tokens' would explain it, and would be wrong KV).
 
 For each selector, one server whose only store for evicted contexts is the disk, under
-``static:<selector>:<ratio>``: each document's question is asked once (full KV), other documents
-push it out of the pool onto disk (token-dropped), and it is asked again (served from the blob).
-Then every blob on disk is read: its radix node's tokens (the blob's ``meta.tokens``) and the
-positions it kept (the payload's header). HF transformers answers each prompt twice on its own:
-with every token, and with exactly the tokens the blobs kept wherever a blob's tokens occur in
-the prompt (the prompt's last token recomputed, as SGLang does). Reported per selector, as mean
+``static:<selector>:<ratio>``: every document's question is asked once (full KV; the pool holds
+about three documents, so the earlier ones are evicted onto disk, token-dropped, as the later
+ones arrive), fresh filler documents push the last ones out too, every blob on disk is read (its
+radix node's tokens, the blob's ``meta.tokens``, and the positions it kept, the payload's
+header: read before any load-back, which deletes the blob it loads), and every question is asked
+again (served from the blobs). Each filler is asked once only: a filler asked again would be
+loaded back from disk and push the documents out in another order than they came. HF
+transformers answers each prompt twice on its own: with every token, and with exactly the tokens
+the blobs kept wherever a blob's tokens occur in the prompt (the prompt's last token recomputed,
+as SGLang does). Reported per selector, as mean
 token F1 over the documents served from disk:
 
 * ``served_vs_full``: SGLang's second answer against its first (what the bench measures);
@@ -35,7 +39,7 @@ import requests
 import torch
 
 from evicpress_sglang.bench.server import Server, ask, parse_server_args, server_command, server_parser
-from evicpress_sglang.bench.workload import doc_texts, docqa_prompt, fact_question
+from evicpress_sglang.bench.workload import QUESTIONS, doc_texts, docqa_prompt, fact_question
 from evicpress_sglang.codecs import get_codec
 from evicpress_sglang.codecs.drop import DropCodec
 from evicpress_sglang.profiler.scores import token_f1
@@ -44,7 +48,7 @@ from evicpress_sglang.tiers.disk import SUFFIX
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = server_parser(__doc__.split("\n\n")[0], port=30400, docs=8, max_new_tokens=16)
+    p = server_parser(__doc__.split("\n\n")[0], port=30400, docs=12, max_new_tokens=16)
     p.add_argument("--pool-tokens", type=int, default=8000, help="about 3 documents")
     p.add_argument("--selectors", default="keydiff,expected")
     p.add_argument("--ratio", type=float, default=0.5)
@@ -67,32 +71,40 @@ def read_blobs(disk_dir: Path) -> list[tuple[list[int], list[int], str]]:
     return found
 
 
+#: Tokens a node must share with a prompt to be placed at its end (see :func:`kept_mask`).
+MIN_OVERLAP = 16
+
+
 def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> torch.Tensor:
-    """For each of ``ids``: False where a blob's node occurs in ``ids`` and did not keep that token
-    (the first occurrence of the node's tokens; nodes of other prompts do not occur)."""
+    """For each of ``ids``: False where a blob's node occurs in ``ids`` and did not keep that token.
+    A node occurs where its tokens start (the first such place) and run to its end or to the end of
+    ``ids``: a radix node of a prompt asked before also holds the answer generated after it,
+    which a prompt asked again does not; at least ``MIN_OVERLAP`` of its tokens (or all) must be
+    in ``ids``, so that another prompt's node cannot match by its first token at the very end."""
     mask = torch.ones(len(ids), dtype=torch.bool)
     for tokens, kept, _ in blobs:
-        n = len(tokens)
-        at = next((o for o in range(len(ids) - n + 1) if ids[o:o + n] == tokens), None) if n else None
+        overlap = min(len(tokens), MIN_OVERLAP)
+        at = next((o for o in range(len(ids) - overlap + 1)
+                   if tokens and ids[o:o + len(tokens)] == tokens[:len(ids) - o]), None)
         if at is None:
             continue
-        inside = torch.zeros(n, dtype=torch.bool)
+        inside = torch.zeros(len(tokens), dtype=torch.bool)
         inside[torch.tensor(kept, dtype=torch.long)] = True
-        mask[at:at + n] &= inside
+        mask[at:at + len(tokens)] &= inside[:len(ids) - at]
     return mask
 
 
-def hf_answers(prompts: list[str], blobs: list[list], max_new: int) -> list[dict]:
-    """Per prompt: HF's full-KV answer and its answer keeping only what its ``blobs`` kept."""
+def hf_answers(prompts: list[str], blobs: list[tuple[list[int], list[int], str]], max_new: int) -> list[dict]:
+    """Per prompt: HF's full-KV answer and its answer keeping only what the ``blobs`` kept of it."""
     import selector_quality as harness  # the sibling script (bench/ is on the path when this one runs)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runner = harness.Runner(max_new, "sdpa", device, "bfloat16" if device == "cuda" else "float32")
     rows = []
-    for prompt, found in zip(prompts, blobs):
+    for prompt in prompts:
         ids = runner.tok(prompt)["input_ids"]
         k, v = runner.prefill(ids[:-1])
-        keep = kept_mask(ids[:-1], found).to(k.device)
+        keep = kept_mask(ids[:-1], blobs).to(k.device)
         full = runner.text(runner.answer(k, v, len(ids) - 1, ids[-1:]))
         dropped = runner.text(runner.answer(k[:, keep], v[:, keep], len(ids) - 1, ids[-1:]))
         rows.append({"hf_full": full, "hf_dropped": dropped, "kept": int(keep.sum()), "tokens": len(ids) - 1})
@@ -111,17 +123,15 @@ def run_selector(args: argparse.Namespace, selector: str, prompts: list[str], fi
     cmd = server_command(args) + ["--port", str(args.port), "--radix-cache-backend", "evicpress",
                                   "--max-total-tokens", str(args.pool_tokens)]
     with Server(cmd, env, out / "server.log", args.port) as url:
-        rounds = []
-        for prompt in prompts:
-            first = ask(url, prompt, args.max_new_tokens)
-            for text in fillers:  # push the prompt's node out of the pool, onto disk
-                ask(url, text, args.max_new_tokens)
-            time.sleep(1)  # let the disk writer finish
-            found = read_blobs(out / "disk")  # before the load-back, which deletes the blob it loads
-            rounds.append({"first": first, "again": ask(url, prompt, args.max_new_tokens), "blobs": found})
+        first = [ask(url, prompt, args.max_new_tokens) for prompt in prompts]
+        for text in fillers:  # push the last documents out of the pool, onto disk
+            ask(url, text, args.max_new_tokens)
+        time.sleep(2)  # let the disk writer finish
+        found = read_blobs(out / "disk")
+        rounds = [{"first": f, "again": ask(url, prompt, args.max_new_tokens)} for f, prompt in zip(first, prompts)]
         status = requests.get(url + "/evicpress/status", timeout=60).json()
     rows = []
-    hf = hf_answers(prompts, [r.pop("blobs") for r in rounds], args.max_new_tokens)
+    hf = hf_answers(prompts, found, args.max_new_tokens)
     for r, h in zip(rounds, hf):
         rows.append(r | h | {"served_from_dropped": h["kept"] < h["tokens"]})
     served = [x for x in rows if x["served_from_dropped"]]
@@ -144,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     texts, _ = doc_texts(np.random.default_rng(0), args.docs, args.doc_chars, args.doc_chars + 1000)
-    prompts = [docqa_prompt(t, fact_question(d)) for d, t in enumerate(texts)]
+    # half the questions ask for the planted fact, half are the bench's open questions
+    prompts = [docqa_prompt(t, fact_question(d) if d % 2 == 0 else QUESTIONS[d // 2 % len(QUESTIONS)])
+               for d, t in enumerate(texts)]
     filler_texts, _ = doc_texts(np.random.default_rng(1), 4, args.doc_chars, args.doc_chars + 1000)
     fillers = [docqa_prompt(t, "Summarize the text above.") for t in filler_texts]
     result = {"command": shlex.join([sys.executable, *sys.argv]), "selectors": {}}

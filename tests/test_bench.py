@@ -72,9 +72,10 @@ def test_summary_figures():
     assert s["fact_accuracy"] == 0.5  # request 1 names 42, request 3 does not
     assert s["identical_answers"] == 0.5 and s["floor_violations"] == 2
     assert s["quality"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert s["quality_facts"] == pytest.approx((1 + 0) / 2) and s["quality_other"] == pytest.approx((1 + 0.5) / 2)
     base = dict(s, policy="stock", ttft_s={k: 2 * v for k, v in s["ttft_s"].items()})
     md = report.table([base, s])
-    assert "| evicpress |" in md and "2.00x / 2.00x" in md
+    assert "| evicpress |" in md and "2.00x / 2.00x" in md and "| 0.500 / 0.750 |" in md
     assert md.splitlines()[-1].endswith("| 1/5 |")  # a failed request is never hidden
 
 

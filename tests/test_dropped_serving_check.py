@@ -37,3 +37,7 @@ def test_blobs_give_back_the_kept_positions_and_mask_them_where_the_node_sits(ch
     assert mask[:5].all() and mask[-2:].all()
     assert torch.nonzero(mask[5:105]).flatten().tolist() == kept
     assert check.kept_mask([1, 2, 3], blobs).all()
+
+    asked_again = [1, 2] + node[:60]  # the node also holds the answer after the prompt's end
+    mask = check.kept_mask(asked_again, blobs)
+    assert mask[:2].all() and torch.nonzero(mask[2:]).flatten().tolist() == [i for i in kept if i < 60]
