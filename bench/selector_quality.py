@@ -163,6 +163,7 @@ class VariantSelector(ScoredSelector):
         self.name = name
         super().__init__(ratio)
         self.spec = spec
+        self.RECENT = spec.recent
 
     def score(self, kv: ContextKV) -> torch.Tensor:
         spec = self.spec
@@ -190,15 +191,11 @@ class VariantSelector(ScoredSelector):
             score = chunked(score, *_kind_size(spec.chunk))
         return score.contiguous()
 
-    def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
-        score = self.score(kv)
-        recent = min(self.spec.recent, keep // 2)
-        if recent:
-            score[-recent:] = torch.inf
-        sinks = min(self.spec.sinks, keep - recent)
+    def pin(self, score: torch.Tensor, keep: int) -> None:
+        super().pin(score, keep)
+        sinks = min(self.spec.sinks, keep - min(self.RECENT, keep // 2))
         if sinks:
             score[:sinks] = torch.inf
-        return torch.topk(score, keep).indices
 
 
 def make_selector(text: str, ratio: float) -> TokenSelector:
@@ -321,35 +318,42 @@ class Runner:
         """Greedy answer after the suffix, with cache entries ``k``/``v`` [L, kept, H, d] standing
         for a context of ``start`` tokens (the suffix's positions start there)."""
         cache = self._cache(k, v)
-        kept = k.shape[1]
-        ids, pos, out = suffix, start, []
-        for _ in range(self.max_new + 1):
+        kept, pos = k.shape[1], start
+
+        def step(ids: list[int]) -> torch.Tensor:
+            nonlocal kept, pos
             q = len(ids)
             logits = self.lm(self._ids(ids), past_key_values=cache, use_cache=True,
                              position_ids=torch.arange(pos, pos + q, device=self.device)[None],
                              attention_mask=self._mask(q, kept), logits_to_keep=1).logits
             kept, pos = kept + q, pos + q
-            nxt = int(logits[0, -1].argmax())
-            if nxt == self.eos or len(out) == self.max_new:
-                break
-            out.append(nxt)
-            ids = [nxt]
-        return out
+            return logits[0, -1]
+
+        return self._greedy(suffix, step)
 
     @torch.inference_mode()
     def one_shot(self, ids: list[int]) -> list[int]:
         """Greedy answer to a whole prompt prefilled in one pass (no prefix split)."""
-        out = []
         past = None
-        cur = ids
-        for _ in range(self.max_new + 1):
+
+        def step(cur: list[int]) -> torch.Tensor:
+            nonlocal past
             res = self.lm(self._ids(cur), past_key_values=past, use_cache=True, logits_to_keep=1)
             past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
+            return res.logits[0, -1]
+
+        return self._greedy(ids, step)
+
+    def _greedy(self, first: list[int], step: Callable[[list[int]], torch.Tensor]) -> list[int]:
+        """Up to ``max_new`` greedy tokens: ``step`` feeds tokens (``first``, then each new one)
+        and returns the next token's logits."""
+        ids, out = first, []
+        for _ in range(self.max_new + 1):
+            nxt = int(step(ids).argmax())
             if nxt == self.eos or len(out) == self.max_new:
                 break
             out.append(nxt)
-            cur = [nxt]
+            ids = [nxt]
         return out
 
     def text(self, ids: list[int]) -> str:

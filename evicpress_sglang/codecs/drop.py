@@ -140,10 +140,14 @@ class ScoredSelector(TokenSelector):
 
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
         score = self.score(kv).nan_to_num(nan=-torch.inf)  # a NaN would outrank the kept window in topk
+        self.pin(score, keep)
+        return torch.topk(score, keep).indices
+
+    def pin(self, score: torch.Tensor, keep: int) -> None:
+        """Raise the tokens kept whatever their score to +inf, in place: the last ``RECENT``."""
         recent = min(self.RECENT, keep // 2)
         if recent:
             score[-recent:] = torch.inf
-        return torch.topk(score, keep).indices
 
     @abstractmethod
     def score(self, kv: ContextKV) -> torch.Tensor:
