@@ -129,7 +129,7 @@ class VariantSpec:
     and head, before it, as SnapKV does); ``sinks``: first tokens always kept; ``agg`` and
     ``skip``: see :func:`aggregate`; ``chunk``: ``mean16`` / ``max8``; ``recent``: the kept last
     tokens (drop.py's RECENT, 32); ``mix``: ``base2:weight`` blends a second selector's
-    aggregated score."""
+    aggregated score, ``base2:max`` takes the larger of the two (a token either one ranks high is kept)."""
 
     base: str = "keydiff"
     pool: str = ""
@@ -184,7 +184,8 @@ class VariantSelector(ScoredSelector):
         score = aggregate(raw, spec.agg, spec.skip)
         if spec.mix:
             other, _, weight = spec.mix.partition(":")
-            score = score + float(weight) * aggregate(raw_scores(other, kv), spec.agg, spec.skip)
+            second = aggregate(raw_scores(other, kv), spec.agg, spec.skip)
+            score = torch.maximum(score, second) if weight == "max" else score + float(weight) * second
         if spec.pool and not pre:
             score = pool1d(score, *_kind_size(spec.pool))
         if spec.chunk:
