@@ -20,6 +20,7 @@ import os
 import random
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,7 @@ class Stress:
         self.popularity = [1.0 / (rank + 1) ** 0.8 for rank in range(len(self.contexts))]  # Zipf-like reuse
         self.counts = {"stores": 0, "tier_loads": 0, "misses": 0, "host_hits": 0, "loads": 0, "aborts": 0, "restarts": 0, "switches": 0, "finished": 0, "faults": 0,
                        "plan_steps": 0, "fallback_drops": 0}
+        self.stores_by_codec: Counter[str] = Counter()  # "tier:codec" -> stores, over restarts
         self.policies = self._policies()
         self.hook_errors_at_start = HOOKS.internal_errors
         self.cache = self._new_cache()
@@ -217,6 +219,7 @@ class Stress:
         """Add the cache's store/load counters to the run's (a restart starts new ones)."""
         st = self.cache.stats
         self.counts["stores"] += sum(st.stores.values())
+        self.stores_by_codec.update(st.stores)
         self.counts["tier_loads"] += sum(st.hits.values())
         self.counts["misses"] += sum(st.misses.values())
         self.counts["plan_steps"] += st.plan["steps"]

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from harness import DIM, HEADS, LAYERS, load_bench_script
 from stress import Stress
 
 pytestmark = pytest.mark.usefixtures("short_contexts_drop")
@@ -18,6 +19,8 @@ TOKEN_BYTES = 2 * 4 * 2 * 64 * 2
 LOSSLESS = {"host_codecs": ["bf16"], "disk_codecs": ["bf16", "bf16+zstd"]}
 LOSSY = {"host_codecs": ["bf16", "fp8", "int8", "int4", "int2", "keydiff:0.3+int8", "streaming:0.5"],
          "disk_codecs": ["bf16", "int4", "int4+zstd", "knorm:0.4+int4"]}
+QUERY_AWARE = {"host_codecs": ["bf16", "int8", "expected:0.5+int8", "kvzip:0.4"],
+               "disk_codecs": ["bf16", "expected:0.3+int4+zstd"]}
 
 
 def _settings(tmp_path, codecs: dict, host_tokens: int, policy: str = "evicpress") -> dict:
@@ -43,6 +46,31 @@ def test_lossy_stress_with_token_dropping_and_a_tiny_host_arena(tmp_path, monkey
     s = Stress(seed, _settings(tmp_path, LOSSY, host_tokens=60), tmp_path, lossless=False, monkeypatch=monkeypatch)
     counts = s.run(STEPS)
     assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
+
+
+@pytest.fixture
+def query_model(tmp_path):
+    """A query model of the stress pools' geometry, saved where the settings point (restored
+    servers load it again); the process-wide active model is cleared afterwards."""
+    from evicpress_sglang.codecs import queries
+
+    path = tmp_path / "q.pt"
+    load_bench_script("selector_cost").random_query_model(LAYERS, HEADS, DIM).save(path)
+    yield str(path)
+    queries.use(None)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lossy_stress_with_query_aware_selectors(tmp_path, monkeypatch, seed, query_model):
+    """``expected`` and ``kvzip`` (which read the query model at eviction), under the same faults,
+    restarts and policy switches: KV within the lossy bound, dropped tokens at their positions."""
+    s = Stress(seed, _settings(tmp_path, QUERY_AWARE, host_tokens=60) | {"query_model": query_model}, tmp_path,
+               lossless=False, monkeypatch=monkeypatch)
+    counts = s.run(STEPS)
+    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
+    stored = {key.split(":", 1)[1] for key, n in s.stores_by_codec.items() if n}
+    # which codecs the policies pick depends on the run (timings included); a query-aware one must be among them
+    assert stored & {"expected:0.5+int8", "kvzip:0.4", "expected:0.3+int4+zstd"}, stored
 
 
 @pytest.mark.parametrize("seed", SEEDS)
