@@ -151,6 +151,12 @@ class VariantSpec:
         return spec
 
 
+def _z(score: torch.Tensor) -> torch.Tensor:
+    """Each (layer, head) series of a [layers, tokens, heads] score standardised over the tokens."""
+    std, mean = torch.std_mean(score, dim=1, keepdim=True)
+    return (score - mean) / std.clamp_min(1e-6)
+
+
 def _kind_size(text: str) -> tuple[str, int]:
     kind = text.rstrip("0123456789")
     return kind, int(text[len(kind):])
@@ -192,11 +198,28 @@ class VariantSelector(ScoredSelector):
             score = chunked(score, *_kind_size(spec.chunk))
         return score.contiguous()
 
+    def select(self, kv: ContextKV) -> torch.Tensor:
+        """Ascending kept indices: [kept] shared by every layer and head, or with ``agg=perhead``
+        [layers, kept, heads], each (layer, KV head) choosing its own tokens (each standardised
+        score series ranked alone, the ``mix`` blended in per (layer, head) too)."""
+        if self.spec.agg != "perhead":
+            return super().select(kv)
+        tokens, keep = kv.shape.tokens, self.kept(kv.shape.tokens)
+        raw = raw_scores(self.spec.base, kv).float()
+        if self.spec.mix:
+            other, _, weight = self.spec.mix.partition(":")
+            second = _z(raw_scores(other, kv).float())
+            raw = torch.maximum(_z(raw), second) if weight == "max" else _z(raw) + float(weight) * second
+        score = raw.nan_to_num(nan=-torch.inf).transpose(1, 2)  # [layers, heads, tokens]
+        if keep < tokens:
+            self.pin(score, keep)
+        return torch.topk(score, keep, dim=-1).indices.sort(dim=-1).values.transpose(1, 2)
+
     def pin(self, score: torch.Tensor, keep: int) -> None:
         super().pin(score, keep)
         sinks = min(self.spec.sinks, keep - min(self.RECENT, keep // 2))
         if sinks:
-            score[:sinks] = torch.inf
+            score[..., :sinks] = torch.inf
 
 
 def make_selector(text: str, ratio: float) -> TokenSelector:
@@ -401,6 +424,16 @@ def oracle_scores(runner: Runner, doc: Doc, base: str, qi: int, ref_ids: dict) -
     return runner.attention_to_prefix(doc.k, doc.v, ids)
 
 
+def take(x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """The kept tokens of a [layers, tokens, heads, d] tensor: ``pick`` [kept] for every layer and
+    head alike, or [layers, kept, heads] per layer and head (each (layer, head) then holds its own
+    tokens in the same number of cache entries, which attention over a prefix that every later
+    token sees does not tell apart from any other order)."""
+    if pick.dim() == 1:
+        return x[:, pick]
+    return torch.gather(x, 1, pick[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
 def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, refs: dict,
              ref_ids: dict, question_kv: str = "recomputed") -> dict:
     """Scores of one selector (None: keep-all through the pruned path) against ``refs``.
@@ -413,6 +446,8 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
     t0 = time.perf_counter()
     answers = []
     served = question_kv == "served"
+    if served and isinstance(selector, VariantSelector) and selector.spec.agg == "perhead":
+        raise SystemExit("agg=perhead: not with --question-kv served (its kept question tokens would differ per head)")
     per_question = served or isinstance(selector, VariantSelector) and selector.spec.base in PER_QUESTION
     if served and isinstance(selector, VariantSelector) and (
             selector.spec.base in ORACLES or selector.spec.mix.partition(":")[0] in ORACLES):
@@ -430,14 +465,20 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
                               oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
-        kept_share.append(idx.numel() / tokens)
-        kept_set = set(idx.tolist())
-        ask = range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1)
-        if served and len(ask):  # the question's tokens the request reuses (all of it but the last)
-            question_kept.append(sum(i in kept_set for i in ask) / len(ask))
+        kept = torch.zeros(tokens, dtype=torch.bool, device=idx.device)  # [tokens] or [layers, tokens, heads]
+        kept = kept.index_fill(0, idx, True) if idx.dim() == 1 else \
+            torch.zeros(k.shape[:3], dtype=torch.bool, device=idx.device).scatter(1, idx, True)
+        kept_share.append(kept.float().mean().item())
+
+        def share(positions) -> float:  # of these tokens, kept (in the mean layer and head)
+            return kept[:, positions].float().mean().item() if kept.dim() == 3 else kept[positions].float().mean().item()
+
+        ask = list(range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1))
+        if served and ask:  # the question's tokens the request reuses (all of it but the last)
+            question_kept.append(share(ask))
         if doc.code_tokens:
-            code_kept.append(sum(i in kept_set for i in doc.code_tokens) / len(doc.code_tokens))
-            sentence_kept.append(sum(i in kept_set for i in doc.fact_tokens) / len(doc.fact_tokens))
+            code_kept.append(share(doc.code_tokens))
+            sentence_kept.append(share(doc.fact_tokens))
         return idx
 
     def request(doc: Doc, qi: int, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
@@ -448,7 +489,7 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
             k, v = doc.served_kv(runner, qi, ref_ids)
             pick = pick[pick < start]
             return k[:, pick], v[:, pick], start, suffix[-1:]
-        k, v = doc.k[:, pick], doc.v[:, pick]
+        k, v = take(doc.k, pick), take(doc.v, pick)
         if question_kv == "stored":  # the question's own KV, from the full-context prefill, kept whole
             qk, qv = doc.question_kv(runner, qi)
             return torch.cat([k, qk], 1), torch.cat([v, qv], 1), tokens + qk.shape[1], suffix[-1:]

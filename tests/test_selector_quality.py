@@ -74,3 +74,27 @@ def test_question_oracle_selects_for_each_question_and_drop_selectors_once_per_d
     once.select = lambda kv: calls.append(1) or real_once(kv)
     harness.evaluate(runner, [doc], once, refs, ref_ids)
     assert len(calls) == 1
+
+
+def test_per_head_selection_keeps_each_heads_own_tokens_and_take_gathers_them(harness):
+    """``agg=perhead``: every (layer, KV head) keeps its own best tokens, ascending, the same
+    number each; ``take`` gives each (layer, head) exactly its kept tokens' K."""
+    from evicpress_sglang.codecs.drop import ContextKV
+
+    layers, tokens, heads, d = 2, 80, 3, 8
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(layers, tokens, heads, d, generator=g) + 5, torch.randn(layers, tokens, heads, d, generator=g)
+    own = {(l, h): [3 + 7 * l + 2 * h, 41 + 5 * h + l] for l in range(layers) for h in range(heads)}
+    for (l, h), picked in own.items():
+        k[l, picked, h] = 0.01  # the smallest key norms of that (layer, head) alone: knorm keeps them
+    selector = harness.make_selector("v:knorm,agg=perhead,recent=0", 0.9)
+    idx = selector.select(ContextKV.of(k, v, torch.arange(tokens)))
+    assert idx.shape == (layers, selector.kept(tokens), heads) == (layers, 8, heads)
+    assert (idx.diff(dim=1) > 0).all()
+    for (l, h), picked in own.items():
+        assert set(picked) <= set(idx[l, :, h].tolist())
+    taken = harness.take(k, idx)
+    for l, j, h in [(0, 0, 0), (1, 7, 2), (0, 3, 1)]:
+        assert torch.equal(taken[l, j, h], k[l, idx[l, j, h], h])
+    shared = harness.make_selector("knorm", 0.9).select(ContextKV.of(k, v, torch.arange(tokens)))
+    assert shared.dim() == 1 and torch.equal(harness.take(k, shared), k[:, shared])

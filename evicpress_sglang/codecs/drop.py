@@ -144,10 +144,11 @@ class ScoredSelector(TokenSelector):
         return torch.topk(score, keep).indices
 
     def pin(self, score: torch.Tensor, keep: int) -> None:
-        """Raise the tokens kept whatever their score to +inf, in place: the last ``RECENT``."""
+        """Raise the tokens kept whatever their score to +inf, in place: the last ``RECENT``
+        (along the last dimension, the tokens)."""
         recent = min(self.RECENT, keep // 2)
         if recent:
-            score[-recent:] = torch.inf
+            score[..., -recent:] = torch.inf
 
     @abstractmethod
     def score(self, kv: ContextKV) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Per question kind (planted fact / open) F1 of the CPU harness runs cpu_mix*_stored.json, as
+"""Per question kind (planted fact / open) F1 of the CPU harness runs cpu_*_stored.json, as
 question_types.py splits the bench runs."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 from evicpress_sglang.profiler.scores import token_f1
 
 HERE = Path(__file__).parent
-for name in ("cpu_mix_stored", "cpu_mix2_stored"):
+for name in ("cpu_mix_stored", "cpu_mix2_stored", "cpu_perhead_stored", "cpu_question_stored"):
     data = json.loads((HERE / f"{name}.json").read_text())
     ref = data["reference"]
     for run in data["runs"]:
