@@ -157,6 +157,11 @@ def _z(score: torch.Tensor) -> torch.Tensor:
     return (score - mean) / std.clamp_min(1e-6)
 
 
+def _blend(first: torch.Tensor, second: torch.Tensor, weight: str) -> torch.Tensor:
+    """``mix``'s rule: ``first + weight * second``, or their maximum for ``weight`` "max"."""
+    return torch.maximum(first, second) if weight == "max" else first + float(weight) * second
+
+
 def _kind_size(text: str) -> tuple[str, int]:
     kind = text.rstrip("0123456789")
     return kind, int(text[len(kind):])
@@ -190,8 +195,7 @@ class VariantSelector(ScoredSelector):
         score = aggregate(raw, spec.agg, spec.skip)
         if spec.mix:
             other, _, weight = spec.mix.partition(":")
-            second = aggregate(raw_scores(other, kv), spec.agg, spec.skip)
-            score = torch.maximum(score, second) if weight == "max" else score + float(weight) * second
+            score = _blend(score, aggregate(raw_scores(other, kv), spec.agg, spec.skip), weight)
         if spec.pool and not pre:
             score = pool1d(score, *_kind_size(spec.pool))
         if spec.chunk:
@@ -208,8 +212,7 @@ class VariantSelector(ScoredSelector):
         raw = raw_scores(self.spec.base, kv).float()
         if self.spec.mix:
             other, _, weight = self.spec.mix.partition(":")
-            second = _z(raw_scores(other, kv).float())
-            raw = torch.maximum(_z(raw), second) if weight == "max" else _z(raw) + float(weight) * second
+            raw = _blend(_z(raw), _z(raw_scores(other, kv).float()), weight)
         score = raw.nan_to_num(nan=-torch.inf).transpose(1, 2)  # [layers, heads, tokens]
         if keep < tokens:
             self.pin(score, keep)
@@ -465,9 +468,10 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
                               oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
-        kept = torch.zeros(tokens, dtype=torch.bool, device=idx.device)  # [tokens] or [layers, tokens, heads]
-        kept = kept.index_fill(0, idx, True) if idx.dim() == 1 else \
-            torch.zeros(k.shape[:3], dtype=torch.bool, device=idx.device).scatter(1, idx, True)
+        if idx.dim() == 1:
+            kept = torch.zeros(tokens, dtype=torch.bool, device=idx.device).index_fill(0, idx, True)
+        else:  # per layer and head: [layers, tokens, heads]
+            kept = torch.zeros(k.shape[:3], dtype=torch.bool, device=idx.device).scatter(1, idx, True)
         kept_share.append(kept.float().mean().item())
 
         def share(positions) -> float:  # of these tokens, kept (in the mean layer and head)
