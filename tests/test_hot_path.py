@@ -14,7 +14,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from evicpress_sglang.backend.cache import EvicPressRadixCache
-from evicpress_sglang.policy import ContextTable, CostModel, Tier, Weights, build_configs, make_policy
+from evicpress_sglang.policy import ContextTable, CostModel, Weights, build_configs, make_policy
 from evicpress_sglang.policy.planner import build_plan
 from evicpress_sglang.settings import Settings
 from evicpress_sglang.sim import footprint_tokens, generate, simulate

@@ -94,7 +94,6 @@ def test_expected_rotates_the_query_to_the_positions_after_the_context(qmodel, s
     u = torch.zeros(d); u[0] = 1.0  # rotates with u[d/2] at 0.5 rad per position
     qmodel(_model(mean=10 * u, freq=freq))
     tokens = 40
-    pos = torch.arange(tokens)
     # every token's pre-RoPE key is u rotated by -angle(j): after RoPE at j it is u for all j,
     # except one token whose stored key is the mean future query's direction itself
     k, v = _kv(tokens)
