@@ -12,8 +12,10 @@ again (served from the blobs). Each filler is asked once only: a filler asked ag
 loaded back from disk and push the documents out in another order than they came. HF
 transformers answers each prompt twice on its own: with every token, and with exactly the tokens
 the blobs kept wherever a blob's tokens occur in the prompt (the prompt's last token recomputed,
-as SGLang does). Reported per selector, as mean
-token F1 over the documents served from disk:
+as SGLang does). A document is *measured* when its blob was read and SGLang's second answer
+reused exactly as many cached tokens as HF kept (a document loaded back before the blobs were
+read, and dropped again after, is not). Reported per selector, over the measured documents, as
+mean token F1 and as the number of identical answers:
 
 * ``served_vs_full``: SGLang's second answer against its first (what the bench measures);
 * ``hf_dropped_vs_hf_full``: the same for HF with the same kept tokens (what the harness measures);
@@ -71,18 +73,24 @@ def read_blobs(disk_dir: Path) -> list[tuple[list[int], list[int], str]]:
     return found
 
 
+#: Filler documents asked after the questioned ones, about 9k SmolLM2 tokens: more than the pool.
+FILLERS = 4
+#: What every filler starts with (the questioned documents start with "Document").
+FILLER_OPENING = "Unrelated reading.\n\n"
 #: Tokens a node must share with a prompt to be placed at its end (see :func:`kept_mask`).
 MIN_OVERLAP = 16
 
 
-def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> torch.Tensor:
-    """For each of ``ids``: False where a blob's node occurs in ``ids`` and did not keep that token.
+def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> tuple[torch.Tensor, list[dict]]:
+    """For each of ``ids``: False where a blob's node occurs in ``ids`` and did not keep that token;
+    and where each node that occurs was placed (offset, tokens, kept, codec: to trace a row later).
     A node occurs where its tokens start (the first such place) and run to its end or to the end of
     ``ids``: a radix node of a prompt asked before also holds the answer generated after it,
     which a prompt asked again does not; at least ``MIN_OVERLAP`` of its tokens (or all) must be
     in ``ids``, so that another prompt's node cannot match by its first token at the very end."""
     mask = torch.ones(len(ids), dtype=torch.bool)
-    for tokens, kept, _ in blobs:
+    placed = []
+    for tokens, kept, codec in blobs:
         overlap = min(len(tokens), MIN_OVERLAP)
         at = next((o for o in range(len(ids) - overlap + 1)
                    if tokens and ids[o:o + len(tokens)] == tokens[:len(ids) - o]), None)
@@ -91,7 +99,8 @@ def kept_mask(ids: list[int], blobs: list[tuple[list[int], list[int], str]]) -> 
         inside = torch.zeros(len(tokens), dtype=torch.bool)
         inside[torch.tensor(kept, dtype=torch.long)] = True
         mask[at:at + len(tokens)] &= inside[:len(ids) - at]
-    return mask
+        placed.append({"offset": at, "tokens": len(tokens), "kept": len(kept), "codec": codec})
+    return mask, placed
 
 
 def hf_answers(prompts: list[str], blobs: list[tuple[list[int], list[int], str]], max_new: int) -> list[dict]:
@@ -104,10 +113,12 @@ def hf_answers(prompts: list[str], blobs: list[tuple[list[int], list[int], str]]
     for prompt in prompts:
         ids = runner.tok(prompt)["input_ids"]
         k, v = runner.prefill(ids[:-1])
-        keep = kept_mask(ids[:-1], blobs).to(k.device)
+        keep, placed = kept_mask(ids[:-1], blobs)
+        keep = keep.to(k.device)
         full = runner.text(runner.answer(k, v, len(ids) - 1, ids[-1:]))
         dropped = runner.text(runner.answer(k[:, keep], v[:, keep], len(ids) - 1, ids[-1:]))
-        rows.append({"hf_full": full, "hf_dropped": dropped, "kept": int(keep.sum()), "tokens": len(ids) - 1})
+        rows.append({"hf_full": full, "hf_dropped": dropped, "kept": int(keep.sum()), "tokens": len(ids) - 1,
+                     "blobs": placed})
     return rows
 
 
@@ -133,16 +144,27 @@ def run_selector(args: argparse.Namespace, selector: str, prompts: list[str], fi
     rows = []
     hf = hf_answers(prompts, found, args.max_new_tokens)
     for r, h in zip(rounds, hf):
-        rows.append(r | h | {"served_from_dropped": h["kept"] < h["tokens"]})
-    served = [x for x in rows if x["served_from_dropped"]]
+        rows.append(r | h)
+    return {"settings": settings, "rows": rows, "hits": status["stats"]["hits"],
+            "internal_errors": status["health"]["internal_errors"], **summarise(rows)}
 
-    def mean_f1(a: str, b: str) -> float | None:
-        return float(np.mean([token_f1(_text(x, a), _text(x, b)) for x in served])) if served else None
 
-    return {"settings": settings, "docs_dropped": len(served), "rows": rows,
-            "hits": status["stats"]["hits"], "internal_errors": status["health"]["internal_errors"],
-            "served_vs_full": mean_f1("again", "first"), "hf_dropped_vs_hf_full": mean_f1("hf_dropped", "hf_full"),
-            "served_vs_hf_dropped": mean_f1("again", "hf_dropped"), "full_vs_hf_full": mean_f1("first", "hf_full")}
+#: The answer pairs compared (see the module docstring).
+PAIRS = {"served_vs_full": ("again", "first"), "hf_dropped_vs_hf_full": ("hf_dropped", "hf_full"),
+         "served_vs_hf_dropped": ("again", "hf_dropped"), "full_vs_hf_full": ("first", "hf_full")}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean token F1 and identical answers of each of :data:`PAIRS` over the measured rows: those
+    HF dropped tokens from and whose second SGLang answer reused exactly the tokens HF kept (each
+    row is marked ``measured`` in place)."""
+    for x in rows:
+        x["measured"] = x["kept"] < x["tokens"] and x["kept"] == x["again"]["cached_tokens"]
+    measured = [x for x in rows if x["measured"]]
+    f1 = {name: float(np.mean([token_f1(_text(x, a), _text(x, b)) for x in measured])) if measured else None
+          for name, (a, b) in PAIRS.items()}
+    identical = {name: sum(_text(x, a) == _text(x, b) for x in measured) for name, (a, b) in PAIRS.items()}
+    return {"docs_measured": len(measured), **f1, "identical": identical}
 
 
 def _text(row: dict, key: str) -> str:
@@ -157,14 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     # half the questions ask for the planted fact, half are the bench's open questions
     prompts = [docqa_prompt(t, fact_question(d) if d % 2 == 0 else QUESTIONS[d // 2 % len(QUESTIONS)])
                for d, t in enumerate(texts)]
-    filler_texts, _ = doc_texts(np.random.default_rng(1), 4, args.doc_chars, args.doc_chars + 1000)
-    fillers = [docqa_prompt(t, "Summarize the text above.") for t in filler_texts]
+    # A filler must share no first token with a questioned document: fillers titled "Document 0".."3", as
+    # doc_texts titles them, matched documents 0-3's first tokens and brought them back from disk.
+    filler_texts, _ = doc_texts(np.random.default_rng(1), FILLERS, args.doc_chars, args.doc_chars + 1000)
+    fillers = [docqa_prompt(FILLER_OPENING + t, "Summarize the text above.") for t in filler_texts]
     result = {"command": shlex.join([sys.executable, *sys.argv]), "selectors": {}}
     for selector in args.selectors.split(","):
         result["selectors"][selector] = run_selector(args, selector, prompts, fillers)
         (args.out / "dropped_serving.json").write_text(json.dumps(result, indent=1))
-    summary = {s: {k: r[k] for k in ("docs_dropped", "served_vs_full", "hf_dropped_vs_hf_full",
-                                     "served_vs_hf_dropped", "full_vs_hf_full", "internal_errors")}
+    summary = {s: {k: r[k] for k in ("docs_measured", "served_vs_full", "hf_dropped_vs_hf_full",
+                                     "served_vs_hf_dropped", "full_vs_hf_full", "identical", "internal_errors")}
                for s, r in result["selectors"].items()}
     print(json.dumps(summary, indent=1))
     return 0

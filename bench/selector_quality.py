@@ -6,8 +6,8 @@ document) is prefilled once with Hugging Face transformers (SmolLM2-135M real we
 float32 by default, ``--device cuda --dtype bfloat16`` on the GPU machine). Its post-RoPE keys and
 values become a :class:`ContextKV` of shape [layers, tokens, kv_heads, head_dim]; a selector (ours
 from ``drop.py``, a variant or an oracle defined here) picks the token indices to keep, one choice
-shared by all layers and heads as in SGLang's pool; the cache is cut to those entries in every
-layer; the question suffix is prefilled with positions that continue the ORIGINAL prefix length
+shared by all layers and heads as in SGLang's pool (``agg=perhead`` variants: one per layer and KV
+head, each the same number of entries); the cache is cut to those entries in every layer; the question suffix is prefilled with positions that continue the ORIGINAL prefix length
 (kept keys keep their rotations), attending to every kept entry, and 16 tokens are decoded
 greedily. The answer is scored against the full-KV answer (same procedure, nothing dropped): mean
 token F1 (``profiler.scores.token_f1``), share of identical answers, and fact accuracy (the planted
@@ -87,7 +87,8 @@ def raw_scores(base: str, kv: ContextKV) -> torch.Tensor:
 def aggregate(score: torch.Tensor, how: str, skip_layers: int) -> torch.Tensor:
     """[layers, tokens, heads] -> [tokens]. ``std``: z-score per (layer, head), mean (drop.py's
     rule); ``maxhead``: z-score, max over heads, mean over layers; ``rank``: rank / tokens per
-    (layer, head), mean; ``rankmax``: ranks, max over heads, mean over layers."""
+    (layer, head), mean; ``rankmax``: ranks, max over heads, mean over layers. (``perhead``
+    does not aggregate: :meth:`VariantSelector.select` ranks each (layer, head) alone.)"""
     score = score[skip_layers:].float()
     if how in ("std", "maxhead"):
         return drop._standardised(score, head_max=how == "maxhead")
@@ -208,6 +209,8 @@ class VariantSelector(ScoredSelector):
         score series ranked alone, the ``mix`` blended in per (layer, head) too)."""
         if self.spec.agg != "perhead":
             return super().select(kv)
+        if self.spec.pool or self.spec.chunk or self.spec.skip:
+            raise SystemExit(f"{self.name}: agg=perhead takes no pool, chunk or skip")
         tokens, keep = kv.shape.tokens, self.kept(kv.shape.tokens)
         raw = raw_scores(self.spec.base, kv).float()
         if self.spec.mix:
@@ -220,7 +223,7 @@ class VariantSelector(ScoredSelector):
 
     def pin(self, score: torch.Tensor, keep: int) -> None:
         super().pin(score, keep)
-        sinks = min(self.spec.sinks, keep - min(self.RECENT, keep // 2))
+        sinks = min(self.spec.sinks, keep - min(self.RECENT, keep // 2))  # what the recent window left
         if sinks:
             score[..., :sinks] = torch.inf
 

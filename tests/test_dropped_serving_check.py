@@ -33,11 +33,30 @@ def test_blobs_give_back_the_kept_positions_and_mask_them_where_the_node_sits(ch
     assert blobs[0][1] == kept and len(kept) == 50 and blobs[1][1] == list(range(10))
 
     prompt = [1, 2, 3, 4, 5] + node + [7, 8]  # the node sits at offset 5; the other blob is not here
-    mask = check.kept_mask(prompt, blobs)
+    mask, placed = check.kept_mask(prompt, blobs)
+    assert placed == [{"offset": 5, "tokens": 100, "kept": 50, "codec": "keydiff:0.5"}]
     assert mask[:5].all() and mask[-2:].all()
     assert torch.nonzero(mask[5:105]).flatten().tolist() == kept
-    assert check.kept_mask([1, 2, 3], blobs).all()
+    assert check.kept_mask([1, 2, 3], blobs)[0].all()
 
     asked_again = [1, 2] + node[:60]  # the node also holds the answer after the prompt's end
-    mask = check.kept_mask(asked_again, blobs)
+    mask, _ = check.kept_mask(asked_again, blobs)
     assert mask[:2].all() and torch.nonzero(mask[2:]).flatten().tolist() == [i for i in kept if i < 60]
+    assert check.kept_mask([1, 2] + node[:check.MIN_OVERLAP - 1], blobs)[0].all()  # too little of it to place
+
+
+def test_only_rows_whose_kept_tokens_are_what_sglang_reused_are_measured(check):
+    def row(kept, tokens, reused, again, hf_dropped):
+        return {"kept": kept, "tokens": tokens, "first": {"answer": " a b", "cached_tokens": 2},
+                "again": {"answer": again, "cached_tokens": reused}, "hf_full": "a b", "hf_dropped": hf_dropped}
+
+    rows = [row(50, 100, 50, " a c", "a c"),  # measured: dropping changed both answers alike
+            row(50, 100, 50, " a b", "x y"),  # measured: they differ
+            row(100, 100, 51, " z", "z"),  # SGLang served dropped KV that no blob showed: not measured
+            row(99, 100, 51, " z", "z"),  # a stray blob masked one token: not measured
+            row(100, 100, 99, " a b", "a b")]  # nothing dropped
+    s = check.summarise(rows)
+    assert s["docs_measured"] == 2 and [r["measured"] for r in rows] == [True, True, False, False, False]
+    assert s["identical"] == {"served_vs_full": 1, "hf_dropped_vs_hf_full": 0, "served_vs_hf_dropped": 1,
+                              "full_vs_hf_full": 2}
+    assert s["served_vs_hf_dropped"] == pytest.approx(0.5) and s["full_vs_hf_full"] == 1.0

@@ -68,6 +68,10 @@ def test_question_oracle_selects_for_each_question_and_drop_selectors_once_per_d
     assert len(kept_sets) == 2 and kept_sets[0] != kept_sets[1]
     assert all(len(s) == len(prefix) - int(0.7 * len(prefix)) for s in kept_sets)
 
+    per_head = harness.evaluate(runner, [doc], harness.make_selector("v:keydiff,agg=perhead", 0.7), refs, ref_ids)
+    shared = harness.evaluate(runner, [doc], harness.make_selector("keydiff", 0.7), refs, ref_ids)
+    assert per_head["kept_share"] == pytest.approx(shared["kept_share"]) and per_head["n"] == 2
+
     calls = []
     once = harness.make_selector("keydiff", 0.7)
     real_once = once.select

@@ -64,13 +64,13 @@ def query_model(tmp_path):
 def test_lossy_stress_with_query_aware_selectors(tmp_path, monkeypatch, seed, query_model):
     """``expected`` and ``kvzip`` (which read the query model at eviction), under the same faults,
     restarts and policy switches: KV within the lossy bound, dropped tokens at their positions."""
-    s = Stress(seed, _settings(tmp_path, QUERY_AWARE, host_tokens=60) | {"query_model": query_model}, tmp_path,
-               lossless=False, monkeypatch=monkeypatch)
+    settings = _settings(tmp_path, QUERY_AWARE, host_tokens=60, policy="static:expected:0.5+int8")
+    s = Stress(seed, settings | {"query_model": query_model}, tmp_path, lossless=False, monkeypatch=monkeypatch)
     counts = s.run(STEPS)
-    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
+    assert counts["finished"] > STEPS // 20 and counts["loads"] > 0 and counts["switches"] > 0
     stored = {key.split(":", 1)[1] for key, n in s.stores_by_codec.items() if n}
-    # which codecs the policies pick depends on the run (timings included); a query-aware one must be among them
-    assert stored & {"expected:0.5+int8", "kvzip:0.4", "expected:0.3+int4+zstd"}, stored
+    # the first policy stores with expected; which codecs later policies pick depends on the run (timings included)
+    assert "expected:0.5+int8" in stored, stored
 
 
 @pytest.mark.parametrize("seed", SEEDS)

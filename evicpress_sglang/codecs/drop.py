@@ -11,9 +11,13 @@ continues a dropped context must use positions that follow the original length, 
 context that is dropped again composes its positions (``encode(..., positions=...)``).
 
 Selection is per context, shared by every layer and head, unlike kvpress, which prunes
-per head: SGLang's KV pool gives a token one slot in every layer, so a per-head choice
-would need per-head page tables. Scores are standardised per (layer, head) before they
-are combined (averaged, or each layer's best head taken), so no single layer decides alone.
+per head. SGLang's pool gives a token one slot in every layer, and a dropped node splits at
+one point; a slot could still hold another token in each (layer, head), since attention over a
+prefix ignores the order of its entries, but on the selector harness a choice per layer and
+head gave lower answer F1 than a shared one for the question's own attention and for
+``expected`` (``bench/results/2026-12-02-selector-serving/``, section 7). Scores are
+standardised per (layer, head) before they are combined (averaged, or each layer's best head
+taken), so no single layer decides alone.
 
 ``expected`` and ``kvzip`` score tokens by the attention the model's *queries* would give
 them. No query exists at eviction time, so they use a :class:`.queries.QueryModel`: the
@@ -144,8 +148,8 @@ class ScoredSelector(TokenSelector):
         return torch.topk(score, keep).indices
 
     def pin(self, score: torch.Tensor, keep: int) -> None:
-        """Raise the tokens kept whatever their score to +inf, in place: the last ``RECENT``
-        (along the last dimension, the tokens)."""
+        """Set the scores of the always-kept tokens to +inf, in place: the last ``RECENT`` along
+        the last dimension (the tokens), at most half of ``keep``."""
         recent = min(self.RECENT, keep // 2)
         if recent:
             score[..., -recent:] = torch.inf
