@@ -28,11 +28,13 @@ def smollm2_kv(smollm2_dir) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture
 def scores_only(monkeypatch) -> None:
     """Token selectors that choose by their scores alone: no whole short contexts, no recent
-    window (tests of what a selector's score keeps; the two rules have tests of their own)."""
+    window, no kept first token (tests of what a selector's score keeps; the rules have tests of
+    their own)."""
     from evicpress_sglang.codecs.drop import ScoredSelector, TokenSelector
 
     monkeypatch.setattr(TokenSelector, "MIN_TOKENS", 0)
     monkeypatch.setattr(ScoredSelector, "RECENT", 0)
+    monkeypatch.setattr(ScoredSelector, "FIRST", 0)
 
 
 @pytest.fixture

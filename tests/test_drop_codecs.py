@@ -102,19 +102,22 @@ def test_contexts_shorter_than_min_tokens_keep_every_token(name):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.95])
-def test_scored_selectors_always_keep_the_recent_window(ratio):
-    """The last RECENT tokens are kept even when their scores are the worst (here: keys equal
-    to the context's mean direction, which keydiff ranks last), at most half of those kept."""
+def test_scored_selectors_always_keep_the_recent_window_and_the_first_token(ratio):
+    """The last RECENT tokens and the first are kept even when their scores are the worst (here:
+    keys equal to the context's mean direction, which keydiff ranks last), the window at most
+    half of those kept; the first keeps a dropped node splittable anywhere (test_dropped_serving)."""
     tokens = 200
     k, v = _kv(tokens)
     common = torch.randn(k.shape[-1])
     k = k.float()
     k[:, -KeyDiffSelector.RECENT - 1:] = common  # the least distinctive keys of the context
+    k[:, :2] = common
     sel = SELECTORS["keydiff"](ratio)
     kept = sel.select(ContextKV.of(k, v, torch.arange(tokens))).tolist()
     keep = sel.kept(tokens)
     recent = min(KeyDiffSelector.RECENT, keep // 2)
     assert len(kept) == keep and kept[-recent:] == list(range(tokens - recent, tokens))
+    assert kept[0] == 0 and 1 not in kept  # the first token is kept, the second (as bad) is not
     assert tokens - recent - 1 not in kept  # as bad a score, just before the window: dropped
 
 

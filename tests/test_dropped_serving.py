@@ -285,3 +285,28 @@ def test_a_short_context_stored_under_a_dropping_codec_keeps_its_quantizers_qual
     r = serve(cache, docs[0] + [3])
     k, v = expected_kv(docs[0] + [3])
     assert r.reused == short and torch.equal(r.k, k) and torch.equal(r.v, v)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_a_prompt_sharing_only_the_first_tokens_of_a_dropped_context_splits_it_and_keeps_the_rest(
+        tmp_path, monkeypatch, on_gpu):
+    """Every scored selection keeps its context's first token (and its last ones), so a dropped
+    node splits wherever another prompt leaves it: one sharing only its first tokens (a title, a
+    chat's first words) reuses those and leaves the rest cached. Before, a selector that scored the
+    first token low left the node unsplittable there, and that prompt's own KV replaced the whole
+    dropped context (bench/results/2026-12-02-selector-serving: documents lost to fillers that
+    shared their first tokens)."""
+    from evicpress_sglang.codecs.drop import KeyDiffSelector
+
+    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
+                                                                                dtype=torch.float32))
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    if on_gpu:
+        serve(cache, docs[0] + [1, 7])  # back on the GPU as a dropped node
+    r = serve(cache, docs[0][:3] + [4242, 4243])
+    assert r.reused >= 1 and _ran_with(r, docs[0][:3] + [4242, 4243])
+    again = serve(cache, docs[0] + [1, 8])
+    assert again.reused == 51 and again.offset == 50 and _ran_with(again, docs[0] + [1, 8])
+    assert free_slots_accounted(cache)

@@ -135,12 +135,15 @@ class TokenSelector(ABC):
 
 
 class ScoredSelector(TokenSelector):
-    """Keeps the best-scored tokens, and always the context's last :attr:`RECENT` ones (at most
-    half of those kept): the recent window that SnapKV, H2O and StreamingLLM keep too, because
-    the end of a context (the question after a document, the last turn) is what the next tokens
-    attend to most, and a score from the keys alone cannot tell it from the rest."""
+    """Keeps the best-scored tokens, and always the context's first token (see :meth:`pin`) and its
+    last :attr:`RECENT` ones (at most half of those kept): the recent window that SnapKV, H2O and
+    StreamingLLM keep too, because the end of a context (the question after a document, the last
+    turn) is what the next tokens attend to most, and a score from the keys alone cannot tell it
+    from the rest."""
 
     RECENT = 32
+    #: The context's first tokens, always kept (see :meth:`pin`).
+    FIRST = 1
 
     def choose(self, kv: ContextKV, keep: int) -> torch.Tensor:
         score = self.score(kv).nan_to_num(nan=-torch.inf)  # a NaN would outrank the kept window in topk
@@ -148,11 +151,18 @@ class ScoredSelector(TokenSelector):
         return torch.topk(score, keep).indices
 
     def pin(self, score: torch.Tensor, keep: int) -> None:
-        """Set the scores of the always-kept tokens to +inf, in place: the last ``RECENT`` along
-        the last dimension (the tokens), at most half of ``keep``."""
+        """Set the scores of the always-kept tokens to +inf, in place, along the last dimension
+        (the tokens): the last ``RECENT`` (at most half of ``keep``) and the ``FIRST``. With both ends
+        kept, a dropped radix node splits wherever a prompt leaves it (a split needs a kept slot
+        on each side, ``tree._splittable``): a prompt that shares only a context's first tokens (a
+        title, a chat's first words) reuses them and the rest stays cached, where before such a
+        prompt's own KV replaced the whole dropped context."""
         recent = min(self.RECENT, keep // 2)
         if recent:
             score[..., -recent:] = torch.inf
+        first = min(self.FIRST, keep - recent)
+        if first:
+            score[..., :first] = torch.inf
 
     @abstractmethod
     def score(self, kv: ContextKV) -> torch.Tensor:
