@@ -81,14 +81,17 @@ class Served:
     positions: torch.Tensor | None = None  # the position each slot's KV belongs to
 
 
-def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True, between=None) -> Served:
+def serve(cache, tokens: list[int], extra_key: str | None = None, load_back: bool = True, between=None,
+          last_recomputed: bool = False) -> Served:
     """``load_back=False``: the scheduler skipped the load (no room yet), so the request
     recomputes the host/disk part itself. A request continuing a token-dropped context
     computes its new tokens at positions shifted by the cache's offset, as the
-    ``ForwardBatch.init_new`` hook makes the model do."""
+    ``ForwardBatch.init_new`` hook makes the model do. ``last_recomputed``: match at most all
+    tokens but the last, as SGLang's scheduler does (``RadixKey.limit``)."""
     req = FakeReq(array("q", tokens), extra_key=extra_key)
     arrive(cache, req)
-    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key), req=req))
+    limit = len(tokens) - 1 if last_recomputed else None
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), extra_key, limit=limit), req=req))
     prefix, last = m.device_indices, m.last_device_node
     req.last_node = last  # as SGLang's match sets it
     if between is not None:  # other requests run between the match and the load-back
