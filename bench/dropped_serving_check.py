@@ -29,6 +29,7 @@ Usage: python bench/dropped_serving_check.py --model DIR --out DIR [--selectors 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -63,8 +64,7 @@ def read_blobs(disk_dir: Path) -> list[tuple[list[int], list[int], str]]:
     found = []
     for path in sorted(disk_dir.glob(f"*{SUFFIX}")):
         raw = path.read_bytes()
-        with path.open("rb") as f:
-            header, _ = blob.read_header(f)
+        header, _ = blob.read_header(io.BytesIO(raw))
         enc, meta = blob.decode(raw, header["key"])
         codec = get_codec(enc.codec).device_codec
         tokens = [int(t) for t in (meta or {}).get("tokens", [])]
@@ -141,10 +141,7 @@ def run_selector(args: argparse.Namespace, selector: str, prompts: list[str], fi
         found = read_blobs(out / "disk")
         rounds = [{"first": f, "again": ask(url, prompt, args.max_new_tokens)} for f, prompt in zip(first, prompts)]
         status = requests.get(url + "/evicpress/status", timeout=60).json()
-    rows = []
-    hf = hf_answers(prompts, found, args.max_new_tokens)
-    for r, h in zip(rounds, hf):
-        rows.append(r | h)
+    rows = [r | h for r, h in zip(rounds, hf_answers(prompts, found, args.max_new_tokens))]
     return {"settings": settings, "rows": rows, "hits": status["stats"]["hits"],
             "internal_errors": status["health"]["internal_errors"], **summarise(rows)}
 
@@ -187,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for selector in args.selectors.split(","):
         result["selectors"][selector] = run_selector(args, selector, prompts, fillers)
         (args.out / "dropped_serving.json").write_text(json.dumps(result, indent=1))
-    summary = {s: {k: r[k] for k in ("docs_measured", "served_vs_full", "hf_dropped_vs_hf_full",
-                                     "served_vs_hf_dropped", "full_vs_hf_full", "identical", "internal_errors")}
+    summary = {s: {k: r[k] for k in ("docs_measured", *PAIRS, "identical", "internal_errors")}
                for s, r in result["selectors"].items()}
     print(json.dumps(summary, indent=1))
     return 0

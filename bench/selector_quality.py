@@ -7,9 +7,9 @@ float32 by default, ``--device cuda --dtype bfloat16`` on the GPU machine). Its 
 values become a :class:`ContextKV` of shape [layers, tokens, kv_heads, head_dim]; a selector (ours
 from ``drop.py``, a variant or an oracle defined here) picks the token indices to keep, one choice
 shared by all layers and heads as in SGLang's pool (``agg=perhead`` variants: one per layer and KV
-head, each the same number of entries); the cache is cut to those entries in every layer; the question suffix is prefilled with positions that continue the ORIGINAL prefix length
-(kept keys keep their rotations), attending to every kept entry, and 16 tokens are decoded
-greedily. The answer is scored against the full-KV answer (same procedure, nothing dropped): mean
+head, each the same number of entries); the cache is cut to those entries in every layer; the
+question suffix is prefilled with positions that continue the ORIGINAL prefix length (kept keys
+keep their rotations), attending to every kept entry, and 16 tokens are decoded greedily. The answer is scored against the full-KV answer (same procedure, nothing dropped): mean
 token F1 (``profiler.scores.token_f1``), share of identical answers, and fact accuracy (the planted
 5-digit code is a substring of the answer).
 
@@ -184,8 +184,7 @@ class VariantSelector(ScoredSelector):
         if pre:
             kind, size = _kind_size(spec.pool[4:])
             # pool each (layer, head) series along tokens, after standardising it
-            z = (raw - raw.mean(1, keepdim=True)) / raw.std(1, keepdim=True).clamp_min(1e-6)
-            flat = z.permute(0, 2, 1).reshape(-1, 1, raw.shape[1])
+            flat = _z(raw).permute(0, 2, 1).reshape(-1, 1, raw.shape[1])
             pad = size // 2
             if kind == "max":
                 flat = torch.nn.functional.max_pool1d(flat, size, stride=1, padding=pad)
@@ -471,14 +470,12 @@ def evaluate(runner: Runner, docs: list[Doc], selector: TokenSelector | None, re
                               oracle=lambda base: oracle_scores(runner, doc, base, qi, ref_ids))
             idx = selector.select(kv)
         t_sel += time.perf_counter() - t1
-        if idx.dim() == 1:
-            kept = torch.zeros(tokens, dtype=torch.bool, device=idx.device).index_fill(0, idx, True)
-        else:  # per layer and head: [layers, tokens, heads]
-            kept = torch.zeros(k.shape[:3], dtype=torch.bool, device=idx.device).scatter(1, idx, True)
+        kept = torch.zeros(k.shape[:3], dtype=torch.bool, device=idx.device)  # [layers, tokens, heads]
+        kept = kept.index_fill(1, idx, True) if idx.dim() == 1 else kept.scatter(1, idx, True)
         kept_share.append(kept.float().mean().item())
 
         def share(positions) -> float:  # of these tokens, kept (in the mean layer and head)
-            return kept[:, positions].float().mean().item() if kept.dim() == 3 else kept[positions].float().mean().item()
+            return kept[:, positions].float().mean().item()
 
         ask = list(range(doc.k.shape[1], doc.k.shape[1] + len(doc.questions[qi][1]) - 1))
         if served and ask:  # the question's tokens the request reuses (all of it but the last)

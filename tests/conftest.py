@@ -38,6 +38,20 @@ def scores_only(monkeypatch) -> None:
 
 
 @pytest.fixture
+def query_model_file(tmp_path):
+    """A random query model of the test pools' geometry (``harness``), saved to a file for the
+    ``query_model`` setting (a restarted cache loads it again); the process-wide active model is
+    cleared afterwards."""
+    from evicpress_sglang.codecs import queries
+    from harness import DIM, HEADS, LAYERS, load_bench_script
+
+    path = tmp_path / "q.pt"
+    load_bench_script("selector_cost").random_query_model(LAYERS, HEADS, DIM).save(path)
+    yield str(path)
+    queries.use(None)
+
+
+@pytest.fixture
 def short_contexts_drop(monkeypatch) -> None:
     """Dropping codecs that drop from contexts of 8 tokens on, with a 4-token recent window: the
     seeded stress scheduler's contexts are 3-90 tokens (radix nodes of a few tokens each), which

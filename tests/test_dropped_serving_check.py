@@ -62,7 +62,7 @@ def test_only_rows_whose_kept_tokens_are_what_sglang_reused_are_measured(check):
     assert s["served_vs_hf_dropped"] == pytest.approx(0.5) and s["full_vs_hf_full"] == 1.0
 
 
-def test_on_a_real_cache_what_the_blobs_keep_is_what_a_second_ask_reuses(check, tmp_path):
+def test_on_a_real_cache_what_the_blobs_keep_is_what_a_second_ask_reuses(check, tmp_path, query_model_file):
     """The check's flow on a real cache (SGLang pools on the CPU, a disk tier, ``expected``): a
     dozen documents under a shared first token pair, each asked with its answer cached after it,
     fillers that share no first token with them, the blobs read, every document asked again. For
@@ -71,37 +71,32 @@ def test_on_a_real_cache_what_the_blobs_keep_is_what_a_second_ask_reuses(check, 
     import random
 
     from evicpress_sglang.backend.cache import EvicPressRadixCache
-    from evicpress_sglang.codecs import queries
     from evicpress_sglang.settings import Settings
     from harness import DIM, HEADS, LAYERS, expected_kv, make_params, serve
 
-    qpath = tmp_path / "q.pt"
-    load_bench_script("selector_cost").random_query_model(LAYERS, HEADS, DIM).save(qpath)
     token_bytes = 2 * LAYERS * HEADS * DIM * 2
     cache = EvicPressRadixCache(make_params(700), Settings(
         policy="static:expected:0.5", host_bytes=8 * token_bytes, disk_dir=str(tmp_path / "disk"),
-        disk_bytes=10**9, host_codecs=["bf16"], disk_codecs=["expected:0.5"], query_model=str(qpath)))
-    try:
-        def words(seed: int, n: int) -> list[int]:
-            rng = random.Random(seed)
-            return [rng.randrange(1000, 30000) for _ in range(n)]
+        disk_bytes=10**9, host_codecs=["bf16"], disk_codecs=["expected:0.5"], query_model=query_model_file))
 
-        def number(d: int) -> list[int]:
-            return [100 + int(c) for c in str(d)]
+    def words(seed: int, n: int) -> list[int]:
+        rng = random.Random(seed)
+        return [rng.randrange(1000, 30000) for _ in range(n)]
 
-        prompts = [[50, 51] + number(d) + list(range(60, 69)) + words(d, 200) + [70, 71] + number(d) + [73]
-                   for d in range(12)]
-        for d, prompt in enumerate(prompts):
-            serve(cache, prompt + words(5000 + d, 12), last_recomputed=True)  # the node also holds the answer
-        for f in range(4):
-            serve(cache, [90, 91] + words(1000 + f, 230), last_recomputed=True)
-        cache.tiers[next(t for t in cache.tiers if t.label == "disk")].flush()
-        blobs = check.read_blobs(tmp_path / "disk")
-        for prompt in prompts:
-            mask, placed = check.kept_mask(prompt[:-1], blobs)
-            again = serve(cache, prompt, last_recomputed=True)
-            assert placed and int(mask.sum()) == again.reused < len(prompt) - 1
-            k, v = expected_kv(prompt)
-            assert torch.equal(again.k, k[:, again.positions]) and torch.equal(again.v, v[:, again.positions])
-    finally:
-        queries.use(None)
+    def number(d: int) -> list[int]:
+        return [100 + int(c) for c in str(d)]
+
+    prompts = [[50, 51] + number(d) + list(range(60, 69)) + words(d, 200) + [70, 71] + number(d) + [73]
+               for d in range(12)]
+    for d, prompt in enumerate(prompts):
+        serve(cache, prompt + words(5000 + d, 12), last_recomputed=True)  # the node also holds the answer
+    for f in range(4):
+        serve(cache, [90, 91] + words(1000 + f, 230), last_recomputed=True)
+    cache.tiers[next(t for t in cache.tiers if t.label == "disk")].flush()
+    blobs = check.read_blobs(tmp_path / "disk")
+    for prompt in prompts:
+        mask, placed = check.kept_mask(prompt[:-1], blobs)
+        again = serve(cache, prompt, last_recomputed=True)
+        assert placed and int(mask.sum()) == again.reused < len(prompt) - 1
+        k, v = expected_kv(prompt)
+        assert torch.equal(again.k, k[:, again.positions]) and torch.equal(again.v, v[:, again.positions])

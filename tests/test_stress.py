@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from harness import DIM, HEADS, LAYERS, load_bench_script
 from stress import Stress
 
 pytestmark = pytest.mark.usefixtures("short_contexts_drop")
@@ -48,24 +47,12 @@ def test_lossy_stress_with_token_dropping_and_a_tiny_host_arena(tmp_path, monkey
     assert counts["finished"] > STEPS // 20 and counts["loads"] > 0
 
 
-@pytest.fixture
-def query_model(tmp_path):
-    """A query model of the stress pools' geometry, saved where the settings point (restored
-    servers load it again); the process-wide active model is cleared afterwards."""
-    from evicpress_sglang.codecs import queries
-
-    path = tmp_path / "q.pt"
-    load_bench_script("selector_cost").random_query_model(LAYERS, HEADS, DIM).save(path)
-    yield str(path)
-    queries.use(None)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
-def test_lossy_stress_with_query_aware_selectors(tmp_path, monkeypatch, seed, query_model):
+def test_lossy_stress_with_query_aware_selectors(tmp_path, monkeypatch, seed, query_model_file):
     """``expected`` and ``kvzip`` (which read the query model at eviction), under the same faults,
     restarts and policy switches: KV within the lossy bound, dropped tokens at their positions."""
     settings = _settings(tmp_path, QUERY_AWARE, host_tokens=60, policy="static:expected:0.5+int8")
-    s = Stress(seed, settings | {"query_model": query_model}, tmp_path, lossless=False, monkeypatch=monkeypatch)
+    s = Stress(seed, settings | {"query_model": query_model_file}, tmp_path, lossless=False, monkeypatch=monkeypatch)
     counts = s.run(STEPS)
     assert counts["finished"] > STEPS // 20 and counts["loads"] > 0 and counts["switches"] > 0
     stored = {key.split(":", 1)[1] for key, n in s.stores_by_codec.items() if n}
