@@ -116,6 +116,9 @@ class Stress:
     """One seeded run. ``lossless``: every codec is exact, so every KV a request runs with
     must equal a full prefill's bit for bit; otherwise within ``lossy_bound``."""
 
+    #: The share of prompts that leave their context partway.
+    PARTWAY = 0.1
+
     def __init__(self, seed: int, settings: dict, tmp: Path, pool: int = 480, page_size: int = 1,
                  lossless: bool = True, lossy_bound: float = 0.45, monkeypatch=None) -> None:
         self.rng = random.Random(seed)
@@ -137,6 +140,7 @@ class Stress:
                        "plan_steps": 0, "fallback_drops": 0}
         self.stores_by_codec: Counter[str] = Counter()  # "tier:codec" -> stores, over restarts
         self.policies = self._policies()
+        self.left_at = [0] * len(self.contexts)  # where the last prompt that left each context partway did
         self.hook_errors_at_start = HOOKS.internal_errors
         self.cache = self._new_cache()
 
@@ -275,8 +279,14 @@ class Stress:
     def _admit(self, logical: list[int] | None = None, extra: str | None = None) -> Job:
         """A new request: a random user prompt, or ``logical`` in cache namespace ``extra``."""
         if logical is None:
-            logical = list(self.rng.choices(self.contexts, self.popularity)[0])
-            if self.rng.random() < 0.5:  # a question after the context
+            i = self.rng.choices(range(len(self.contexts)), self.popularity)[0]
+            logical = list(self.contexts[i])
+            if self.rng.random() < self.PARTWAY and self.left_at[i] < len(logical) - 1:
+                # leaves it partway, each time a little further in (a shared title, then a chat's
+                # first words, ...): a cached node split once is left again inside what it kept
+                self.left_at[i] = min(self.left_at[i] + self.rng.randrange(1, 6), len(logical) - 1)
+                logical = logical[: self.left_at[i]] + [self.rng.randrange(400, 500)]
+            elif self.rng.random() < 0.5:  # a question after the context
                 logical += [self.rng.randrange(100, 400) for _ in range(self.rng.randrange(1, 12))]
             extra = "tenant-b" if self.rng.random() < 0.1 else None
         req = StressReq(array("q", logical), rid=f"s{len(self.log)}", req_pool_idx=self.free_rows.pop(), extra_key=extra)

@@ -51,9 +51,9 @@ def _evict_doc0(cache, docs):
     assert cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
 
 
-def _doc0_dropped_on_gpu(tmp_path):
+def _doc0_dropped_on_gpu(tmp_path, **settings):
     """A cache whose first document came back from host memory as a dropped node."""
-    cache = _cache(tmp_path)
+    cache = _cache(tmp_path, **settings)
     docs = _docs(3)
     _evict_doc0(cache, docs)
     serve(cache, docs[0] + [1, 7])
@@ -100,17 +100,59 @@ def test_a_placeholder_loaded_in_part_is_split_after_loading(tmp_path):
     assert free_slots_accounted(cache)
 
 
-def test_an_unsplittable_dropped_node_is_removed_or_blocks_the_insert(tmp_path, monkeypatch):
+def test_an_unsplittable_dropped_node_blocks_the_insert_in_use_and_unused_keeps_its_rest(tmp_path, monkeypatch):
     cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
     monkeypatch.setattr(EvicPressRadixCache, "_splittable", lambda self, n, s: getattr(n, "evp_kept", None) is None)
+    rest_slots = int((node.evp_kept >= 60).sum())
     cache.inc_lock_ref(node)  # another request runs on it: the insert stops in front of it
     r = serve(cache, docs[0][:60] + [5555])
     assert r.reused == 0 and _ran_with(r, docs[0][:60] + [5555]) and _dropped_nodes(cache) == [node]
     cache.dec_lock_ref(node)
     assert free_slots_accounted(cache)
-    r = serve(cache, docs[0][:60] + [5555])  # unused now: it makes way for the exact KV
-    assert r.reused == 0 and _dropped_nodes(cache) == [] and free_slots_accounted(cache)
+    r = serve(cache, docs[0][:60] + [5555])  # unused now: its head takes the exact KV, its rest stays dropped
+    assert r.reused == 0 and _dropped_nodes(cache) == [node] and free_slots_accounted(cache)
+    head = node.parent
+    assert head.parent is cache.root_node and len(head.key) == len(head.value) == 60
+    assert len(node.key) == 41 and len(node.value) == rest_slots
     assert serve(cache, docs[0][:60] + [5556]).reused == 60
+    whole = serve(cache, docs[0] + [1, 9])
+    assert whole.reused == 60 + rest_slots and whole.offset == 41 - rest_slots and _ran_with(whole, docs[0] + [1, 9])
+    assert free_slots_accounted(cache)
+
+
+def test_an_unused_dropped_node_whose_rest_keeps_no_slot_gives_way(tmp_path, monkeypatch):
+    """Kept only before where a prompt leaves it, a dropped node has nothing worth keeping after
+    that point: the prompt's exact KV replaces it."""
+    from evicpress_sglang.codecs.drop import KeyDiffSelector, ScoredSelector
+
+    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: -torch.arange(kv.shape.tokens, device=kv.device,
+                                                                                 dtype=torch.float32))
+    monkeypatch.setattr(ScoredSelector, "RECENT", 0)
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
+    assert int(node.evp_kept.max()) < 60
+    r = serve(cache, docs[0][:60] + [5555])
+    assert _ran_with(r, docs[0][:60] + [5555]) and _dropped_nodes(cache) == [] and free_slots_accounted(cache)
+    assert serve(cache, docs[0][:60] + [5556]).reused == 60
+
+
+def test_a_split_off_part_of_a_dropped_node_keeps_its_rest_when_a_later_prompt_leaves_it_early(tmp_path, monkeypatch):
+    """The part of a dropped node after a split need not keep its own first token, so a prompt that
+    leaves it a few tokens in cannot split it when matched; at insert that prompt's exact KV becomes
+    the head and the rest of the context stays cached. Before, the rest of the document was lost."""
+    from evicpress_sglang.codecs.drop import KeyDiffSelector
+
+    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
+                                                                                dtype=torch.float32))
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path, verify=True)  # keeps token 0 and the last 50 of 101
+    assert node.evp_kept.tolist() == [0, *range(51, 101)]
+    serve(cache, docs[0][:3] + [4242])  # splits it after 3 tokens: the rest keeps none of its first 48
+    r = serve(cache, docs[0][:10] + [4343])  # leaves the rest 7 tokens in, where it cannot be split
+    assert r.reused == 1 and _ran_with(r, docs[0][:10] + [4343])
+    again = serve(cache, docs[0] + [1, 8])
+    assert again.reused == 1 + 7 + 50 and again.offset == 101 - 58 and _ran_with(again, docs[0] + [1, 8])
+    assert free_slots_accounted(cache)
+    cache.evict(EvictParams(num_tokens=10_000))  # the head's reference is its exact KV, not the dropped slots'
+    assert cache.stats.verify_mismatches == 0
 
 
 @pytest.mark.parametrize("policy", ["static:keydiff:0.5", "static:bf16"])

@@ -287,7 +287,9 @@ class ProfiledStress(Stress):
                 assert j.pinned.lock_ref > 0 and p._exact_on_gpu(j.pinned), "source not exact"
 
 
-@pytest.mark.parametrize("seed,recompute", [(1, False), (2, False), (3, True), (4, True)])
+# recompute: seeds whose draw makes at least one job recompute its reference, which not every draw
+# does (with the stress's prompts that leave a context partway, seeds 4 and 6 make none; before them 6 and 8)
+@pytest.mark.parametrize("seed,recompute", [(1, False), (2, False), (3, True), (5, True)])
 @pytest.mark.usefixtures("short_contexts_drop")
 def test_profile_jobs_in_the_stress_scheduler_are_measured(tmp_path, monkeypatch, seed, recompute):
     """``recompute``: room in host memory, and half the jobs made just after an eviction that

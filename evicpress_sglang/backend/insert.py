@@ -9,7 +9,7 @@ from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
 from . import dropped
-from .nodes import Stored, is_dropped, is_placeholder
+from .nodes import Stored, is_dropped, is_placeholder, kept_below
 from .profile_job import parse_namespace
 from .tree import TreeBookkeeping
 
@@ -86,9 +86,11 @@ class InsertRevive(TreeBookkeeping):
 
         The request computed the tokens of any dropped node on the path itself, with all
         slots, so the tree's slots there would not line up with its own: an unused dropped
-        node takes the request's exact KV (or, matched in part, is removed with its
-        subtree); one in use stops the insert in front of it, and ``_insert_stop`` says
-        how many tokens the tree now holds."""
+        node takes the request's exact KV. Matched in part (the request left it where no
+        split could be matched: no kept slot before that point), its head takes the exact KV
+        and the rest stays cached, dropped; only a rest that keeps no slot goes, with its
+        subtree. A dropped node in use stops the insert in front of it, and
+        ``_insert_stop`` says how many tokens the tree now holds."""
         self._insert_stop = None
         walk, rest, offset = node, key, 0
         revived_from = None
@@ -102,8 +104,10 @@ class InsertRevive(TreeBookkeeping):
                     self._insert_stop = offset
                     return super()._insert_helper(node, key[:offset], value[:offset], priority, chunked)
                 if n < len(child.key):
-                    self._remove_subtree(child)
-                    break
+                    if kept_below(child.evp_kept, n) == len(child.value):  # its rest keeps no slot
+                        self._remove_subtree(child)
+                        break
+                    child = self._cut(child.key, child, n)  # the rest stays cached, dropped
                 self._undrop(child, value[offset : offset + n])
                 revived_from = offset if revived_from is None else revived_from
             if is_placeholder(child):
@@ -136,6 +140,8 @@ class InsertRevive(TreeBookkeeping):
         self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
         self.evictable_size_ += len(value) - len(node.value)
         node.value, node.evp_kept = value.clone(), None
+        if self.settings.verify:  # the reference was of the dropped slots
+            node.evp_fp = self._fingerprint(node)
         if node.id in self.table:
             self.table.set_stored_tokens(node.id, len(node.key))
             self.table.set_present_quality(self.table.row_of[node.id], 1.0)

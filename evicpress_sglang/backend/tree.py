@@ -77,6 +77,11 @@ class TreeBookkeeping(RadixCache):
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
         if is_placeholder(child) or not self._splittable(child, split_len):
             raise RuntimeError(f"evicpress: node {child.id} cannot be split at {split_len}")
+        return self._cut(key, child, split_len)
+
+    def _cut(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        """:meth:`_split_node` without its check: the head of a dropped node may come out with no
+        slot, for a caller that gives it a request's exact KV at once (``insert._insert_helper``)."""
         value, kept = child.value, getattr(child, "evp_kept", None)
         new_node = super()._split_node(key, child, split_len)
         if kept is not None:  # slots follow the kept positions, not the token count
