@@ -207,6 +207,52 @@ def test_chunked_prefill_over_a_dropped_context(tmp_path):
     assert free_slots_accounted(cache)
 
 
+def test_a_request_reviving_a_dropped_context_frees_its_copies_of_the_gpu_nodes_below_it(tmp_path):
+    """Matched before another request loaded the dropped context back and cached a continuation
+    below it, a request recomputed both: the dropped node takes its exact KV, the continuation
+    keeps its own slots, and the request's copies of those go back to the pool (they leaked)."""
+    cache = _cache(tmp_path)
+    docs = _docs(3)
+    _evict_doc0(cache, docs)
+    r = serve(cache, docs[0] + [1, 7, 9], load_back=False, between=lambda: serve(cache, docs[0] + [1, 7]))
+    assert r.reused == 0 and _ran_with(r, docs[0] + [1, 7, 9])
+    assert _dropped_nodes(cache) == [] and free_slots_accounted(cache)
+    again = serve(cache, docs[0] + [1, 7, 9, 4])
+    assert again.reused == 103 and again.offset == 0 and _ran_with(again, docs[0] + [1, 7, 9, 4])
+
+
+def test_chunked_prefill_that_recomputes_a_dropped_context_keeps_its_rest_and_every_slot(tmp_path, monkeypatch):
+    """A long prompt prefilled in chunks, from scratch, over a dropped context with a continuation
+    cached below it: each chunk that ends inside the dropped node makes its head exact and leaves
+    the rest dropped; the last takes the rest over and leaves the continuation's slots to it."""
+    from evicpress_sglang.codecs.drop import KeyDiffSelector
+
+    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
+                                                                                dtype=torch.float32))
+    cache, docs, node = _doc0_dropped_on_gpu(tmp_path, verify=True)  # docs[0] + [1] dropped, [7] cached below
+    tokens = docs[0] + [1, 7, 33]
+    req = FakeReq(array("q", tokens))
+    req.last_node = cache.root_node
+    cache.inc_lock_ref(cache.root_node)
+    slots = _alloc(cache, len(tokens))
+    pool = cache.token_to_kv_pool_allocator.get_kvcache()
+    k, v = expected_kv(tokens)
+    for layer in range(k.shape[0]):
+        pool.k_buffer[layer][slots] = k[layer]
+        pool.v_buffer[layer][slots] = v[layer]
+    cache.req_to_token_pool.req_to_token[req.req_pool_idx, : len(tokens)] = slots.to(torch.int32)
+    for end, rest in ((20, 81), (70, 31)):
+        req.get_fill_ids = lambda end=end: tokens[:end]
+        cache.cache_unfinished_req(req, chunked=True)
+        assert req.cache_protected_len == end and [len(n.key) for n in _dropped_nodes(cache)] == [rest]
+    cache.cache_finished_req(req, kv_len_to_handle=len(tokens))
+    assert _dropped_nodes(cache) == [] and free_slots_accounted(cache)
+    again = serve(cache, docs[0] + [1, 7, 33, 5])
+    assert again.reused == 103 and _ran_with(again, docs[0] + [1, 7, 33, 5])
+    cache.evict(EvictParams(num_tokens=10_000))
+    assert cache.stats.verify_mismatches == 0
+
+
 def test_a_request_gets_its_logical_tokens_back_when_the_dropped_node_is_gone(tmp_path):
     cache, docs, _ = _doc0_dropped_on_gpu(tmp_path)
     tokens = array("q", docs[0] + [1, 5])

@@ -32,19 +32,21 @@ class InsertRevive(TreeBookkeeping):
         releases the request's lock, whatever happens here."""
         kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len_to_handle]
         dup_end = held_end = kv_len_to_handle
+        more: list[tuple[int, int]] = []
         if is_insert and not self.disable_finished_insert:
-            dup_end, held_end, _ = self._insert_req(req, kv_len_to_handle, chunked=False)
+            dup_end, held_end, more = self._insert_req(req, kv_len_to_handle, chunked=False)
         start = req.cache_protected_len
-        self.token_to_kv_pool_allocator.free_segments([(kv[start:dup_end], start), (kv[held_end:], held_end)])
+        self.token_to_kv_pool_allocator.free_segments(
+            [(kv[start:dup_end], start), *((kv[a:b], a) for a, b in more), (kv[held_end:], held_end)])
 
     def _cache_unfinished(self, req, chunked: bool) -> None:
         """SGLang's, for a request between prefill chunks: insert what is computed, then
         point the request at the tree's slots for it (the tree may hold fewer)."""
         n = len(req.get_fill_ids())
         kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :n]
-        dup_end, held_end, _ = self._insert_req(req, n, chunked)
+        dup_end, held_end, more = self._insert_req(req, n, chunked)
         start = req.cache_protected_len
-        self.token_to_kv_pool_allocator.free_segment(kv[start:dup_end], start_pos=start)
+        self.token_to_kv_pool_allocator.free_segments([(kv[start:dup_end], start), *((kv[a:b], a) for a, b in more)])
         new_indices, new_last = self._held_path(req, held_end)
         self.req_to_token_pool.write((req.req_pool_idx, slice(start, len(new_indices))), new_indices[start:])
         req.cache_protected_len = len(new_indices)
@@ -53,10 +55,12 @@ class InsertRevive(TreeBookkeeping):
         req.prefix_indices = torch.cat([new_indices, kv[len(new_indices):]]) if len(new_indices) < n else new_indices
         req.last_node = new_last
 
-    def _insert_req(self, req, slots: int, chunked: bool) -> tuple[int, int, TreeNode]:
+    def _insert_req(self, req, slots: int, chunked: bool) -> tuple[int, int, list[tuple[int, int]]]:
         """Insert the KV in the first ``slots`` slots of ``req``'s row. Returns, in slots:
         where the duplicates of the tree's own slots end (free them), where what the tree
-        now holds ends (free from there on), and the deepest node."""
+        now holds ends (free from there on), and further duplicates ``[a, b)`` after the
+        first (free them too): the tree's own slots of GPU nodes below a node that took the
+        request's KV (:meth:`_insert_helper`)."""
         view = dropped.view_of(req)
         kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, :slots]
         tokens = dropped.logical_tokens(req, slots)
@@ -70,7 +74,7 @@ class InsertRevive(TreeBookkeeping):
         prefix, last = self._insert_helper(start, key, values, getattr(req, "priority", 0) or 0, chunked)
         held = len(key) if self._insert_stop is None else self._insert_stop
         self._after_insert(last)
-        return base + prefix, base + held, last
+        return base + prefix, base + held, [(base + a, base + b) for a, b in self._insert_duplicates]
 
     def _held_path(self, req, slots: int) -> tuple[torch.Tensor, TreeNode]:
         """The tree's slots (and deepest node) for the first ``slots`` slots of ``req``."""
@@ -90,8 +94,14 @@ class InsertRevive(TreeBookkeeping):
         split could be matched: no kept slot before that point), its head takes the exact KV
         and the rest stays cached, dropped; only a rest that keeps no slot goes, with its
         subtree. A dropped node in use stops the insert in front of it, and
-        ``_insert_stop`` says how many tokens the tree now holds."""
+        ``_insert_stop`` says how many tokens the tree now holds.
+
+        Below a node that took the request's KV, a node already on the GPU keeps its own
+        slots: the request's for its tokens are duplicates that SGLang's prefix length
+        cannot express (it ends where the first taken KV starts); ``_insert_duplicates``
+        lists them."""
         self._insert_stop = None
+        self._insert_duplicates: list[tuple[int, int]] = []
         walk, rest, offset = node, key, 0
         revived_from = None
         while len(rest) > 0:
@@ -99,6 +109,8 @@ class InsertRevive(TreeBookkeeping):
             if child is None:
                 break
             n = child.key.match(rest, page_size=self.page_size)
+            if revived_from is not None and not is_dropped(child) and not is_placeholder(child):
+                self._insert_duplicates.append((offset, offset + n))
             if is_dropped(child):
                 if child.lock_ref > 0:
                     self._insert_stop = offset
