@@ -51,6 +51,16 @@ def _evict_doc0(cache, docs):
     assert cache.stats.stores.get("host:keydiff:0.5", 0) >= 1
 
 
+def _keydiff_scores_by_position(monkeypatch, latest_first: bool) -> None:
+    """keydiff ranks a context's tokens by position alone (the later the better, or the earlier),
+    so which slots a dropped node keeps is known (its always-kept ends still apply)."""
+    from evicpress_sglang.codecs.drop import KeyDiffSelector
+
+    sign = 1.0 if latest_first else -1.0
+    monkeypatch.setattr(KeyDiffSelector, "score",
+                        lambda self, kv: sign * torch.arange(kv.shape.tokens, device=kv.device, dtype=torch.float32))
+
+
 def _doc0_dropped_on_gpu(tmp_path, **settings):
     """A cache whose first document came back from host memory as a dropped node."""
     cache = _cache(tmp_path, **settings)
@@ -123,10 +133,9 @@ def test_an_unsplittable_dropped_node_blocks_the_insert_in_use_and_unused_keeps_
 def test_an_unused_dropped_node_whose_rest_keeps_no_slot_gives_way(tmp_path, monkeypatch):
     """Kept only before where a prompt leaves it, a dropped node has nothing worth keeping after
     that point: the prompt's exact KV replaces it."""
-    from evicpress_sglang.codecs.drop import KeyDiffSelector, ScoredSelector
+    from evicpress_sglang.codecs.drop import ScoredSelector
 
-    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: -torch.arange(kv.shape.tokens, device=kv.device,
-                                                                                 dtype=torch.float32))
+    _keydiff_scores_by_position(monkeypatch, latest_first=False)
     monkeypatch.setattr(ScoredSelector, "RECENT", 0)
     cache, docs, node = _doc0_dropped_on_gpu(tmp_path)
     assert int(node.evp_kept.max()) < 60
@@ -139,10 +148,7 @@ def test_a_split_off_part_of_a_dropped_node_keeps_its_rest_when_a_later_prompt_l
     """The part of a dropped node after a split need not keep its own first token, so a prompt that
     leaves it a few tokens in cannot split it when matched; at insert that prompt's exact KV becomes
     the head and the rest of the context stays cached. Before, the rest of the document was lost."""
-    from evicpress_sglang.codecs.drop import KeyDiffSelector
-
-    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
-                                                                                dtype=torch.float32))
+    _keydiff_scores_by_position(monkeypatch, latest_first=True)
     cache, docs, node = _doc0_dropped_on_gpu(tmp_path, verify=True)  # keeps token 0 and the last 50 of 101
     assert node.evp_kept.tolist() == [0, *range(51, 101)]
     serve(cache, docs[0][:3] + [4242])  # splits it after 3 tokens: the rest keeps none of its first 48
@@ -225,10 +231,7 @@ def test_chunked_prefill_that_recomputes_a_dropped_context_keeps_its_rest_and_ev
     """A long prompt prefilled in chunks, from scratch, over a dropped context with a continuation
     cached below it: each chunk that ends inside the dropped node makes its head exact and leaves
     the rest dropped; the last takes the rest over and leaves the continuation's slots to it."""
-    from evicpress_sglang.codecs.drop import KeyDiffSelector
-
-    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
-                                                                                dtype=torch.float32))
+    _keydiff_scores_by_position(monkeypatch, latest_first=True)
     cache, docs, node = _doc0_dropped_on_gpu(tmp_path, verify=True)  # docs[0] + [1] dropped, [7] cached below
     tokens = docs[0] + [1, 7, 33]
     req = FakeReq(array("q", tokens))
@@ -384,10 +387,7 @@ def test_a_prompt_sharing_only_the_first_tokens_of_a_dropped_context_splits_it_a
     first token low left the node unsplittable there, and that prompt's own KV replaced the whole
     dropped context (bench/results/2026-12-02-selector-serving: documents lost to fillers that
     shared their first tokens)."""
-    from evicpress_sglang.codecs.drop import KeyDiffSelector
-
-    monkeypatch.setattr(KeyDiffSelector, "score", lambda self, kv: torch.arange(kv.shape.tokens, device=kv.device,
-                                                                                dtype=torch.float32))
+    _keydiff_scores_by_position(monkeypatch, latest_first=True)
     cache = _cache(tmp_path)
     docs = _docs(3)
     _evict_doc0(cache, docs)
